@@ -1,0 +1,267 @@
+//! The one error type of the crate.
+//!
+//! Normal answers of [`Engine::begin`](crate::Engine::begin) (a replay, a
+//! request in flight, a fingerprint mismatch) are variants of
+//! [`Begin`](crate::Begin), not errors. An [`Error`] means the call did not do
+//! what was asked, and says why with structured data.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The user id or the idempotency key was rejected; nothing was changed.
+    #[error("invalid {part}: {problem}")]
+    InvalidKey {
+        /// Which argument was rejected.
+        part: KeyPart,
+        /// What is wrong with it.
+        problem: KeyProblem,
+    },
+
+    /// The response body is larger than `Options::max_response_len`; nothing
+    /// was changed, and the lease can still complete with a smaller body.
+    #[error("response body of {len} bytes exceeds the limit of {max} bytes")]
+    ResponseTooLarge {
+        /// Length of the rejected body in bytes.
+        len: usize,
+        /// The configured limit in bytes.
+        max: usize,
+    },
+
+    /// The lease is no longer the live owner of its record: it expired, was
+    /// released, or was taken over by a newer lease (fencing).
+    #[error("lease with token {token} was lost ({reason})")]
+    LeaseLost {
+        /// The stale token the caller presented.
+        token: u64,
+        /// Why the lease is no longer valid.
+        reason: LostReason,
+    },
+
+    /// A log file holds bytes that fail their checksum or do not parse, at a
+    /// place where valid records follow (so it is not a torn tail).
+    #[error("corrupt log {}: {kind} at offset {offset}", file.display())]
+    Corrupt {
+        /// The damaged file.
+        file: PathBuf,
+        /// Byte offset of the first bad byte found.
+        offset: u64,
+        /// What was wrong.
+        kind: CorruptKind,
+    },
+
+    /// The disk is full. Nothing acknowledged was lost; the engine refuses
+    /// further writes until it is reopened.
+    #[error("no space left while trying to {op} {}", path.display())]
+    NoSpace {
+        /// The operation that failed.
+        op: IoOp,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// An I/O operation failed.
+    #[error("i/o error while trying to {op} {}", path.display())]
+    Io {
+        /// The operation that failed.
+        op: IoOp,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// An earlier write or fsync failed, so the engine no longer knows what
+    /// is on disk. Every write is refused until the engine is reopened
+    /// (recovery then decides from the files alone).
+    #[error("engine is read-only after an earlier i/o failure ({kind}); reopen it")]
+    Poisoned {
+        /// The kind of the original failure.
+        kind: io::ErrorKind,
+    },
+
+    /// Another engine (in this process or another) holds the directory.
+    #[error("directory {} is locked by another engine", dir.display())]
+    Locked {
+        /// The locked data directory.
+        dir: PathBuf,
+    },
+
+    /// The engine was closed.
+    #[error("engine is closed")]
+    Closed,
+
+    /// An `Options` field is out of range.
+    #[error("invalid option {field}: {problem}")]
+    InvalidOptions {
+        /// The offending field of `Options`.
+        field: &'static str,
+        /// The accepted range.
+        problem: &'static str,
+    },
+}
+
+/// Which argument an [`Error::InvalidKey`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPart {
+    /// The user id (the scope of the key).
+    User,
+    /// The idempotency key itself.
+    Key,
+}
+
+impl std::fmt::Display for KeyPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyPart::User => "user id",
+            KeyPart::Key => "idempotency key",
+        })
+    }
+}
+
+/// What is wrong with a rejected user id or key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyProblem {
+    /// The key is empty.
+    #[error("it is empty")]
+    Empty,
+    /// The value is longer than allowed.
+    #[error("{len} bytes is more than the limit of {max}")]
+    TooLong {
+        /// Actual length in bytes.
+        len: usize,
+        /// Allowed length in bytes.
+        max: usize,
+    },
+    /// The key holds a byte outside visible ASCII (`0x21..=0x7e`).
+    #[error("byte {byte:#04x} at index {index} is not visible ASCII")]
+    BadByte {
+        /// Position of the byte.
+        index: usize,
+        /// The byte.
+        byte: u8,
+    },
+}
+
+/// Why a lease was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostReason {
+    /// The lease deadline passed.
+    Expired,
+    /// The record was taken over by a newer lease; carries its token.
+    Superseded {
+        /// The token of the record's current owner (or of its completion).
+        current: u64,
+    },
+    /// The record was completed (by this lease or its successor).
+    Completed,
+    /// The record no longer exists (released, or swept).
+    Gone,
+}
+
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LostReason::Expired => f.write_str("the lease expired"),
+            LostReason::Superseded { current } => {
+                write!(f, "taken over by token {current}")
+            }
+            LostReason::Completed => f.write_str("the record is already completed"),
+            LostReason::Gone => f.write_str("the record no longer exists"),
+        }
+    }
+}
+
+/// What kind of damage an [`Error::Corrupt`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CorruptKind {
+    /// The file does not start with the segment magic.
+    #[error("bad segment magic")]
+    BadMagic,
+    /// The segment header was written by an unknown format version.
+    #[error("unsupported format version {0}")]
+    UnsupportedVersion(u32),
+    /// The segment header fails its checksum or names another segment.
+    #[error("bad segment header")]
+    BadHeader,
+    /// A record's checksum does not match its bytes.
+    #[error("record checksum mismatch")]
+    Checksum,
+    /// A record's length or fields do not parse.
+    #[error("malformed record")]
+    Malformed,
+    /// A record refers to a log position that does not exist.
+    #[error("dangling log position")]
+    Dangling,
+    /// The index points at a record of another key or token.
+    #[error("record belongs to another key")]
+    WrongRecord,
+}
+
+/// The I/O operation named by [`Error::Io`] and [`Error::NoSpace`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Creating the data directory or a file.
+    Create,
+    /// Opening a file or the directory.
+    Open,
+    /// Reading.
+    Read,
+    /// Appending a record.
+    Write,
+    /// fdatasync of a file.
+    Sync,
+    /// fsync of the directory.
+    SyncDir,
+    /// Truncating a torn tail.
+    Truncate,
+    /// Listing the directory.
+    List,
+    /// Renaming a file.
+    Rename,
+    /// Removing a file.
+    Remove,
+    /// Taking the directory lock.
+    Lock,
+}
+
+impl std::fmt::Display for IoOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoOp::Create => "create",
+            IoOp::Open => "open",
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Sync => "sync",
+            IoOp::SyncDir => "sync the directory of",
+            IoOp::Truncate => "truncate",
+            IoOp::List => "list",
+            IoOp::Rename => "rename",
+            IoOp::Remove => "remove",
+            IoOp::Lock => "lock",
+        })
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with its operation and path; a full disk becomes
+    /// [`Error::NoSpace`].
+    pub(crate) fn io(op: IoOp, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        let path = path.into();
+        if source.kind() == io::ErrorKind::StorageFull {
+            Error::NoSpace { op, path, source }
+        } else {
+            Error::Io { op, path, source }
+        }
+    }
+}

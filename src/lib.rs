@@ -1,0 +1,74 @@
+//! # idemkv: an embedded, crash-safe idempotency store
+//!
+//! A retried request (a network timeout, a double click, a redelivered
+//! message) must be processed exactly once. The first request for a
+//! `(user, key)` **begins** it and gets a lease; it does the work and
+//! **completes** the lease with its outcome. Every retry with the same
+//! request gets the stored outcome back instead of running the work again.
+//!
+//! ```
+//! use idemkv::{Begin, Durability, Engine, Fingerprint, Options, Outcome};
+//!
+//! # fn main() -> idemkv::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let engine = Engine::open(dir.path(), Options::default())?;
+//! let request = br#"{"amount": 1000, "currency": "EUR"}"#;
+//!
+//! // The first attempt claims the key and does the work.
+//! let Begin::Started(lease) = engine.begin("user-42", "order-7", Fingerprint::of(request))? else {
+//!     unreachable!("a new key is always started");
+//! };
+//! engine.complete(&lease, Outcome { status: 201, body: "charged".into() })?;
+//!
+//! // A retry of the same request is answered from the store.
+//! match engine.begin("user-42", "order-7", Fingerprint::of(request))? {
+//!     Begin::Replay(outcome) => assert_eq!((outcome.status, &outcome.body[..]), (201, &b"charged"[..])),
+//!     other => panic!("expected a replay, got {other:?}"),
+//! }
+//!
+//! // The same key with another payload is refused, never replayed.
+//! assert!(matches!(engine.begin("user-42", "order-7", Fingerprint::of(b"other"))?, Begin::Mismatch));
+//! # Ok(()) }
+//! ```
+//!
+//! ## What it promises
+//! - With [`Durability::Sync`] (the default), once `begin` returns
+//!   `Started` or `complete` returns `Ok`, that state survives a crash,
+//!   power loss included. Concurrent callers share fsyncs (group commit).
+//! - At most one live lease per `(user, key)`; every lease carries a fencing
+//!   token greater than all earlier ones, and a stale token gets
+//!   [`Error::LeaseLost`].
+//! - A replay returns the exact bytes stored, and only to a request with
+//!   the same [`Fingerprint`].
+//! - Bad input, corrupt files and full disks give a typed [`Error`], never
+//!   a panic.
+//!
+//! ## Layout
+//! [`Engine`] (`engine.rs`) validates input, asks the transition table
+//! (`state.rs`) what to do with the entry the sharded index (`index/`)
+//! holds, appends the transition to the write-ahead log (`log/`), and
+//! waits for its group commit. All file access goes through
+//! [`storage::Storage`]. `docs/ARCHITECTURE.md` traces a call end to end.
+
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
+
+mod clock;
+mod engine;
+mod error;
+mod index;
+mod log;
+mod notify;
+mod options;
+mod outcome;
+mod recovery;
+mod state;
+mod stats;
+pub mod storage;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use engine::Engine;
+pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
+pub use options::{Durability, Options};
+pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
+pub use stats::Stats;

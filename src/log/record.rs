@@ -1,0 +1,342 @@
+//! The byte layout of log records and segment headers.
+//!
+//! # Frame
+//! Every record is one frame; integers are fixed-width little-endian.
+//!
+//! | offset | size | field                                             |
+//! |-------:|-----:|---------------------------------------------------|
+//! | 0      | 4    | `len`: bytes that follow the 8-byte frame header  |
+//! | 4      | 4    | `crc`: CRC-32 (IEEE) of those bytes               |
+//! | 8      | 1    | `type`: 1 begin, 2 complete, 3 release, 4 extend  |
+//! | 9      | 8    | `token`: the fencing token of the lease            |
+//! | 17     | 8    | `deadline_ms`: lease deadline, or record expiry   |
+//! | 25     | 16   | `fingerprint`: the request's 128-bit digest       |
+//! | 41     | 2    | `user_len`                                         |
+//! | 43     | 2    | `key_len`                                          |
+//! | 45     | …    | `user`, then `key`                                 |
+//!
+//! A complete record continues with `status: u16`, `body_len: u32` and the
+//! body. `len` must equal the bytes the fields take, exactly.
+//!
+//! # Segment header (40 bytes)
+//! `magic: [u8; 8] = "IDEMKVLG"`, `version: u32 = 1`, `crc: u32` (of bytes
+//! 16..40), `segment_id: u64`, `token_floor: u64` (every token issued before
+//! this segment was created is below it), `created_ms: u64`.
+
+use crate::error::CorruptKind;
+
+/// Bytes of the frame header (`len`, `crc`).
+pub(crate) const FRAME_HEADER: usize = 8;
+/// Bytes of the fixed part of a record (type through `key_len`).
+const FIXED: usize = 1 + 8 + 8 + 16 + 2 + 2;
+/// Bytes of a segment header.
+pub(crate) const HEADER_LEN: usize = 40;
+/// The segment magic.
+const MAGIC: &[u8; 8] = b"IDEMKVLG";
+/// The format version this build writes and reads.
+pub(crate) const VERSION: u32 = 1;
+
+/// What a record does to its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    /// A lease was granted (`Started`).
+    Begin = 1,
+    /// The lease's owner stored an outcome.
+    Complete = 2,
+    /// The lease's owner gave the key up.
+    Release = 3,
+    /// The lease's owner moved its deadline.
+    Extend = 4,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Begin),
+            2 => Some(Kind::Complete),
+            3 => Some(Kind::Release),
+            4 => Some(Kind::Extend),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded record, borrowing its variable-length fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Record<'a> {
+    pub kind: Kind,
+    pub token: u64,
+    pub deadline_ms: u64,
+    pub fingerprint: u128,
+    pub user: &'a [u8],
+    pub key: &'a [u8],
+    /// Only for `Complete`; zero otherwise.
+    pub status: u16,
+    /// Only for `Complete`; empty otherwise.
+    pub body: &'a [u8],
+}
+
+impl Record<'_> {
+    /// Appends the whole frame to `out`. The caller has checked the lengths
+    /// (user and key fit in `u16`, body in `u32`).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; FRAME_HEADER]);
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(&self.deadline_ms.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint.to_le_bytes());
+        out.extend_from_slice(&len16(self.user).to_le_bytes());
+        out.extend_from_slice(&len16(self.key).to_le_bytes());
+        out.extend_from_slice(self.user);
+        out.extend_from_slice(self.key);
+        if self.kind == Kind::Complete {
+            out.extend_from_slice(&self.status.to_le_bytes());
+            let body_len = u32::try_from(self.body.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&body_len.to_le_bytes());
+            out.extend_from_slice(self.body);
+        }
+        let content = out.get(start + FRAME_HEADER..).unwrap_or_default();
+        let len = u32::try_from(content.len()).unwrap_or(u32::MAX);
+        let crc = crc32fast::hash(content);
+        if let Some(header) = out.get_mut(start..start + FRAME_HEADER) {
+            header[..4].copy_from_slice(&len.to_le_bytes());
+            header[4..].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    /// The size of the encoded frame.
+    pub fn encoded_len(&self) -> usize {
+        let body = if self.kind == Kind::Complete {
+            6 + self.body.len()
+        } else {
+            0
+        };
+        FRAME_HEADER + FIXED + self.user.len() + self.key.len() + body
+    }
+}
+
+fn len16(b: &[u8]) -> u16 {
+    u16::try_from(b.len()).unwrap_or(u16::MAX)
+}
+
+/// A little-endian cursor over untrusted bytes; every read is checked.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.buf.split_at_checked(n)?;
+        self.buf = rest;
+        Some(head)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.array()?))
+    }
+    fn u128(&mut self) -> Option<u128> {
+        Some(u128::from_le_bytes(self.array()?))
+    }
+}
+
+/// Reads a frame header: `(len, crc)` of the content that follows.
+pub(crate) fn frame_header(buf: &[u8]) -> Option<(usize, u32)> {
+    let mut c = Cursor { buf };
+    let len = usize::try_from(c.u32()?).ok()?;
+    Some((len, c.u32()?))
+}
+
+/// Decodes a frame's content (after the frame header), already checksummed.
+pub(crate) fn decode(content: &[u8]) -> Result<Record<'_>, CorruptKind> {
+    decode_inner(content).ok_or(CorruptKind::Malformed)
+}
+
+fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
+    let mut c = Cursor { buf: content };
+    let kind = Kind::from_u8(c.u8()?)?;
+    let token = c.u64()?;
+    let deadline_ms = c.u64()?;
+    let fingerprint = c.u128()?;
+    let user_len = usize::from(c.u16()?);
+    let key_len = usize::from(c.u16()?);
+    let user = c.take(user_len)?;
+    let key = c.take(key_len)?;
+    let (status, body) = if kind == Kind::Complete {
+        let status = c.u16()?;
+        let body_len = usize::try_from(c.u32()?).ok()?;
+        (status, c.take(body_len)?)
+    } else {
+        (0, &[][..])
+    };
+    if !c.buf.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some(Record {
+        kind,
+        token,
+        deadline_ms,
+        fingerprint,
+        user,
+        key,
+        status,
+        body,
+    })
+}
+
+/// Checks a frame at the start of `buf`: returns its decoded record and its
+/// total length, or why it is bad.
+pub(crate) fn check_frame(buf: &[u8]) -> Result<(Record<'_>, usize), CorruptKind> {
+    let (len, crc) = frame_header(buf).ok_or(CorruptKind::Malformed)?;
+    if len < FIXED {
+        return Err(CorruptKind::Malformed);
+    }
+    let content = buf
+        .get(FRAME_HEADER..)
+        .and_then(|rest| rest.get(..len))
+        .ok_or(CorruptKind::Malformed)?;
+    if crc32fast::hash(content) != crc {
+        return Err(CorruptKind::Checksum);
+    }
+    Ok((decode(content)?, FRAME_HEADER + len))
+}
+
+/// The fields of a segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SegmentHeader {
+    pub segment_id: u64,
+    pub token_floor: u64,
+    pub created_ms: u64,
+}
+
+impl SegmentHeader {
+    /// The 40 header bytes.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        let mut body = Vec::with_capacity(24);
+        body.extend_from_slice(&self.segment_id.to_le_bytes());
+        body.extend_from_slice(&self.token_floor.to_le_bytes());
+        body.extend_from_slice(&self.created_ms.to_le_bytes());
+        let mut head = Vec::with_capacity(HEADER_LEN);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        head.extend_from_slice(&body);
+        out.copy_from_slice(&head);
+        out
+    }
+
+    /// Parses a header; `buf` may be longer than the header.
+    pub fn decode(buf: &[u8]) -> Result<SegmentHeader, CorruptKind> {
+        let mut c = Cursor { buf };
+        if c.take(MAGIC.len()) != Some(&MAGIC[..]) {
+            return Err(CorruptKind::BadMagic);
+        }
+        let version = c.u32().ok_or(CorruptKind::BadHeader)?;
+        if version != VERSION {
+            return Err(CorruptKind::UnsupportedVersion(version));
+        }
+        let crc = c.u32().ok_or(CorruptKind::BadHeader)?;
+        let body = c.take(24).ok_or(CorruptKind::BadHeader)?;
+        if crc32fast::hash(body) != crc {
+            return Err(CorruptKind::BadHeader);
+        }
+        let mut b = Cursor { buf: body };
+        let bad = CorruptKind::BadHeader;
+        Ok(SegmentHeader {
+            segment_id: b.u64().ok_or(bad)?,
+            token_floor: b.u64().ok_or(bad)?,
+            created_ms: b.u64().ok_or(bad)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(kind: Kind) -> Record<'static> {
+        Record {
+            kind,
+            token: 7,
+            deadline_ms: 1234,
+            fingerprint: 0xdead_beef_u128 << 64 | 42,
+            user: b"user-1",
+            key: b"key-1",
+            status: if kind == Kind::Complete { 201 } else { 0 },
+            body: if kind == Kind::Complete {
+                b"hello"
+            } else {
+                b""
+            },
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_a_frame() {
+        for kind in [Kind::Begin, Kind::Complete, Kind::Release, Kind::Extend] {
+            let rec = sample(kind);
+            let mut buf = Vec::new();
+            rec.encode(&mut buf);
+            assert_eq!(buf.len(), rec.encoded_len());
+            let (back, used) = check_frame(&buf).unwrap();
+            assert_eq!(back, rec);
+            assert_eq!(used, buf.len());
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_rejected() {
+        let mut buf = Vec::new();
+        sample(Kind::Complete).encode(&mut buf);
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            assert!(check_frame(&bad).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let mut buf = Vec::new();
+        sample(Kind::Complete).encode(&mut buf);
+        for n in 0..buf.len() {
+            assert!(check_frame(&buf[..n]).is_err(), "prefix {n} accepted");
+        }
+    }
+
+    #[test]
+    fn segment_header_round_trips_and_rejects_damage() {
+        let h = SegmentHeader {
+            segment_id: 3,
+            token_floor: 99,
+            created_ms: 5,
+        };
+        let bytes = h.encode();
+        assert_eq!(SegmentHeader::decode(&bytes), Ok(h));
+        let mut bad = bytes;
+        bad[20] ^= 1;
+        assert_eq!(SegmentHeader::decode(&bad), Err(CorruptKind::BadHeader));
+        let mut bad = bytes;
+        bad[0] = b'X';
+        assert_eq!(SegmentHeader::decode(&bad), Err(CorruptKind::BadMagic));
+        let mut bad = bytes;
+        bad[8] = 9;
+        assert_eq!(
+            SegmentHeader::decode(&bad),
+            Err(CorruptKind::UnsupportedVersion(9))
+        );
+    }
+}

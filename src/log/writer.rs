@@ -1,0 +1,140 @@
+//! The single appender: encodes records into the active segment and rolls
+//! to a new segment at `segment_bytes`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::record::{HEADER_LEN, Record};
+use super::{Log, MAX_SEGMENT_ID, new_header, pos, segment_name};
+use crate::clock::Clock;
+use crate::error::{Error, IoOp, Result};
+use crate::storage::{Storage, StorageFile};
+
+/// The active segment, owned by whoever holds the writer lock.
+#[derive(Debug)]
+pub(super) struct Writer {
+    id: u64,
+    file: Arc<dyn StorageFile>,
+    offset: u64,
+    closed: bool,
+    /// Scratch space for encoding, reused across appends.
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn new(id: u64, file: Arc<dyn StorageFile>, offset: u64) -> Writer {
+        Writer {
+            id,
+            file,
+            offset,
+            closed: false,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Marks the writer closed; true the first time.
+    pub fn close(&mut self) -> bool {
+        !std::mem::replace(&mut self.closed, true)
+    }
+
+    /// The active file and the end position of what was appended to it.
+    pub fn tail(&self) -> (Arc<dyn StorageFile>, u64, u64) {
+        (Arc::clone(&self.file), self.id, pos(self.id, self.offset))
+    }
+}
+
+/// Creates segment `id` with its header, synced, and syncs the directory.
+pub(super) fn create_segment(
+    storage: &dyn Storage,
+    id: u64,
+    token_floor: u64,
+    clock: &dyn Clock,
+) -> Result<Arc<dyn StorageFile>> {
+    let name = segment_name(id);
+    let path = storage.path(&name);
+    let file = storage
+        .create(&name)
+        .map_err(|e| Error::io(IoOp::Create, &path, e))?;
+    file.append(&new_header(id, token_floor, clock))
+        .map_err(|e| Error::io(IoOp::Write, &path, e))?;
+    file.sync().map_err(|e| Error::io(IoOp::Sync, &path, e))?;
+    storage
+        .sync_dir()
+        .map_err(|e| Error::io(IoOp::SyncDir, &path, e))?;
+    Ok(file)
+}
+
+impl Log {
+    /// Appends one record and returns its position. It is not durable yet:
+    /// see [`Log::wait_durable`]. The caller holds the key's shard lock, so
+    /// records of one key reach the log in the order of their transitions.
+    pub fn append(&self, record: &Record<'_>) -> Result<u64> {
+        let mut w = self.writer.lock();
+        if w.closed {
+            return Err(Error::Closed);
+        }
+        self.check_poison()?;
+        let len = record.encoded_len() as u64;
+        if w.offset + len > self.segment_bytes && w.offset > HEADER_LEN as u64 {
+            self.roll(&mut w)?;
+        }
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        record.encode(&mut buf);
+        let at = pos(w.id, w.offset);
+        let result = w.file.append(&buf);
+        w.buf = buf;
+        if let Err(e) = result {
+            self.set_poison(e.kind());
+            return Err(Error::io(
+                IoOp::Write,
+                self.storage.path(&segment_name(w.id)),
+                e,
+            ));
+        }
+        w.offset += len;
+        self.written.store(pos(w.id, w.offset), Ordering::Release);
+        self.counters
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        self.counters
+            .records_written
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(at)
+    }
+
+    /// Closes the active segment (synced) and starts the next one.
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        let old_path = self.storage.path(&segment_name(w.id));
+        if let Err(e) = w.file.sync() {
+            self.set_poison(e.kind());
+            return Err(Error::io(IoOp::Sync, old_path, e));
+        }
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.durable
+            .fetch_max(pos(w.id, w.offset), Ordering::AcqRel);
+        let id = w.id + 1;
+        if id > MAX_SEGMENT_ID {
+            return Err(Error::io(
+                IoOp::Create,
+                old_path,
+                std::io::Error::other("segment ids exhausted"),
+            ));
+        }
+        let floor = self.next_token.load(Ordering::SeqCst);
+        let file =
+            create_segment(&*self.storage, id, floor, self.clock.as_ref()).inspect_err(|e| {
+                if let Error::Io { source, .. } | Error::NoSpace { source, .. } = e {
+                    self.set_poison(source.kind());
+                }
+            })?;
+        self.segments.write().insert(id, Arc::clone(&file));
+        w.id = id;
+        w.file = file;
+        w.offset = HEADER_LEN as u64;
+        let start = pos(id, w.offset);
+        self.written.store(start, Ordering::Release);
+        self.durable.fetch_max(start, Ordering::AcqRel);
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The transition table: the one place that decides what a call does to a
+//! record, given the entry the index holds and the time.
+//!
+//! ```text
+//! absent ──begin──▶ in-progress(t, L) ──complete(t)──▶ completed(E)
+//!    ▲                 │  │ extend(t) moves L              │
+//!    │                 │  └─ release(t) ─▶ absent          │
+//!    │                 └─ L passes: begin takes over (t+1) │
+//!    └────────────────── E passes: absent ◀────────────────┘
+//! ```
+//! Every function here is pure; the engine calls them under the shard lock.
+
+use std::time::Duration;
+
+use crate::error::LostReason;
+use crate::index::Entry;
+use crate::log::record::{Kind, Record};
+use crate::outcome::RecordState;
+
+/// What `begin` does, before the fingerprint is compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BeginStep {
+    /// The key is free: grant a new lease.
+    Start {
+        /// An expired record or lease was there (counted as an expiration).
+        expired: bool,
+        /// The expired thing was a lease (a takeover).
+        takeover: bool,
+    },
+    /// A live record is there; the answer depends on the fingerprint.
+    Live(Entry),
+}
+
+/// Decides `begin` on the current entry.
+pub(crate) fn begin_step(current: Option<Entry>, now_ms: u64) -> BeginStep {
+    match current {
+        None => BeginStep::Start {
+            expired: false,
+            takeover: false,
+        },
+        Some(e) if !e.is_live(now_ms) => BeginStep::Start {
+            expired: true,
+            takeover: e.state == RecordState::InProgress,
+        },
+        Some(e) => BeginStep::Live(e),
+    }
+}
+
+/// The answer of `begin` on a live record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LiveAnswer {
+    /// Completed with the same fingerprint.
+    Replay,
+    /// In progress with the same fingerprint.
+    InFlight { retry_after: Duration },
+    /// Another fingerprint, whatever the state.
+    Mismatch,
+}
+
+/// Decides `begin` on a live record, once its fingerprint was read.
+pub(crate) fn live_answer(entry: &Entry, same_fingerprint: bool, now_ms: u64) -> LiveAnswer {
+    match (same_fingerprint, entry.state) {
+        (false, _) => LiveAnswer::Mismatch,
+        (true, RecordState::Completed) => LiveAnswer::Replay,
+        (true, RecordState::InProgress) => LiveAnswer::InFlight {
+            retry_after: Duration::from_millis(entry.deadline_ms.saturating_sub(now_ms)),
+        },
+    }
+}
+
+/// Checks that `token` owns the record now: the precondition of `complete`,
+/// `extend` and `release`.
+pub(crate) fn check_owner(
+    current: Option<Entry>,
+    token: u64,
+    now_ms: u64,
+) -> Result<Entry, LostReason> {
+    let e = current.ok_or(LostReason::Gone)?;
+    if e.token != token {
+        return Err(if e.token > token && e.is_live(now_ms) {
+            LostReason::Superseded { current: e.token }
+        } else {
+            LostReason::Gone
+        });
+    }
+    match e.state {
+        RecordState::Completed => Err(LostReason::Completed),
+        RecordState::InProgress if !e.is_live(now_ms) => Err(LostReason::Expired),
+        RecordState::InProgress => Ok(e),
+    }
+}
+
+/// The entry after replaying one log record during recovery. The log holds
+/// only transitions that were accepted, in order per key, so replay needs
+/// no checks beyond matching the token.
+pub(crate) fn replay(current: Option<Entry>, record: &Record<'_>, pos: u64) -> Option<Entry> {
+    let entry = |state| Entry {
+        token: record.token,
+        deadline_ms: record.deadline_ms,
+        pos,
+        status: record.status,
+        state,
+    };
+    match record.kind {
+        Kind::Begin => Some(entry(RecordState::InProgress)),
+        Kind::Complete => Some(entry(RecordState::Completed)),
+        Kind::Extend => match current {
+            Some(e) if e.token == record.token && e.state == RecordState::InProgress => {
+                Some(entry(RecordState::InProgress))
+            }
+            other => other,
+        },
+        Kind::Release => match current {
+            Some(e) if e.token == record.token => None,
+            other => other,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: RecordState, token: u64, deadline_ms: u64) -> Entry {
+        Entry {
+            token,
+            deadline_ms,
+            pos: 0,
+            status: 200,
+            state,
+        }
+    }
+
+    #[test]
+    fn begin_on_nothing_or_expired_starts() {
+        assert_eq!(
+            begin_step(None, 5),
+            BeginStep::Start {
+                expired: false,
+                takeover: false
+            }
+        );
+        let lease = entry(RecordState::InProgress, 1, 10);
+        assert_eq!(
+            begin_step(Some(lease), 10),
+            BeginStep::Start {
+                expired: true,
+                takeover: true
+            }
+        );
+        let done = entry(RecordState::Completed, 1, 10);
+        assert_eq!(
+            begin_step(Some(done), 11),
+            BeginStep::Start {
+                expired: true,
+                takeover: false
+            }
+        );
+        assert_eq!(begin_step(Some(done), 9), BeginStep::Live(done));
+    }
+
+    #[test]
+    fn live_answers_follow_the_design_table() {
+        let lease = entry(RecordState::InProgress, 1, 10);
+        let done = entry(RecordState::Completed, 1, 10);
+        assert_eq!(live_answer(&done, true, 3), LiveAnswer::Replay);
+        assert_eq!(live_answer(&done, false, 3), LiveAnswer::Mismatch);
+        assert_eq!(live_answer(&lease, false, 3), LiveAnswer::Mismatch);
+        assert_eq!(
+            live_answer(&lease, true, 3),
+            LiveAnswer::InFlight {
+                retry_after: Duration::from_millis(7)
+            }
+        );
+    }
+
+    #[test]
+    fn only_the_live_current_token_owns_the_record() {
+        let lease = entry(RecordState::InProgress, 5, 10);
+        assert_eq!(check_owner(Some(lease), 5, 9), Ok(lease));
+        assert_eq!(check_owner(Some(lease), 5, 10), Err(LostReason::Expired));
+        assert_eq!(
+            check_owner(Some(lease), 4, 9),
+            Err(LostReason::Superseded { current: 5 })
+        );
+        assert_eq!(check_owner(None, 5, 0), Err(LostReason::Gone));
+        let done = entry(RecordState::Completed, 5, 10);
+        assert_eq!(check_owner(Some(done), 5, 0), Err(LostReason::Completed));
+    }
+}

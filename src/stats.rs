@@ -1,0 +1,87 @@
+//! Counters an operator can export: a plain [`Stats`] snapshot read from
+//! relaxed atomics that the hot path bumps.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the engine's counters since open ([`Engine::stats`](crate::Engine::stats)).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls to `begin` that passed validation.
+    pub begins: u64,
+    /// `begin` calls answered `Started` (takeovers included).
+    pub started: u64,
+    /// `begin` calls answered `Replay`.
+    pub replays: u64,
+    /// `begin` calls answered `InFlight`.
+    pub in_flight: u64,
+    /// `begin` calls answered `Mismatch`.
+    pub mismatches: u64,
+    /// `Started` answers that took over an expired lease.
+    pub takeovers: u64,
+    /// `complete`, `extend` and `release` calls refused with `LeaseLost`.
+    pub lease_lost: u64,
+    /// Expired records or leases found (and treated as absent) by `begin`.
+    pub expirations: u64,
+    /// Successful `complete` calls.
+    pub completions: u64,
+    /// Successful `release` calls.
+    pub releases: u64,
+    /// Bytes appended to the log (framing included).
+    pub bytes_written: u64,
+    /// Records appended to the log.
+    pub records_written: u64,
+    /// fdatasync calls on log segments.
+    pub fsyncs: u64,
+    /// Records held by the index (expired ones not yet swept included).
+    pub live_records: u64,
+    /// Log segment files on disk.
+    pub segments: u64,
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub begins: AtomicU64,
+    pub started: AtomicU64,
+    pub replays: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub mismatches: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub lease_lost: AtomicU64,
+    pub expirations: AtomicU64,
+    pub completions: AtomicU64,
+    pub releases: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub records_written: AtomicU64,
+    pub fsyncs: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// Reads every counter; the caller fills in the gauges.
+    pub fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            begins: get(&self.begins),
+            started: get(&self.started),
+            replays: get(&self.replays),
+            in_flight: get(&self.in_flight),
+            mismatches: get(&self.mismatches),
+            takeovers: get(&self.takeovers),
+            lease_lost: get(&self.lease_lost),
+            expirations: get(&self.expirations),
+            completions: get(&self.completions),
+            releases: get(&self.releases),
+            bytes_written: get(&self.bytes_written),
+            records_written: get(&self.records_written),
+            fsyncs: get(&self.fsyncs),
+            live_records: 0,
+            segments: 0,
+        }
+    }
+}
