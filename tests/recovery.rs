@@ -1,0 +1,344 @@
+//! Recovery on open: what survives a reopen, how a torn tail is cut off, and
+//! how corruption before the tail is reported (DESIGN.md invariants 1 and 2).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idemkv::{
+    Begin, CorruptKind, Durability, Engine, Error, Fingerprint, Lease, ManualClock, Options,
+    Outcome,
+};
+
+fn options(clock: &Arc<ManualClock>) -> Options {
+    Options {
+        durability: Durability::Sync,
+        clock: clock.clone(),
+        ..Options::default()
+    }
+}
+
+fn started(engine: &Engine, user: &str, key: &str, fp: &[u8]) -> Lease {
+    match engine.begin(user, key, Fingerprint::of(fp)).expect("begin") {
+        Begin::Started(lease) => lease,
+        other => panic!("expected Started for {user}/{key}, got {other:?}"),
+    }
+}
+
+fn outcome(status: u16, body: &str) -> Outcome {
+    Outcome {
+        status,
+        body: body.to_owned().into(),
+    }
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn last_segment(dir: &Path) -> PathBuf {
+    segments(dir).pop().expect("a segment")
+}
+
+fn append_bytes(path: &Path, bytes: &[u8]) {
+    let mut f = OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+fn replay(engine: &Engine, user: &str, key: &str, fp: &[u8]) -> Outcome {
+    match engine.begin(user, key, Fingerprint::of(fp)).expect("begin") {
+        Begin::Replay(outcome) => outcome,
+        other => panic!("expected Replay for {user}/{key}, got {other:?}"),
+    }
+}
+
+/// Writes three completed records and one in-progress lease, then closes.
+fn populate(dir: &Path, clock: &Arc<ManualClock>) -> Lease {
+    let engine = Engine::open(dir, options(clock)).unwrap();
+    for i in 0..3 {
+        let lease = started(&engine, "u", &format!("k{i}"), b"req");
+        engine
+            .complete(&lease, outcome(200 + i, &format!("body-{i}")))
+            .unwrap();
+    }
+    started(&engine, "u", "pending", b"req")
+}
+
+#[test]
+fn everything_acknowledged_survives_drop_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let pending = populate(dir.path(), &clock);
+
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    for i in 0..3u16 {
+        let got = replay(&engine, "u", &format!("k{i}"), b"req");
+        assert_eq!(got, outcome(200 + i, &format!("body-{i}")));
+    }
+    assert!(matches!(
+        engine
+            .begin("u", "pending", Fingerprint::of(b"req"))
+            .unwrap(),
+        Begin::InFlight { .. }
+    ));
+    // The lease from before the restart still owns its record.
+    engine
+        .complete(&pending, outcome(201, "late but valid"))
+        .unwrap();
+    assert_eq!(
+        replay(&engine, "u", "pending", b"req"),
+        outcome(201, "late but valid")
+    );
+}
+
+#[test]
+fn fencing_tokens_keep_growing_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let mut last = 0;
+    for round in 0..4 {
+        let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+        let lease = started(&engine, "u", &format!("k{round}"), b"x");
+        assert!(lease.token() > last, "token {} after {last}", lease.token());
+        last = lease.token();
+        engine.release(&lease).unwrap();
+    }
+}
+
+#[test]
+fn a_released_record_stays_released_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    {
+        let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+        let lease = started(&engine, "u", "k", b"x");
+        engine.release(&lease).unwrap();
+    }
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(engine.get("u", "k").unwrap(), None);
+    started(&engine, "u", "k", b"another payload");
+}
+
+#[test]
+fn records_expired_while_closed_are_absent_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    clock.advance(Duration::from_secs(25 * 3600));
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(engine.stats().live_records, 0);
+    started(&engine, "u", "k0", b"different");
+}
+
+#[test]
+fn garbage_appended_to_the_last_segment_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    let seg = last_segment(dir.path());
+    let clean_len = fs::metadata(&seg).unwrap().len();
+    append_bytes(&seg, &[0xAB; 77]);
+
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(fs::metadata(&seg).unwrap().len(), clean_len);
+    assert_eq!(replay(&engine, "u", "k2", b"req"), outcome(202, "body-2"));
+    // New writes land after the cut and survive another reopen.
+    let lease = started(&engine, "u", "after", b"req");
+    engine
+        .complete(&lease, outcome(200, "after the cut"))
+        .unwrap();
+    drop(engine);
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(
+        replay(&engine, "u", "after", b"req"),
+        outcome(200, "after the cut")
+    );
+}
+
+#[test]
+fn zeros_after_the_last_record_are_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    let seg = last_segment(dir.path());
+    append_bytes(&seg, &[0; 4096]);
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(replay(&engine, "u", "k0", b"req"), outcome(200, "body-0"));
+}
+
+#[test]
+fn every_truncation_of_the_last_record_recovers_the_records_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    {
+        let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+        let a = started(&engine, "u", "a", b"req");
+        engine.complete(&a, outcome(200, "first")).unwrap();
+    }
+    let seg = last_segment(dir.path());
+    let before = fs::metadata(&seg).unwrap().len();
+    {
+        let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+        let b = started(&engine, "u", "b", b"req");
+        engine
+            .complete(&b, outcome(200, "second record, to be torn"))
+            .unwrap();
+    }
+    let full = fs::read(&seg).unwrap();
+    for cut in before as usize..full.len() {
+        fs::write(&seg, &full[..cut]).unwrap();
+        let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+        assert_eq!(replay(&engine, "u", "a", b"req"), outcome(200, "first"));
+        // "b" is either absent, or in progress if its begin record was whole.
+        match engine.get("u", "b").unwrap() {
+            None => {}
+            Some(view) => assert_eq!(view.state, idemkv::RecordState::InProgress, "cut at {cut}"),
+        }
+        assert!(fs::metadata(&seg).unwrap().len() <= cut as u64);
+    }
+}
+
+#[test]
+fn a_flipped_byte_mid_log_is_reported_as_corruption_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    let seg = last_segment(dir.path());
+    let mut bytes = fs::read(&seg).unwrap();
+    // Byte 60 is inside the first record (the header is 40 bytes).
+    bytes[60] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+
+    match Engine::open(dir.path(), options(&clock)) {
+        Err(Error::Corrupt { file, offset, kind }) => {
+            assert_eq!(file, seg);
+            assert_eq!(offset, 40);
+            assert_eq!(kind, CorruptKind::Checksum);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // The failed open released the lock and changed nothing on disk.
+    assert_eq!(fs::read(&seg).unwrap(), bytes);
+}
+
+#[test]
+fn every_single_byte_flip_gives_corruption_or_a_consistent_store_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    let seg = last_segment(dir.path());
+    let pristine = fs::read(&seg).unwrap();
+    for i in 0..pristine.len() {
+        let mut bytes = pristine.clone();
+        bytes[i] ^= 0x80;
+        fs::write(&seg, &bytes).unwrap();
+        match Engine::open(
+            dir.path(),
+            Options {
+                durability: Durability::None,
+                ..options(&clock)
+            },
+        ) {
+            Err(Error::Corrupt { .. }) => {}
+            // A flip in the last record is a torn tail: the others survive.
+            Ok(engine) => assert_eq!(replay(&engine, "u", "k0", b"req"), outcome(200, "body-0")),
+            Err(other) => panic!("flip at {i}: unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn records_spread_over_many_segments_all_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let opts = || Options {
+        segment_bytes: 4096,
+        durability: Durability::None,
+        ..options(&clock)
+    };
+    {
+        let engine = Engine::open(dir.path(), opts()).unwrap();
+        for i in 0..300 {
+            let lease = started(&engine, "u", &format!("k{i}"), b"req");
+            engine
+                .complete(&lease, outcome(200, &format!("body {i:04}")))
+                .unwrap();
+        }
+        assert!(engine.stats().segments > 5);
+    }
+    assert!(segments(dir.path()).len() > 5);
+    let engine = Engine::open(dir.path(), opts()).unwrap();
+    for i in 0..300 {
+        assert_eq!(
+            replay(&engine, "u", &format!("k{i}"), b"req"),
+            outcome(200, &format!("body {i:04}"))
+        );
+    }
+}
+
+#[test]
+fn damage_in_a_closed_segment_is_corruption_even_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let opts = || Options {
+        segment_bytes: 4096,
+        durability: Durability::None,
+        ..options(&clock)
+    };
+    {
+        let engine = Engine::open(dir.path(), opts()).unwrap();
+        for i in 0..100 {
+            let lease = started(&engine, "u", &format!("k{i}"), b"req");
+            engine.complete(&lease, outcome(200, "x")).unwrap();
+        }
+    }
+    let first = segments(dir.path()).remove(0);
+    let len = fs::metadata(&first).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&first).unwrap();
+    f.set_len(len - 3).unwrap();
+    assert!(matches!(
+        Engine::open(dir.path(), opts()),
+        Err(Error::Corrupt { file, .. }) if file == first
+    ));
+}
+
+#[test]
+fn a_last_segment_torn_while_being_created_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    // A crash right after creating the next segment: its header is half there.
+    let next = dir.path().join("000002.log");
+    fs::write(&next, b"IDEMKV").unwrap();
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(replay(&engine, "u", "k1", b"req"), outcome(201, "body-1"));
+    let lease = started(&engine, "u", "new", b"req");
+    engine
+        .complete(&lease, outcome(200, "in the rewritten segment"))
+        .unwrap();
+    drop(engine);
+    assert_eq!(fs::metadata(&next).unwrap().len() > 40, true);
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(
+        replay(&engine, "u", "new", b"req"),
+        outcome(200, "in the rewritten segment")
+    );
+}
+
+#[test]
+fn unknown_files_in_the_directory_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    populate(dir.path(), &clock);
+    fs::write(dir.path().join("notes.txt"), b"operator notes").unwrap();
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(replay(&engine, "u", "k0", b"req"), outcome(200, "body-0"));
+}
