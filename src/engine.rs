@@ -387,12 +387,11 @@ impl Engine {
                 },
             );
         }
-        if self.options.ascii_keys {
-            if let Some((index, &byte)) =
+        if self.options.ascii_keys
+            && let Some((index, &byte)) =
                 key.iter().enumerate().find(|(_, b)| !b.is_ascii_graphic())
-            {
-                return bad(KeyPart::Key, KeyProblem::BadByte { index, byte });
-            }
+        {
+            return bad(KeyPart::Key, KeyProblem::BadByte { index, byte });
         }
         Ok(())
     }

@@ -325,7 +325,7 @@ fn a_last_segment_torn_while_being_created_is_rewritten() {
         .complete(&lease, outcome(200, "in the rewritten segment"))
         .unwrap();
     drop(engine);
-    assert_eq!(fs::metadata(&next).unwrap().len() > 40, true);
+    assert!(fs::metadata(&next).unwrap().len() > 40);
     let engine = Engine::open(dir.path(), options(&clock)).unwrap();
     assert_eq!(
         replay(&engine, "u", "new", b"req"),

@@ -100,9 +100,12 @@ impl Record<'_> {
         let content = out.get(start + FRAME_HEADER..).unwrap_or_default();
         let len = u32::try_from(content.len()).unwrap_or(u32::MAX);
         let crc = crc32fast::hash(content);
-        if let Some(header) = out.get_mut(start..start + FRAME_HEADER) {
-            header[..4].copy_from_slice(&len.to_le_bytes());
-            header[4..].copy_from_slice(&crc.to_le_bytes());
+        let mut header = [0u8; FRAME_HEADER];
+        let (len_bytes, crc_bytes) = header.split_at_mut(4);
+        len_bytes.copy_from_slice(&len.to_le_bytes());
+        crc_bytes.copy_from_slice(&crc.to_le_bytes());
+        if let Some(slot) = out.get_mut(start..start + FRAME_HEADER) {
+            slot.copy_from_slice(&header);
         }
     }
 

@@ -91,12 +91,13 @@ impl Storage for FsStorage {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
-                if let Ok(name) = entry.file_name().into_string() {
-                    if name != LOCK_FILE {
-                        names.push(name);
-                    }
-                }
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            if let Ok(name) = entry.file_name().into_string()
+                && name != LOCK_FILE
+            {
+                names.push(name);
             }
         }
         Ok(names)
