@@ -30,7 +30,10 @@ fn key(i: u64) -> String {
 
 fn fill(engine: &Engine, n: u64) {
     for i in 0..n {
-        let Begin::Started(lease) = engine.begin("user", key(i), Fingerprint::of(b"req")).expect("begin") else {
+        let Begin::Started(lease) = engine
+            .begin("user", key(i), Fingerprint::of(b"req"))
+            .expect("begin")
+        else {
             panic!("fresh key not started");
         };
         engine
@@ -70,7 +73,9 @@ fn lookup(c: &mut Criterion) {
         let mut i = 0usize;
         b.iter(|| {
             i = (i + 7919) % keys.len();
-            engine.begin("user", &keys[i], Fingerprint::of(b"req")).expect("begin")
+            engine
+                .begin("user", &keys[i], Fingerprint::of(b"req"))
+                .expect("begin")
         })
     });
     group.finish();
@@ -113,7 +118,10 @@ fn begin_complete(c: &mut Criterion) {
 }
 
 fn fill_one(engine: &Engine, i: u64) {
-    let Begin::Started(lease) = engine.begin("user", key(i), Fingerprint::of(b"req")).expect("begin") else {
+    let Begin::Started(lease) = engine
+        .begin("user", key(i), Fingerprint::of(b"req"))
+        .expect("begin")
+    else {
         panic!("fresh key not started");
     };
     engine

@@ -32,10 +32,22 @@ fn main() -> idemkv::Result<()> {
     let body = bytes::Bytes::from(vec![b'x'; 160]);
     let before = rss_bytes();
     for i in 0..n {
-        let key = format!("{:08x}-{:04x}-4{:03x}-{:012x}", i.wrapping_mul(2_654_435_761), i & 0xffff, i & 0xfff, i);
+        let key = format!(
+            "{:08x}-{:04x}-4{:03x}-{:012x}",
+            i.wrapping_mul(2_654_435_761),
+            i & 0xffff,
+            i & 0xfff,
+            i
+        );
         let user = format!("user-{}", i % 1000);
         if let Begin::Started(lease) = engine.begin(&user, &key, Fingerprint::of(key.as_bytes()))? {
-            engine.complete(&lease, Outcome { status: 200, body: body.clone() })?;
+            engine.complete(
+                &lease,
+                Outcome {
+                    status: 200,
+                    body: body.clone(),
+                },
+            )?;
         }
     }
     let after = rss_bytes();

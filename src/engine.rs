@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::clock::{Clock, millis};
 use crate::error::{CorruptKind, Error, KeyPart, KeyProblem, Result};
-use crate::index::{Entry, Index, KeyId};
+use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
 use crate::log::record::{Kind, Record};
 use crate::log::{Log, ReadRecord};
 use crate::notify::Waiters;
@@ -113,70 +113,78 @@ impl Engine {
         bump(&self.counters.begins);
         let id = KeyId::new(user, key);
         let now = self.clock.now_ms();
-        let mut shard = self.index.shard(&id).lock();
-        let entry = match state::begin_step(shard.get(id.digest), now) {
-            BeginStep::Live(entry) => entry,
-            BeginStep::Start { expired, takeover } => {
-                let token = self.log.next_token();
-                let deadline_ms = now.saturating_add(millis(self.options.lease_ttl));
-                let pos = self.log.append(&Record {
-                    kind: Kind::Begin,
-                    token,
-                    deadline_ms,
-                    fingerprint: fingerprint.0,
-                    user,
-                    key,
-                    status: 0,
-                    body: b"",
-                })?;
-                shard.insert(
-                    id.digest,
-                    Entry {
+        // The position of an entry found to belong to another key with the
+        // same digest: it counts as absent for this key.
+        let mut foreign = None;
+        loop {
+            let mut shard = self.index.shard(&id).lock();
+            let current = shard.get(&id, user, key).filter(|e| Some(e.pos) != foreign);
+            let entry = match state::begin_step(current, now) {
+                BeginStep::Live(entry) => entry,
+                BeginStep::Start { expired, takeover } => {
+                    let token = self.log.next_token()?;
+                    let deadline_ms = deadline(now, self.options.lease_ttl);
+                    let pos = self.log.append(&Record {
+                        kind: Kind::Begin,
+                        token,
+                        deadline_ms,
+                        time_ms: now,
+                        fingerprint: fingerprint.0,
+                        user,
+                        key,
+                        status: 0,
+                        body: b"",
+                    })?;
+                    let entry = Entry {
                         token,
                         deadline_ms,
                         pos,
                         status: 0,
                         state: RecordState::InProgress,
-                    },
-                );
-                drop(shard);
-                self.log.wait_durable(pos)?;
-                bump(&self.counters.started);
-                if expired {
-                    bump(&self.counters.expirations);
+                    };
+                    shard.start(&id, user, key, entry, now);
+                    drop(shard);
+                    self.log.wait_durable(pos)?;
+                    bump(&self.counters.started);
+                    if expired {
+                        bump(&self.counters.expirations);
+                    }
+                    if takeover {
+                        bump(&self.counters.takeovers);
+                    }
+                    return Ok(Begin::Started(Lease {
+                        user: Bytes::copy_from_slice(user),
+                        key: Bytes::copy_from_slice(key),
+                        fingerprint,
+                        token,
+                        expires_at_ms: deadline_ms,
+                    }));
                 }
-                if takeover {
-                    bump(&self.counters.takeovers);
+            };
+            drop(shard);
+            let Some(record) = self.read_record(&entry, user, key)? else {
+                foreign = Some(entry.pos);
+                continue;
+            };
+            let same = record.fingerprint == fingerprint.0;
+            return Ok(match state::live_answer(&entry, same, now) {
+                LiveAnswer::Replay => {
+                    bump(&self.counters.replays);
+                    Begin::Replay(Outcome {
+                        status: record.status,
+                        body: record.body,
+                    })
                 }
-                return Ok(Begin::Started(Lease {
-                    user: Bytes::copy_from_slice(user),
-                    key: Bytes::copy_from_slice(key),
-                    fingerprint,
-                    token,
-                    expires_at_ms: deadline_ms,
-                }));
-            }
-        };
-        drop(shard);
-        let record = self.read_record(&entry, user, key)?;
-        let same = record.fingerprint == fingerprint.0;
-        Ok(match state::live_answer(&entry, same, now) {
-            LiveAnswer::Replay => {
-                bump(&self.counters.replays);
-                Begin::Replay(Outcome {
-                    status: record.status,
-                    body: record.body,
-                })
-            }
-            LiveAnswer::InFlight { retry_after } => {
-                bump(&self.counters.in_flight);
-                Begin::InFlight { retry_after }
-            }
-            LiveAnswer::Mismatch => {
-                bump(&self.counters.mismatches);
-                Begin::Mismatch
-            }
-        })
+                LiveAnswer::InFlight { retry_after } => {
+                    bump(&self.counters.in_flight);
+                    Begin::InFlight { retry_after }
+                }
+                LiveAnswer::Mismatch => {
+                    bump(&self.counters.mismatches);
+                    Begin::Mismatch
+                }
+            });
+        }
     }
 
     /// Stores `outcome` for the lease's key, with the default `record_ttl`:
@@ -203,7 +211,7 @@ impl Engine {
             });
         }
         let now = self.clock.now_ms();
-        let deadline_ms = now.saturating_add(millis(ttl));
+        let deadline_ms = deadline(now, ttl);
         let pos = self.owner_write(lease, now, Kind::Complete, deadline_ms, &outcome)?;
         bump(&self.counters.completions);
         self.waiters.notify();
@@ -238,7 +246,7 @@ impl Engine {
     pub fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
         self.check_open()?;
         let now = self.clock.now_ms();
-        let deadline_ms = now.saturating_add(millis(by));
+        let deadline_ms = deadline(now, by);
         let none = Outcome {
             status: 0,
             body: Bytes::new(),
@@ -279,8 +287,7 @@ impl Engine {
         self.validate(user, key)?;
         match self.lookup(user, key)? {
             Some(e) if e.state == RecordState::Completed => {
-                let record = self.read_record(&e, user, key)?;
-                Ok(Some(Outcome {
+                Ok(self.read_record(&e, user, key)?.map(|record| Outcome {
                     status: record.status,
                     body: record.body,
                 }))
@@ -314,8 +321,7 @@ impl Engine {
             match self.lookup(user, key)? {
                 None => return Ok(None),
                 Some(e) if e.state == RecordState::Completed => {
-                    let record = self.read_record(&e, user, key)?;
-                    return Ok(Some(Outcome {
+                    return Ok(self.read_record(&e, user, key)?.map(|record| Outcome {
                         status: record.status,
                         body: record.body,
                     }));
@@ -402,7 +408,7 @@ impl Engine {
         let now = self.clock.now_ms();
         let (entry, pos) = {
             let shard = self.index.shard(&id).lock();
-            match shard.get(id.digest) {
+            match shard.get(&id, user, key) {
                 Some(e) if e.is_live(now) => (Some(e), e.pos),
                 _ => (None, shard.removed_pos()),
             }
@@ -411,19 +417,22 @@ impl Engine {
         Ok(entry)
     }
 
-    /// Reads the record an entry points at, once durable, and checks that it
-    /// belongs to `(user, key)`.
-    fn read_record(&self, entry: &Entry, user: &[u8], key: &[u8]) -> Result<ReadRecord> {
+    /// Reads the record an entry points at, once durable. `None` if the
+    /// record belongs to another key whose digest collides with this one's.
+    fn read_record(&self, entry: &Entry, user: &[u8], key: &[u8]) -> Result<Option<ReadRecord>> {
         self.log.wait_durable(entry.pos)?;
         let record = self.log.read(entry.pos)?;
-        if record.user != user || record.key != key || record.token != entry.token {
+        if record.user != user || record.key != key {
+            return Ok(None);
+        }
+        if record.token != entry.token {
             return Err(Error::Corrupt {
                 file: self.log.path_of(entry.pos),
                 offset: self.log.offset_of(entry.pos),
                 kind: CorruptKind::WrongRecord,
             });
         }
-        Ok(record)
+        Ok(Some(record))
     }
 
     /// The write of an owner call: checks the lease owns the record, appends
@@ -439,7 +448,8 @@ impl Engine {
     ) -> Result<u64> {
         let id = KeyId::new(&lease.user, &lease.key);
         let mut shard = self.index.shard(&id).lock();
-        let entry = match state::check_owner(shard.get(id.digest), lease.token, now) {
+        let (user, key) = (&lease.user[..], &lease.key[..]);
+        let entry = match state::check_owner(shard.get(&id, user, key), lease.token, now) {
             Ok(entry) => entry,
             Err(reason) => {
                 bump(&self.counters.lease_lost);
@@ -453,16 +463,19 @@ impl Engine {
             kind,
             token: lease.token,
             deadline_ms,
+            time_ms: now,
             fingerprint: lease.fingerprint.0,
-            user: &lease.user,
-            key: &lease.key,
+            user,
+            key,
             status: outcome.status,
             body: &outcome.body,
         })?;
         match kind {
-            Kind::Release => shard.remove(id.digest, pos),
-            Kind::Complete => shard.insert(
-                id.digest,
+            Kind::Release => shard.remove(&id, user, key, pos),
+            Kind::Complete => shard.update(
+                &id,
+                user,
+                key,
                 Entry {
                     token: lease.token,
                     deadline_ms,
@@ -471,8 +484,10 @@ impl Engine {
                     state: RecordState::Completed,
                 },
             ),
-            Kind::Extend | Kind::Begin => shard.insert(
-                id.digest,
+            Kind::Extend | Kind::Begin => shard.update(
+                &id,
+                user,
+                key,
                 Entry {
                     deadline_ms,
                     pos,
@@ -482,6 +497,11 @@ impl Engine {
         }
         Ok(pos)
     }
+}
+
+/// `now + by` in ms, clamped to the latest deadline an entry can hold.
+fn deadline(now_ms: u64, by: Duration) -> u64 {
+    now_ms.saturating_add(millis(by)).min(MAX_DEADLINE_MS)
 }
 
 impl Drop for Engine {

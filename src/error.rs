@@ -101,6 +101,14 @@ pub enum Error {
     #[error("engine is closed")]
     Closed,
 
+    /// A counter that has a fixed width on disk or in memory ran out (fencing
+    /// tokens past 2^48, segment ids past 2^24); nothing was changed.
+    #[error("{what} are exhausted")]
+    Exhausted {
+        /// What ran out.
+        what: &'static str,
+    },
+
     /// An `Options` field is out of range.
     #[error("invalid option {field}: {problem}")]
     InvalidOptions {

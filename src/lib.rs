@@ -54,6 +54,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
 mod clock;
+#[cfg(test)]
+mod collision_tests;
 mod engine;
 mod error;
 mod index;

@@ -60,7 +60,8 @@ pub struct Options {
     /// Range: 0 to 256 MiB.
     pub max_response_len: usize,
     /// Size in bytes at which the log rolls to a new segment file; files are
-    /// not preallocated. Default: 64 MiB. Range: 4 KiB to 1 TiB.
+    /// not preallocated. Default: 64 MiB. Range: 4 KiB to 256 MiB (a record
+    /// larger than a segment gets a segment of its own).
     pub segment_bytes: u64,
     /// Accept only visible ASCII (`0x21..=0x7e`) in keys. Default: `true`.
     /// When `false`, any non-empty byte string within `max_key_len` is a key.
@@ -108,8 +109,8 @@ impl Options {
         if self.max_response_len > MAX_RESPONSE_LIMIT {
             return bad("max_response_len", "must be at most 256 MiB");
         }
-        if !(4096..=(1 << 40)).contains(&self.segment_bytes) {
-            return bad("segment_bytes", "must be 4 KiB to 1 TiB");
+        if !(4096..=(1 << 28)).contains(&self.segment_bytes) {
+            return bad("segment_bytes", "must be 4 KiB to 256 MiB");
         }
         if self.lease_ttl.is_zero() {
             return bad("lease_ttl", "must be more than zero");

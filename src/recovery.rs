@@ -7,9 +7,10 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
-use crate::index::{Index, KeyId};
+use crate::error::{CorruptKind, Error, Result};
+use crate::index::{Index, KeyId, OFFSET_LIMIT, TOKEN_LIMIT};
 use crate::log::Log;
+use crate::log::record::Kind;
 use crate::options::Options;
 use crate::state;
 use crate::stats::Counters;
@@ -23,14 +24,40 @@ pub(crate) fn recover(
     counters: Arc<Counters>,
     index: &Index,
 ) -> Result<Arc<Log>> {
+    let mut failure = None;
     let log = Log::open(storage, options, counters, |record, pos| {
+        if failure.is_some() {
+            return;
+        }
+        if (pos & ((1 << 40) - 1)) >= OFFSET_LIMIT || record.token >= TOKEN_LIMIT {
+            // Only a file not written by this engine has records there.
+            failure = Some(pos);
+            return;
+        }
         let id = KeyId::new(record.user, record.key);
+        let (user, key) = (record.user, record.key);
         let mut shard = index.shard(&id).lock();
-        match state::replay(shard.get(id.digest), &record, pos) {
-            Some(entry) => shard.insert(id.digest, entry),
-            None => shard.remove(id.digest, 0),
+        if record.kind == Kind::Begin {
+            let entry = state::replay(None, &record, pos);
+            if let Some(entry) = entry {
+                shard.start(&id, user, key, entry, record.time_ms);
+            }
+            return;
+        }
+        let current = shard.get(&id, user, key);
+        match (current, state::replay(current, &record, pos)) {
+            (_, Some(entry)) => shard.update(&id, user, key, entry),
+            (Some(_), None) => shard.remove(&id, user, key, 0),
+            (None, None) => {}
         }
     })?;
+    if let Some(pos) = failure {
+        return Err(Error::Corrupt {
+            file: log.path_of(pos),
+            offset: log.offset_of(pos),
+            kind: CorruptKind::Malformed,
+        });
+    }
     let now = options.clock.now_ms();
     for shard in index.shards() {
         shard.lock().drop_expired(now);

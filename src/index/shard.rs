@@ -1,14 +1,36 @@
-//! One shard of the index: a locked hash table of entries keyed by digest.
+//! One shard of the index: a locked hash table of packed entries keyed by a
+//! 64-bit digest, and a spill table for the rare keys whose digest collides
+//! with another live key's.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use super::entry::Entry;
+use super::KeyId;
+use super::entry::{Entry, Packed};
 
-/// A hasher for keys that are already uniform digests: it keeps the low
-/// 64 bits instead of hashing them again.
+/// A 64-bit digest of `(user, key)`, stored as two `u32` so a table slot
+/// needs only 4-byte alignment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Digest([u32; 2]);
+
+impl Digest {
+    fn new(d: u64) -> Digest {
+        Digest([d as u32, (d >> 32) as u32])
+    }
+    fn get(self) -> u64 {
+        u64::from(self.0[0]) | u64::from(self.0[1]) << 32
+    }
+}
+
+impl Hash for Digest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.get());
+    }
+}
+
+/// A hasher for keys that are already uniform digests: it passes them on.
 #[derive(Default)]
 pub(crate) struct DigestHasher(u64);
 
@@ -18,45 +40,126 @@ impl Hasher for DigestHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         }
     }
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64;
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
-/// The table inside a shard's lock.
+type Build = BuildHasherDefault<DigestHasher>;
+
+/// A key whose digest is shared with another live key, kept with its full
+/// identity.
+#[derive(Debug)]
+struct Spilled {
+    user: Box<[u8]>,
+    key: Box<[u8]>,
+    entry: Entry,
+}
+
+/// The tables inside a shard's lock.
+///
+/// A key's entry lives in `spill` if it is there, else in `map` under its
+/// digest. The `map` entry for a digest may belong to another key with the
+/// same digest (probability about n/2^64 per lookup); `begin` reads the
+/// record's full key from the log and treats a foreign entry as absent.
+/// `start` puts a new lease in `spill` when `map` holds a live entry for
+/// its digest, which (since `begin` found the key absent) is another key's;
+/// recovery makes the same choice with the record's time, so both agree.
 ///
 /// # Invariants
 /// - One live lease per key: an entry is replaced by a new `InProgress`
 ///   entry only when it is absent or expired (decided by `state.rs` under
-///   this lock), so two live leases never coexist.
+///   this lock), so two live leases never coexist for one key.
 /// - Fencing tokens strictly increase: every new lease takes the next token
 ///   of the log's counter while this lock is held.
 /// - `removed_pos` is at least the log position of every release applied to
 ///   this shard, so an answer of "absent" can wait until that is durable.
 #[derive(Debug, Default)]
 pub(crate) struct ShardMap {
-    map: HashMap<u128, Entry, BuildHasherDefault<DigestHasher>>,
+    map: HashMap<Digest, Packed, Build>,
+    spill: HashMap<u64, Vec<Spilled>, Build>,
     removed_pos: u64,
 }
 
 impl ShardMap {
-    /// The entry for `digest`, expired or not.
-    pub fn get(&self, digest: u128) -> Option<Entry> {
-        self.map.get(&digest).copied()
+    fn spilled(&self, id: &KeyId, user: &[u8], key: &[u8]) -> Option<&Spilled> {
+        if self.spill.is_empty() {
+            return None;
+        }
+        self.spill
+            .get(&id.digest)?
+            .iter()
+            .find(|s| &*s.user == user && &*s.key == key)
     }
 
-    /// Installs or replaces an entry.
-    pub fn insert(&mut self, digest: u128, entry: Entry) {
-        self.map.insert(digest, entry);
+    fn spilled_mut(&mut self, id: &KeyId, user: &[u8], key: &[u8]) -> Option<&mut Spilled> {
+        if self.spill.is_empty() {
+            return None;
+        }
+        self.spill
+            .get_mut(&id.digest)?
+            .iter_mut()
+            .find(|s| &*s.user == user && &*s.key == key)
     }
 
-    /// Removes an entry because of the log record at `pos`.
-    pub fn remove(&mut self, digest: u128, pos: u64) {
-        self.map.remove(&digest);
+    /// The entry for `(user, key)`, expired or not (possibly a colliding
+    /// key's; see the type's docs).
+    pub fn get(&self, id: &KeyId, user: &[u8], key: &[u8]) -> Option<Entry> {
+        match self.spilled(id, user, key) {
+            Some(s) => Some(s.entry),
+            None => self.map.get(&Digest::new(id.digest)).map(|p| p.unpack()),
+        }
+    }
+
+    /// Installs a new lease's entry for a key `begin` found absent at `now_ms`.
+    pub fn start(&mut self, id: &KeyId, user: &[u8], key: &[u8], entry: Entry, now_ms: u64) {
+        if let Some(s) = self.spilled_mut(id, user, key) {
+            s.entry = entry;
+            return;
+        }
+        let digest = Digest::new(id.digest);
+        let foreign_live = self
+            .map
+            .get(&digest)
+            .is_some_and(|p| p.unpack().is_live(now_ms));
+        if foreign_live {
+            self.spill.entry(id.digest).or_default().push(Spilled {
+                user: user.into(),
+                key: key.into(),
+                entry,
+            });
+        } else {
+            self.map.insert(digest, Packed::pack(&entry));
+        }
+    }
+
+    /// Replaces the entry of a key that has one (where it lives).
+    pub fn update(&mut self, id: &KeyId, user: &[u8], key: &[u8], entry: Entry) {
+        match self.spilled_mut(id, user, key) {
+            Some(s) => s.entry = entry,
+            None => {
+                self.map
+                    .insert(Digest::new(id.digest), Packed::pack(&entry));
+            }
+        }
+    }
+
+    /// Removes a key's entry because of the log record at `pos`.
+    pub fn remove(&mut self, id: &KeyId, user: &[u8], key: &[u8], pos: u64) {
         self.removed_pos = self.removed_pos.max(pos);
+        if self.spilled(id, user, key).is_some() {
+            if let Some(list) = self.spill.get_mut(&id.digest) {
+                list.retain(|s| !(&*s.user == user && &*s.key == key));
+                if list.is_empty() {
+                    self.spill.remove(&id.digest);
+                }
+            }
+            return;
+        }
+        self.map.remove(&Digest::new(id.digest));
     }
 
     /// The position of the latest release in this shard.
@@ -66,18 +169,22 @@ impl ShardMap {
 
     /// Number of entries, expired ones included.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.spill.values().map(Vec::len).sum::<usize>()
     }
 
     /// Drops every entry that is expired at `now_ms`; returns how many.
     pub fn drop_expired(&mut self, now_ms: u64) -> usize {
-        let before = self.map.len();
-        self.map.retain(|_, e| e.is_live(now_ms));
-        before - self.map.len()
+        let before = self.len();
+        self.map.retain(|_, p| p.unpack().is_live(now_ms));
+        self.spill.retain(|_, list| {
+            list.retain(|s| s.entry.is_live(now_ms));
+            !list.is_empty()
+        });
+        before - self.len()
     }
 }
 
-/// A shard: its table behind a parking_lot mutex.
+/// A shard: its tables behind a parking_lot mutex.
 #[derive(Debug, Default)]
 pub(crate) struct Shard {
     map: Mutex<ShardMap>,
@@ -87,5 +194,69 @@ impl Shard {
     /// Locks the shard. Never hold the guard across an fsync.
     pub fn lock(&self) -> MutexGuard<'_, ShardMap> {
         self.map.lock()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::RecordState;
+
+    fn entry(token: u64, deadline_ms: u64) -> Entry {
+        Entry {
+            token,
+            deadline_ms,
+            pos: token,
+            status: 0,
+            state: RecordState::InProgress,
+        }
+    }
+
+    /// Two keys forced onto one digest, as a 64-bit collision would.
+    fn colliding() -> (KeyId, KeyId) {
+        let a = KeyId {
+            user_hash: 1,
+            digest: 42,
+        };
+        (a, a)
+    }
+
+    #[test]
+    fn a_key_colliding_with_a_live_key_spills_and_both_stay_apart() {
+        let (a, b) = colliding();
+        let mut m = ShardMap::default();
+        m.start(&a, b"u", b"a", entry(1, 100), 0);
+        m.start(&b, b"u", b"b", entry(2, 100), 0);
+        assert_eq!(m.get(&a, b"u", b"a"), Some(entry(1, 100)));
+        assert_eq!(m.get(&b, b"u", b"b"), Some(entry(2, 100)));
+        assert_eq!(m.len(), 2);
+        m.update(&b, b"u", b"b", entry(2, 200));
+        assert_eq!(m.get(&b, b"u", b"b"), Some(entry(2, 200)));
+        assert_eq!(m.get(&a, b"u", b"a"), Some(entry(1, 100)));
+        m.remove(&b, b"u", b"b", 9);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.get(&a, b"u", b"a"), Some(entry(1, 100)));
+        assert_eq!(m.removed_pos(), 9);
+    }
+
+    #[test]
+    fn a_key_colliding_with_an_expired_key_takes_its_slot() {
+        let (a, b) = colliding();
+        let mut m = ShardMap::default();
+        m.start(&a, b"u", b"a", entry(1, 10), 0);
+        m.start(&b, b"u", b"b", entry(2, 100), 10);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.get(&b, b"u", b"b"), Some(entry(2, 100)));
+    }
+
+    #[test]
+    fn dropping_expired_entries_cleans_both_tables() {
+        let (a, b) = colliding();
+        let mut m = ShardMap::default();
+        m.start(&a, b"u", b"a", entry(1, 10), 0);
+        m.start(&b, b"u", b"b", entry(2, 20), 0);
+        assert_eq!(m.drop_expired(15), 1);
+        assert_eq!(m.drop_expired(25), 1);
+        assert_eq!(m.len(), 0);
     }
 }

@@ -30,6 +30,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::error::{CorruptKind, Error, IoOp, Result};
+use crate::index::TOKEN_LIMIT;
 use crate::options::{Durability, Options};
 use crate::stats::Counters;
 use crate::storage::{Storage, StorageFile};
@@ -232,8 +233,18 @@ impl Log {
 
     /// Hands out a fencing token greater than every token handed out or
     /// recovered before. The caller holds the key's shard lock.
-    pub fn next_token(&self) -> u64 {
-        self.next_token.fetch_add(1, Ordering::SeqCst)
+    ///
+    /// # Errors
+    /// [`Error::Exhausted`] past 2^48 tokens (about 9 years at a million
+    /// leases a second).
+    pub fn next_token(&self) -> Result<u64> {
+        let token = self.next_token.fetch_add(1, Ordering::SeqCst);
+        if token >= TOKEN_LIMIT {
+            return Err(Error::Exhausted {
+                what: "fencing tokens",
+            });
+        }
+        Ok(token)
     }
 
     /// Fails if an earlier write or sync failed.

@@ -97,6 +97,7 @@ mod tests {
                 kind: Kind::Begin,
                 token: i as u64,
                 deadline_ms: 10,
+                time_ms: 0,
                 fingerprint: 1,
                 user: b"u",
                 key: b"k",

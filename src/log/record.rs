@@ -10,10 +10,11 @@
 //! | 8      | 1    | `type`: 1 begin, 2 complete, 3 release, 4 extend  |
 //! | 9      | 8    | `token`: the fencing token of the lease            |
 //! | 17     | 8    | `deadline_ms`: lease deadline, or record expiry   |
-//! | 25     | 16   | `fingerprint`: the request's 128-bit digest       |
-//! | 41     | 2    | `user_len`                                         |
-//! | 43     | 2    | `key_len`                                          |
-//! | 45     | …    | `user`, then `key`                                 |
+//! | 25     | 8    | `time_ms`: the engine clock when it was written   |
+//! | 33     | 16   | `fingerprint`: the request's 128-bit digest       |
+//! | 49     | 2    | `user_len`                                         |
+//! | 51     | 2    | `key_len`                                          |
+//! | 53     | …    | `user`, then `key`                                 |
 //!
 //! A complete record continues with `status: u16`, `body_len: u32` and the
 //! body. `len` must equal the bytes the fields take, exactly.
@@ -28,7 +29,7 @@ use crate::error::CorruptKind;
 /// Bytes of the frame header (`len`, `crc`).
 pub(crate) const FRAME_HEADER: usize = 8;
 /// Bytes of the fixed part of a record (type through `key_len`).
-const FIXED: usize = 1 + 8 + 8 + 16 + 2 + 2;
+const FIXED: usize = 1 + 8 + 8 + 8 + 16 + 2 + 2;
 /// Bytes of a segment header.
 pub(crate) const HEADER_LEN: usize = 40;
 /// The segment magic.
@@ -68,6 +69,9 @@ pub(crate) struct Record<'a> {
     pub kind: Kind,
     pub token: u64,
     pub deadline_ms: u64,
+    /// The engine clock when the record was written; recovery decides with
+    /// it as the live call did.
+    pub time_ms: u64,
     pub fingerprint: u128,
     pub user: &'a [u8],
     pub key: &'a [u8],
@@ -86,6 +90,7 @@ impl Record<'_> {
         out.push(self.kind as u8);
         out.extend_from_slice(&self.token.to_le_bytes());
         out.extend_from_slice(&self.deadline_ms.to_le_bytes());
+        out.extend_from_slice(&self.time_ms.to_le_bytes());
         out.extend_from_slice(&self.fingerprint.to_le_bytes());
         out.extend_from_slice(&len16(self.user).to_le_bytes());
         out.extend_from_slice(&len16(self.key).to_le_bytes());
@@ -172,6 +177,7 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
     let kind = Kind::from_u8(c.u8()?)?;
     let token = c.u64()?;
     let deadline_ms = c.u64()?;
+    let time_ms = c.u64()?;
     let fingerprint = c.u128()?;
     let user_len = usize::from(c.u16()?);
     let key_len = usize::from(c.u16()?);
@@ -191,6 +197,7 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
         kind,
         token,
         deadline_ms,
+        time_ms,
         fingerprint,
         user,
         key,
@@ -275,6 +282,7 @@ mod tests {
             kind,
             token: 7,
             deadline_ms: 1234,
+            time_ms: 1000,
             fingerprint: 0xdead_beef_u128 << 64 | 42,
             user: b"user-1",
             key: b"key-1",

@@ -115,11 +115,9 @@ impl Log {
             .fetch_max(pos(w.id, w.offset), Ordering::AcqRel);
         let id = w.id + 1;
         if id > MAX_SEGMENT_ID {
-            return Err(Error::io(
-                IoOp::Create,
-                old_path,
-                std::io::Error::other("segment ids exhausted"),
-            ));
+            return Err(Error::Exhausted {
+                what: "segment ids",
+            });
         }
         let floor = self.next_token.load(Ordering::SeqCst);
         let file =
