@@ -2,10 +2,12 @@
 //!
 //! The engine reads and writes through [`Storage`] (a directory of files) and
 //! [`StorageFile`] (one open file). [`FsStorage`] is the real file system;
-//! tests and fuzzers plug in a simulated disk that loses unsynced writes.
+//! [`SimDisk`] is a simulated disk for tests and fuzzers: it loses unsynced
+//! writes in a crash and injects I/O errors.
 //! File names are flat names inside the data directory (no separators).
 
 mod fs;
+mod sim;
 
 use std::fmt::Debug;
 use std::io;
@@ -13,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use fs::FsStorage;
+pub use sim::{Fault, SimDisk, SimOp, Tear};
 
 /// A directory of files: the data directory of one engine.
 ///
