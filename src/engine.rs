@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::clock::{Clock, millis};
+use crate::compact::{Background, CompactionReport, Compactor};
 use crate::error::{CorruptKind, Error, KeyPart, KeyProblem, Result};
 use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
 use crate::log::record::{Kind, Record};
@@ -32,8 +33,10 @@ const WAIT_POLL: Duration = Duration::from_millis(10);
 pub struct Engine {
     options: Options,
     clock: Arc<dyn Clock>,
-    index: Index,
+    index: Arc<Index>,
     log: Arc<Log>,
+    compactor: Arc<Compactor>,
+    background: Option<Background>,
     storage: Arc<dyn Storage>,
     counters: Arc<Counters>,
     waiters: Waiters,
@@ -62,7 +65,7 @@ impl Engine {
     pub fn open_with_storage(storage: Arc<dyn Storage>, options: Options) -> Result<Engine> {
         options.validate()?;
         let counters = Arc::new(Counters::default());
-        let index = Index::new(options.shards);
+        let index = Arc::new(Index::new(options.shards));
         let log = match recovery::recover(
             Arc::clone(&storage),
             &options,
@@ -75,11 +78,23 @@ impl Engine {
                 return Err(e);
             }
         };
+        let compactor = Arc::new(Compactor::new(
+            Arc::clone(&log),
+            Arc::clone(&index),
+            Arc::clone(&options.clock),
+            Arc::clone(&counters),
+            options.compaction_threshold,
+        ));
+        let background = options
+            .background
+            .then(|| Background::start(Arc::clone(&compactor), options.sweep_interval));
         Ok(Engine {
             clock: Arc::clone(&options.clock),
             options,
             index,
             log,
+            compactor,
+            background,
             storage,
             counters,
             waiters: Waiters::default(),
@@ -129,6 +144,7 @@ impl Engine {
                         token,
                         deadline_ms,
                         time_ms: now,
+                        lease_ms: deadline_ms,
                         fingerprint: fingerprint.0,
                         user,
                         key,
@@ -162,9 +178,13 @@ impl Engine {
                 }
             };
             drop(shard);
-            let Some(record) = self.read_record(&entry, user, key)? else {
-                foreign = Some(entry.pos);
-                continue;
+            let record = match self.read_record(&entry, user, key)? {
+                Found::Own(record) => record,
+                Found::Foreign => {
+                    foreign = Some(entry.pos);
+                    continue;
+                }
+                Found::Moved => continue,
             };
             let same = record.fingerprint == fingerprint.0;
             return Ok(match state::live_answer(&entry, same, now) {
@@ -285,14 +305,20 @@ impl Engine {
         let (user, key) = (user.as_ref(), key.as_ref());
         self.check_open()?;
         self.validate(user, key)?;
-        match self.lookup(user, key)? {
-            Some(e) if e.state == RecordState::Completed => {
-                Ok(self.read_record(&e, user, key)?.map(|record| Outcome {
-                    status: record.status,
-                    body: record.body,
-                }))
-            }
-            _ => Ok(None),
+        loop {
+            return match self.lookup(user, key)? {
+                Some(e) if e.state == RecordState::Completed => {
+                    match self.read_record(&e, user, key)? {
+                        Found::Own(record) => Ok(Some(Outcome {
+                            status: record.status,
+                            body: record.body,
+                        })),
+                        Found::Foreign => Ok(None),
+                        Found::Moved => continue,
+                    }
+                }
+                _ => Ok(None),
+            };
         }
     }
 
@@ -321,10 +347,16 @@ impl Engine {
             match self.lookup(user, key)? {
                 None => return Ok(None),
                 Some(e) if e.state == RecordState::Completed => {
-                    return Ok(self.read_record(&e, user, key)?.map(|record| Outcome {
-                        status: record.status,
-                        body: record.body,
-                    }));
+                    match self.read_record(&e, user, key)? {
+                        Found::Own(record) => {
+                            return Ok(Some(Outcome {
+                                status: record.status,
+                                body: record.body,
+                            }));
+                        }
+                        Found::Foreign => return Ok(None),
+                        Found::Moved => continue,
+                    }
                 }
                 Some(_) => {
                     let left = timeout.saturating_sub(start.elapsed());
@@ -342,7 +374,30 @@ impl Engine {
         let mut stats = self.counters.snapshot();
         stats.live_records = self.index.len() as u64;
         stats.segments = self.log.segment_count() as u64;
+        stats.disk_bytes = self.log.disk_bytes();
         stats
+    }
+
+    /// Runs a full sweep and compaction now: drops every expired record from
+    /// memory, rolls the active segment if it holds records, and rewrites
+    /// every segment that holds a dead record, keeping only live records
+    /// (and, for at most a lease's lifetime, the records that ended a
+    /// lease). When it returns, the files it made dead are deleted.
+    /// Foreground calls keep running meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::Closed`]; [`Error::Io`] or [`Error::NoSpace`] if a file
+    /// cannot be written (every file is then as it was, or replaced by its
+    /// complete rewrite); [`Error::Poisoned`].
+    pub fn compact(&self) -> Result<CompactionReport> {
+        self.check_open()?;
+        self.compactor.run(true)
+    }
+
+    /// One background pass (only segments below the threshold), for tests.
+    #[cfg(test)]
+    pub(crate) fn compact_below_threshold(&self) -> Result<CompactionReport> {
+        self.compactor.run(false)
     }
 
     /// Syncs the log, stops background work and releases the directory
@@ -354,6 +409,9 @@ impl Engine {
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        if let Some(background) = &self.background {
+            background.stop();
         }
         let result = self.log.close();
         self.storage.close();
@@ -417,13 +475,38 @@ impl Engine {
         Ok(entry)
     }
 
-    /// Reads the record an entry points at, once durable. `None` if the
-    /// record belongs to another key whose digest collides with this one's.
-    fn read_record(&self, entry: &Entry, user: &[u8], key: &[u8]) -> Result<Option<ReadRecord>> {
+    /// Reads the record an entry points at, once durable, and tells whether
+    /// it is this key's.
+    fn read_record(&self, entry: &Entry, user: &[u8], key: &[u8]) -> Result<Found> {
         self.log.wait_durable(entry.pos)?;
-        let record = self.log.read(entry.pos)?;
+        let record = match self.log.read(entry.pos) {
+            Ok(record) => record,
+            // Compaction moved the record and retired its segment since the
+            // entry was read: look again, unless the entry still points
+            // there (then the segment is truly missing).
+            Err(
+                e @ Error::Corrupt {
+                    kind: CorruptKind::Dangling,
+                    ..
+                },
+            ) => {
+                let id = KeyId::new(user, key);
+                let now_at = self
+                    .index
+                    .shard(&id)
+                    .lock()
+                    .get(&id, user, key)
+                    .map(|e| e.pos);
+                return if now_at == Some(entry.pos) {
+                    Err(e)
+                } else {
+                    Ok(Found::Moved)
+                };
+            }
+            Err(e) => return Err(e),
+        };
         if record.user != user || record.key != key {
-            return Ok(None);
+            return Ok(Found::Foreign);
         }
         if record.token != entry.token {
             return Err(Error::Corrupt {
@@ -432,7 +515,7 @@ impl Engine {
                 kind: CorruptKind::WrongRecord,
             });
         }
-        Ok(Some(record))
+        Ok(Found::Own(record))
     }
 
     /// The write of an owner call: checks the lease owns the record, appends
@@ -459,11 +542,19 @@ impl Engine {
                 });
             }
         };
+        // A complete or release records the deadline the lease had, so that
+        // compaction keeps it while the lease could still look live.
+        let (deadline_ms, lease_ms) = match kind {
+            Kind::Release => (entry.deadline_ms, entry.deadline_ms),
+            Kind::Complete => (deadline_ms, entry.deadline_ms),
+            Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms),
+        };
         let pos = self.log.append(&Record {
             kind,
             token: lease.token,
             deadline_ms,
             time_ms: now,
+            lease_ms,
             fingerprint: lease.fingerprint.0,
             user,
             key,
@@ -497,6 +588,16 @@ impl Engine {
         }
         Ok(pos)
     }
+}
+
+/// What reading an entry's record found.
+enum Found {
+    /// The record, which belongs to the key asked about.
+    Own(ReadRecord),
+    /// A record of another key whose digest collides with this key's.
+    Foreign,
+    /// Nothing: compaction moved the record; look the entry up again.
+    Moved,
 }
 
 /// `now + by` in ms, clamped to the latest deadline an entry can hold.

@@ -56,6 +56,9 @@
 mod clock;
 #[cfg(test)]
 mod collision_tests;
+mod compact;
+#[cfg(test)]
+mod compact_tests;
 mod engine;
 mod error;
 mod index;
@@ -69,6 +72,7 @@ mod stats;
 pub mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use compact::CompactionReport;
 pub use engine::Engine;
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
 pub use options::{Durability, Options};

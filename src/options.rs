@@ -66,6 +66,18 @@ pub struct Options {
     /// Accept only visible ASCII (`0x21..=0x7e`) in keys. Default: `true`.
     /// When `false`, any non-empty byte string within `max_key_len` is a key.
     pub ascii_keys: bool,
+    /// Whether `open` starts the background thread that sweeps expired
+    /// records and compacts segments. Default: `true`. When `false`,
+    /// reclamation happens only through `Engine::compact`.
+    pub background: bool,
+    /// Wall time between two background passes (sweep, then compaction of
+    /// segments below the threshold). Default: 10 seconds.
+    pub sweep_interval: Duration,
+    /// A closed segment is rewritten once the fraction of its records still
+    /// live falls below this. Default: 0.5. Range: 0.0 to 1.0 (0.0 never
+    /// rewrites a segment that has a live record; whole-dead segments are
+    /// always removed).
+    pub compaction_threshold: f64,
     /// The engine's source of time for leases and TTLs. Default: [`SystemClock`].
     pub clock: Arc<dyn Clock>,
 }
@@ -82,6 +94,9 @@ impl Default for Options {
             max_response_len: 1 << 20,
             segment_bytes: 64 << 20,
             ascii_keys: true,
+            background: true,
+            sweep_interval: Duration::from_secs(10),
+            compaction_threshold: 0.5,
             clock: Arc::new(SystemClock),
         }
     }
@@ -117,6 +132,12 @@ impl Options {
         }
         if self.record_ttl.is_zero() {
             return bad("record_ttl", "must be more than zero");
+        }
+        if !(0.0..=1.0).contains(&self.compaction_threshold) {
+            return bad("compaction_threshold", "must be 0.0 to 1.0");
+        }
+        if self.sweep_interval.is_zero() {
+            return bad("sweep_interval", "must be more than zero");
         }
         if self.durability == Durability::Periodic(Duration::ZERO) {
             return bad("durability", "a periodic interval must be more than zero");

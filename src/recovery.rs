@@ -1,16 +1,17 @@
 //! Recovery on open: replay every segment into the index.
 //!
 //! The log decides what is valid (CRCs, torn tail or corruption; see
-//! `log/reader.rs`); this module decides what each valid record does to the
-//! index, through the same transition table as live calls (`state::replay`).
-//! Fencing tokens resume above the highest token the log has seen.
+//! `log/reader.rs`) and in which order segments replay; this module decides
+//! what each valid record does to the index, through the transition table
+//! (`state::replay`). Fencing tokens resume above the highest token the
+//! log has seen.
 
 use std::sync::Arc;
 
 use crate::error::{CorruptKind, Error, Result};
 use crate::index::{Index, KeyId, OFFSET_LIMIT, TOKEN_LIMIT};
-use crate::log::Log;
-use crate::log::record::Kind;
+use crate::log::record::{Kind, Record};
+use crate::log::{Log, Replayed};
 use crate::options::Options;
 use crate::state;
 use crate::stats::Counters;
@@ -24,43 +25,62 @@ pub(crate) fn recover(
     counters: Arc<Counters>,
     index: &Index,
 ) -> Result<Arc<Log>> {
-    let mut failure = None;
-    let log = Log::open(storage, options, counters, |record, pos| {
-        if failure.is_some() {
-            return;
-        }
-        if (pos & ((1 << 40) - 1)) >= OFFSET_LIMIT || record.token >= TOKEN_LIMIT {
-            // Only a file not written by this engine has records there.
-            failure = Some(pos);
-            return;
-        }
-        let id = KeyId::new(record.user, record.key);
-        let (user, key) = (record.user, record.key);
-        let mut shard = index.shard(&id).lock();
-        if record.kind == Kind::Begin {
-            let entry = state::replay(None, &record, pos);
-            if let Some(entry) = entry {
-                shard.start(&id, user, key, entry, record.time_ms);
-            }
-            return;
-        }
-        let current = shard.get(&id, user, key);
-        match (current, state::replay(current, &record, pos)) {
-            (_, Some(entry)) => shard.update(&id, user, key, entry),
-            (Some(_), None) => shard.remove(&id, user, key, 0),
-            (None, None) => {}
+    let mut failure: Option<Error> = None;
+    let log = Log::open(storage, options, counters, |record, pos, replayed| {
+        if failure.is_none()
+            && let Err(e) = apply(index, &record, pos, replayed)
+        {
+            failure = Some(e);
         }
     })?;
-    if let Some(pos) = failure {
-        return Err(Error::Corrupt {
-            file: log.path_of(pos),
-            offset: log.offset_of(pos),
-            kind: CorruptKind::Malformed,
-        });
+    if let Some(e) = failure {
+        return Err(e);
     }
     let now = options.clock.now_ms();
     for shard in index.shards() {
         shard.lock().drop_expired(now);
     }
     Ok(log)
+}
+
+/// Applies one replayed record to the index.
+fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) -> Result<()> {
+    if (pos & ((1 << 40) - 1)) >= OFFSET_LIMIT || record.token >= TOKEN_LIMIT {
+        // Only a file not written by this engine has records there.
+        let at = replayed.read(pos).err();
+        return Err(at.unwrap_or(Error::Corrupt {
+            file: std::path::PathBuf::new(),
+            offset: pos & ((1 << 40) - 1),
+            kind: CorruptKind::Malformed,
+        }));
+    }
+    let (user, key) = (record.user, record.key);
+    let id = KeyId::new(user, key);
+    let mut shard = index.shard(&id).lock();
+    if record.kind == Kind::Begin {
+        if let Some(entry) = state::replay(None, record, pos) {
+            shard.start(&id, user, key, entry, record.time_ms);
+        }
+        return Ok(());
+    }
+    // Whose entry is there? The spill table holds only this key's; the
+    // digest table may hold a colliding key's. Tokens grow per key, so a
+    // newer token than the record's is another key's, the same token is
+    // this key's, and an older one is told apart by reading its record.
+    let own = match shard.locate(&id, user, key) {
+        Some((e, true)) => Some(e),
+        Some((e, false)) if e.token == record.token => Some(e),
+        Some((e, false)) if e.token < record.token => {
+            let theirs = replayed.read(e.pos)?;
+            (theirs.user == user && theirs.key == key).then_some(e)
+        }
+        _ => None,
+    };
+    match (own, state::replay(own, record, pos)) {
+        (Some(_), Some(entry)) => shard.update(&id, user, key, entry),
+        (None, Some(entry)) => shard.start(&id, user, key, entry, record.time_ms),
+        (Some(_), None) => shard.remove(&id, user, key, 0),
+        (None, None) => {}
+    }
+    Ok(())
 }

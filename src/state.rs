@@ -90,9 +90,15 @@ pub(crate) fn check_owner(
     }
 }
 
-/// The entry after replaying one log record during recovery. The log holds
-/// only transitions that were accepted, in order per key, so replay needs
-/// no checks beyond matching the token.
+/// The entry after replaying one log record during recovery, given the
+/// key's current entry.
+///
+/// Tokens only grow per key, and compaction may have dropped a lease's
+/// earlier records (its begin, when the complete or an extend is the live
+/// one), so the rules go by token: a record of an older lease than the
+/// current entry's is stale; a record of a newer lease replaces the entry
+/// whatever it was; a release removes the entry of its lease or an older
+/// one (a newer lease could only start once the older one was over).
 pub(crate) fn replay(current: Option<Entry>, record: &Record<'_>, pos: u64) -> Option<Entry> {
     let entry = |state| Entry {
         token: record.token,
@@ -101,19 +107,17 @@ pub(crate) fn replay(current: Option<Entry>, record: &Record<'_>, pos: u64) -> O
         status: record.status,
         state,
     };
+    let newer = current.is_none_or(|e| e.token < record.token);
+    let same = current.is_some_and(|e| e.token == record.token);
     match record.kind {
         Kind::Begin => Some(entry(RecordState::InProgress)),
-        Kind::Complete => Some(entry(RecordState::Completed)),
-        Kind::Extend => match current {
-            Some(e) if e.token == record.token && e.state == RecordState::InProgress => {
-                Some(entry(RecordState::InProgress))
-            }
-            other => other,
-        },
-        Kind::Release => match current {
-            Some(e) if e.token == record.token => None,
-            other => other,
-        },
+        Kind::Complete if newer || same => Some(entry(RecordState::Completed)),
+        Kind::Extend if newer => Some(entry(RecordState::InProgress)),
+        Kind::Extend if same && current.is_some_and(|e| e.state == RecordState::InProgress) => {
+            Some(entry(RecordState::InProgress))
+        }
+        Kind::Release if newer || same => None,
+        _ => current,
     }
 }
 
@@ -186,5 +190,58 @@ mod tests {
         assert_eq!(check_owner(None, 5, 0), Err(LostReason::Gone));
         let done = entry(RecordState::Completed, 5, 10);
         assert_eq!(check_owner(Some(done), 5, 0), Err(LostReason::Completed));
+    }
+
+    fn record(kind: Kind, token: u64, deadline_ms: u64) -> Record<'static> {
+        Record {
+            kind,
+            token,
+            deadline_ms,
+            time_ms: 0,
+            lease_ms: deadline_ms,
+            fingerprint: 0,
+            user: b"u",
+            key: b"k",
+            status: 200,
+            body: b"",
+        }
+    }
+
+    #[test]
+    fn replay_goes_by_token_so_a_dropped_begin_loses_nothing() {
+        // An extend whose begin was compacted away still recreates the lease.
+        let got = replay(None, &record(Kind::Extend, 4, 50), 9);
+        assert_eq!(
+            got,
+            Some(Entry {
+                token: 4,
+                deadline_ms: 50,
+                pos: 9,
+                status: 200,
+                state: RecordState::InProgress
+            })
+        );
+        // A record of an older lease is stale.
+        let current = entry(RecordState::Completed, 7, 100);
+        assert_eq!(
+            replay(Some(current), &record(Kind::Complete, 6, 10), 1),
+            Some(current)
+        );
+        assert_eq!(
+            replay(Some(current), &record(Kind::Release, 6, 10), 1),
+            Some(current)
+        );
+        // A newer lease's records replace an older state.
+        let old = entry(RecordState::Completed, 3, 100);
+        assert_eq!(replay(Some(old), &record(Kind::Release, 4, 10), 1), None);
+        assert_eq!(
+            replay(Some(old), &record(Kind::Complete, 4, 10), 1).map(|e| e.token),
+            Some(4)
+        );
+        // An extend of a completed lease changes nothing.
+        assert_eq!(
+            replay(Some(old), &record(Kind::Extend, 3, 500), 1),
+            Some(old)
+        );
     }
 }

@@ -37,6 +37,19 @@ pub struct Stats {
     pub live_records: u64,
     /// Log segment files on disk.
     pub segments: u64,
+    /// Expired records and leases the sweeper removed from the index.
+    pub swept: u64,
+    /// Segments rewritten or removed by compaction.
+    pub segments_compacted: u64,
+    /// Bytes of segment files compaction gave back.
+    pub bytes_reclaimed: u64,
+    /// How long the last compaction pass took, in microseconds.
+    pub last_compaction_us: u64,
+    /// Bytes in all segment files now.
+    pub disk_bytes: u64,
+    /// Estimated bytes of live records on disk, as of the last compaction
+    /// pass (each segment's size times its live fraction).
+    pub live_bytes: u64,
 }
 
 /// The live counters behind [`Stats`].
@@ -55,6 +68,11 @@ pub(crate) struct Counters {
     pub bytes_written: AtomicU64,
     pub records_written: AtomicU64,
     pub fsyncs: AtomicU64,
+    pub swept: AtomicU64,
+    pub segments_compacted: AtomicU64,
+    pub bytes_reclaimed: AtomicU64,
+    pub last_compaction_us: AtomicU64,
+    pub live_bytes: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -82,6 +100,12 @@ impl Counters {
             fsyncs: get(&self.fsyncs),
             live_records: 0,
             segments: 0,
+            swept: get(&self.swept),
+            segments_compacted: get(&self.segments_compacted),
+            bytes_reclaimed: get(&self.bytes_reclaimed),
+            last_compaction_us: get(&self.last_compaction_us),
+            disk_bytes: 0,
+            live_bytes: get(&self.live_bytes),
         }
     }
 }

@@ -213,14 +213,14 @@ fn a_flipped_byte_mid_log_is_reported_as_corruption_with_file_and_offset() {
     populate(dir.path(), &clock);
     let seg = last_segment(dir.path());
     let mut bytes = fs::read(&seg).unwrap();
-    // Byte 60 is inside the first record (the header is 40 bytes).
-    bytes[60] ^= 0x01;
+    // Byte 70 is inside the first record (the header is 56 bytes).
+    bytes[70] ^= 0x01;
     fs::write(&seg, &bytes).unwrap();
 
     match Engine::open(dir.path(), options(&clock)) {
         Err(Error::Corrupt { file, offset, kind }) => {
             assert_eq!(file, seg);
-            assert_eq!(offset, 40);
+            assert_eq!(offset, 56);
             assert_eq!(kind, CorruptKind::Checksum);
         }
         other => panic!("expected Corrupt, got {other:?}"),
@@ -325,7 +325,7 @@ fn a_last_segment_torn_while_being_created_is_rewritten() {
         .complete(&lease, outcome(200, "in the rewritten segment"))
         .unwrap();
     drop(engine);
-    assert!(fs::metadata(&next).unwrap().len() > 40);
+    assert!(fs::metadata(&next).unwrap().len() > 56);
     let engine = Engine::open(dir.path(), options(&clock)).unwrap();
     assert_eq!(
         replay(&engine, "u", "new", b"req"),

@@ -162,6 +162,44 @@ impl ShardMap {
         self.map.remove(&Digest::new(id.digest));
     }
 
+    /// Where `(user, key)`'s entry is: the entry, and whether it is in the
+    /// spill table (so certainly this key's) rather than the digest table
+    /// (possibly a colliding key's).
+    pub fn locate(&self, id: &KeyId, user: &[u8], key: &[u8]) -> Option<(Entry, bool)> {
+        match self.spilled(id, user, key) {
+            Some(s) => Some((s.entry, true)),
+            None => self
+                .map
+                .get(&Digest::new(id.digest))
+                .map(|p| (p.unpack(), false)),
+        }
+    }
+
+    /// Moves `(user, key)`'s entry from log position `from` to `to` (its
+    /// record was copied by compaction); does nothing if the entry changed
+    /// since. Returns whether it moved.
+    pub fn repoint(&mut self, id: &KeyId, user: &[u8], key: &[u8], from: u64, to: u64) -> bool {
+        match self.get(id, user, key) {
+            Some(e) if e.pos == from => {
+                self.update(id, user, key, Entry { pos: to, ..e });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Calls `f` with every entry, expired or not.
+    pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
+        for p in self.map.values() {
+            f(&p.unpack());
+        }
+        for list in self.spill.values() {
+            for s in list {
+                f(&s.entry);
+            }
+        }
+    }
+
     /// The position of the latest release in this shard.
     pub fn removed_pos(&self) -> u64 {
         self.removed_pos

@@ -51,7 +51,7 @@ impl GroupCommit {
                         }
                     }
                     let end = log.written.load(Ordering::Acquire);
-                    if log.durable.load(Ordering::Acquire) < end && log.poison.get().is_none() {
+                    if end > 0 && !log.is_durable(end - 1) && log.poison.get().is_none() {
                         // A failure poisons the log; callers see it on their next write.
                         let _ = log.sync_past(end - 1);
                     }
@@ -81,7 +81,7 @@ impl Log {
     /// caller after a failed sync.
     pub(super) fn sync_past(&self, at: u64) -> Result<()> {
         loop {
-            if self.durable.load(Ordering::Acquire) > at {
+            if self.is_durable(at) {
                 return Ok(());
             }
             self.check_poison()?;

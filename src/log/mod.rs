@@ -2,8 +2,11 @@
 //! writer at a time and synced by group commit.
 //!
 //! A log position (`pos`) names a record's first byte as
-//! `segment_id << 40 | offset`; positions grow in append order, so "the
-//! record at `pos` is durable" is `durable > pos`.
+//! `file << 40 | offset`, where `file` is the number in the segment's file
+//! name. Segments replay in the `order` their header gives: a new active
+//! segment takes its file number as its order, and a compaction output
+//! takes the order of the segment it replaces (`rewrite.rs`), so rewriting
+//! never reorders records.
 //!
 //! # Invariants
 //! - Acked means synced: under `Durability::Sync`, [`Log::wait_durable`]
@@ -12,16 +15,21 @@
 //! - After a failed write or sync the log is poisoned: no later append or
 //!   sync succeeds until the log is reopened, and no later sync is taken to
 //!   cover data written before the failure.
-//! - A closed segment is synced before the next one is created, so only the
-//!   last segment can have a torn tail.
+//! - A closed segment is synced before the next one is created, and a
+//!   compaction output is synced before it gets its name, so only the last
+//!   segment (by order) can have a torn tail, and every position outside
+//!   the active segment is durable.
 
 mod group_commit;
+mod open;
 pub(crate) mod reader;
 pub(crate) mod record;
+mod rewrite;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -31,13 +39,15 @@ use parking_lot::{Mutex, RwLock};
 use crate::clock::Clock;
 use crate::error::{CorruptKind, Error, IoOp, Result};
 use crate::index::TOKEN_LIMIT;
-use crate::options::{Durability, Options};
+use crate::options::Durability;
 use crate::stats::Counters;
 use crate::storage::{Storage, StorageFile};
 use group_commit::GroupCommit;
-use reader::{Tail, scan_segment};
 use record::{FRAME_HEADER, HEADER_LEN, Record, SegmentHeader, check_frame, frame_header};
 use writer::Writer;
+
+pub(crate) use open::Replayed;
+pub(crate) use rewrite::ClosedSegment;
 
 /// Bits of a position that hold the offset inside a segment.
 const OFFSET_BITS: u32 = 40;
@@ -53,18 +63,19 @@ fn split(pos: u64) -> (u64, u64) {
     (pos >> OFFSET_BITS, pos & ((1 << OFFSET_BITS) - 1))
 }
 
+/// The file number of a position.
+pub(crate) fn file_of(pos: u64) -> u64 {
+    split(pos).0
+}
+
 /// The file name of segment `id`.
 pub(crate) fn segment_name(id: u64) -> String {
     format!("{id:06x}.log")
 }
 
-/// The segment id in a file name, if it is a segment's name.
-fn parse_segment_name(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".log")?;
-    if hex.len() != 6 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
+/// The name a compaction output is written under before it is published.
+fn temp_name(id: u64) -> String {
+    format!("{id:06x}.log.tmp")
 }
 
 /// A record read back from the log; its fields share one buffer.
@@ -91,6 +102,52 @@ impl ReadRecord {
     }
 }
 
+/// One segment file.
+#[derive(Clone, Debug)]
+pub(crate) struct Segment {
+    file: Arc<dyn StorageFile>,
+    /// Where it replays.
+    order: u64,
+    /// Records in the file (the writer counts appends to the active one).
+    records: Arc<AtomicU64>,
+    /// Records a rewrite kept only as tombstones; they count as live until
+    /// the file is rewritten again.
+    pinned: u64,
+}
+
+/// Reads the record at `at` from `segments`, checking its CRC.
+fn read_from(
+    storage: &dyn Storage,
+    segments: &BTreeMap<u64, Segment>,
+    at: u64,
+) -> Result<ReadRecord> {
+    let (id, offset) = split(at);
+    let path = || storage.path(&segment_name(id));
+    let dangling = || Error::Corrupt {
+        file: path(),
+        offset,
+        kind: CorruptKind::Dangling,
+    };
+    let file = segments
+        .get(&id)
+        .map(|s| Arc::clone(&s.file))
+        .ok_or_else(dangling)?;
+    let mut head = [0u8; FRAME_HEADER];
+    file.read_at(offset, &mut head)
+        .map_err(|e| Error::io(IoOp::Read, path(), e))?;
+    let (len, _) = frame_header(&head).ok_or_else(dangling)?;
+    let mut frame = vec![0u8; FRAME_HEADER + len];
+    file.read_at(offset, &mut frame)
+        .map_err(|e| Error::io(IoOp::Read, path(), e))?;
+    let frame = Bytes::from(frame);
+    let (rec, _) = check_frame(&frame).map_err(|kind| Error::Corrupt {
+        file: path(),
+        offset,
+        kind,
+    })?;
+    Ok(ReadRecord::new(&frame, &rec))
+}
+
 /// The log: segments, the writer, and group commit.
 #[derive(Debug)]
 pub(crate) struct Log {
@@ -101,11 +158,13 @@ pub(crate) struct Log {
     counters: Arc<Counters>,
     /// The active segment, appended under this lock.
     writer: Mutex<Writer>,
-    /// Every segment on disk, for reads.
-    segments: RwLock<BTreeMap<u64, Arc<dyn StorageFile>>>,
+    /// Every segment on disk by file number, for reads and compaction.
+    segments: RwLock<BTreeMap<u64, Segment>>,
+    /// The next file number to create.
+    next_file: AtomicU64,
     /// End position of everything appended.
     written: AtomicU64,
-    /// End position of everything known durable.
+    /// End position of everything known durable in the active segment.
     durable: AtomicU64,
     /// Set once by the first failed write or sync.
     poison: OnceLock<io::ErrorKind>,
@@ -115,122 +174,6 @@ pub(crate) struct Log {
 }
 
 impl Log {
-    /// Opens the log in `storage`: scans every segment in order, calling
-    /// `apply(record, pos)` for each valid record, cuts a torn tail off the
-    /// last segment, and makes the last segment the active one (creating the
-    /// first segment of an empty directory).
-    pub fn open(
-        storage: Arc<dyn Storage>,
-        options: &Options,
-        counters: Arc<Counters>,
-        mut apply: impl FnMut(Record<'_>, u64),
-    ) -> Result<Arc<Log>> {
-        let names = storage
-            .list()
-            .map_err(|e| Error::io(IoOp::List, storage.path(""), e))?;
-        let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-        ids.sort_unstable();
-
-        let mut segments = BTreeMap::new();
-        let mut max_token = 0u64;
-        let mut active = None;
-        for (i, &id) in ids.iter().enumerate() {
-            let name = segment_name(id);
-            let path = storage.path(&name);
-            let file = storage
-                .open(&name)
-                .map_err(|e| Error::io(IoOp::Open, &path, e))?;
-            let len = file.len().map_err(|e| Error::io(IoOp::Read, &path, e))?;
-            let len = usize::try_from(len).map_err(|_| Error::Corrupt {
-                file: path.clone(),
-                offset: 0,
-                kind: CorruptKind::Malformed,
-            })?;
-            let mut buf = vec![0u8; len];
-            file.read_at(0, &mut buf)
-                .map_err(|e| Error::io(IoOp::Read, &path, e))?;
-            let is_last = i + 1 == ids.len();
-            let scanned = scan_segment(&buf, id, |rec, offset| {
-                max_token = max_token.max(rec.token);
-                apply(rec, pos(id, offset));
-            });
-            let (header, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
-                file: path.clone(),
-                offset: offset as u64,
-                kind,
-            })?;
-            max_token = max_token.max(header.token_floor.saturating_sub(1));
-            let end = match tail {
-                Tail::Clean => len,
-                Tail::Torn { at } if is_last => at,
-                Tail::TornHeader if is_last => 0,
-                Tail::Torn { at } => {
-                    return Err(Error::Corrupt {
-                        file: path,
-                        offset: at as u64,
-                        kind: CorruptKind::Malformed,
-                    });
-                }
-                Tail::TornHeader => {
-                    return Err(Error::Corrupt {
-                        file: path,
-                        offset: 0,
-                        kind: CorruptKind::BadHeader,
-                    });
-                }
-            };
-            if end < len {
-                file.truncate(end as u64)
-                    .and_then(|()| file.sync())
-                    .map_err(|e| Error::io(IoOp::Truncate, &path, e))?;
-            }
-            if is_last {
-                active = Some((id, Arc::clone(&file), end as u64));
-            }
-            segments.insert(id, file);
-        }
-
-        let next_token = max_token.saturating_add(1);
-        let (id, file, offset) = match active {
-            Some((id, file, 0)) => {
-                // The last segment lost its header in a crash while it was
-                // being created: write it again.
-                let header = new_header(id, next_token, options.clock.as_ref());
-                let path = storage.path(&segment_name(id));
-                file.append(&header)
-                    .and_then(|()| file.sync())
-                    .map_err(|e| Error::io(IoOp::Write, path, e))?;
-                (id, file, HEADER_LEN as u64)
-            }
-            Some(active) => active,
-            None => {
-                let file =
-                    writer::create_segment(&*storage, 1, next_token, options.clock.as_ref())?;
-                segments.insert(1, Arc::clone(&file));
-                (1, file, HEADER_LEN as u64)
-            }
-        };
-        let end = pos(id, offset);
-        let log = Arc::new(Log {
-            storage,
-            durability: options.durability,
-            segment_bytes: options.segment_bytes,
-            clock: Arc::clone(&options.clock),
-            counters,
-            writer: Mutex::new(Writer::new(id, file, offset)),
-            segments: RwLock::new(segments),
-            written: AtomicU64::new(end),
-            durable: AtomicU64::new(end),
-            poison: OnceLock::new(),
-            next_token: AtomicU64::new(next_token),
-            commit: GroupCommit::default(),
-        });
-        if let Durability::Periodic(every) = options.durability {
-            GroupCommit::start_flusher(&log, every);
-        }
-        Ok(log)
-    }
-
     /// Hands out a fencing token greater than every token handed out or
     /// recovered before. The caller holds the key's shard lock.
     ///
@@ -255,35 +198,36 @@ impl Log {
         }
     }
 
+    /// Whether an earlier write or sync failed.
+    pub fn is_poisoned(&self) -> bool {
+        self.poison.get().is_some()
+    }
+
     fn set_poison(&self, kind: io::ErrorKind) {
         let _ = self.poison.set(kind);
     }
 
-    /// Reads the record at `pos`, checking its CRC.
+    /// Poisons the log if `result` is an I/O failure.
+    fn poison_on<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(Error::Io { source, .. } | Error::NoSpace { source, .. }) = &result {
+            self.set_poison(source.kind());
+        }
+        result
+    }
+
+    /// Reads the record at `pos`, checking its CRC. A position in a segment
+    /// that compaction retired is [`CorruptKind::Dangling`]: look the entry
+    /// up again.
     pub fn read(&self, at: u64) -> Result<ReadRecord> {
-        let (id, offset) = split(at);
-        let file = self.segments.read().get(&id).cloned();
-        let path = || self.storage.path(&segment_name(id));
-        let dangling = || Error::Corrupt {
-            file: path(),
-            offset,
-            kind: CorruptKind::Dangling,
-        };
-        let file = file.ok_or_else(dangling)?;
-        let mut head = [0u8; FRAME_HEADER];
-        file.read_at(offset, &mut head)
-            .map_err(|e| Error::io(IoOp::Read, path(), e))?;
-        let (len, _) = frame_header(&head).ok_or_else(dangling)?;
-        let mut frame = vec![0u8; FRAME_HEADER + len];
-        file.read_at(offset, &mut frame)
-            .map_err(|e| Error::io(IoOp::Read, path(), e))?;
-        let frame = Bytes::from(frame);
-        let (rec, _) = check_frame(&frame).map_err(|kind| Error::Corrupt {
-            file: path(),
-            offset,
-            kind,
-        })?;
-        Ok(ReadRecord::new(&frame, &rec))
+        read_from(&*self.storage, &self.segments.read(), at)
+    }
+
+    /// Whether the record at `at` is durable: it is outside the active
+    /// segment (closed segments and compaction outputs are synced before
+    /// they are left or published), or before the synced end.
+    fn is_durable(&self, at: u64) -> bool {
+        let durable = self.durable.load(Ordering::Acquire);
+        file_of(at) != file_of(durable) || at < durable
     }
 
     /// Waits until the record at `pos` is as durable as the mode promises:
@@ -296,8 +240,8 @@ impl Log {
     }
 
     /// The path of the segment that holds `pos`, for error messages.
-    pub fn path_of(&self, at: u64) -> std::path::PathBuf {
-        self.storage.path(&segment_name(split(at).0))
+    pub fn path_of(&self, at: u64) -> PathBuf {
+        self.storage.path(&segment_name(file_of(at)))
     }
 
     /// The offset of `pos` inside its segment.
@@ -310,6 +254,15 @@ impl Log {
         self.segments.read().len()
     }
 
+    /// Bytes in all segment files.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments
+            .read()
+            .values()
+            .map(|s| s.file.len().unwrap_or(0))
+            .sum()
+    }
+
     /// Stops the flusher, refuses further appends and syncs what was written.
     pub fn close(&self) -> Result<()> {
         let first = self.writer.lock().close();
@@ -318,17 +271,20 @@ impl Log {
             return Ok(());
         }
         let end = self.written.load(Ordering::Acquire);
-        if self.poison.get().is_some() || self.durable.load(Ordering::Acquire) >= end {
+        if self.poison.get().is_some() || self.is_durable(end.saturating_sub(1)) {
             return Ok(());
         }
         self.sync_past(end.saturating_sub(1))
     }
 }
 
-/// The header bytes of a new segment.
+/// The header bytes of a new active segment: it replays after every
+/// existing segment, in the order of its file number.
 fn new_header(id: u64, token_floor: u64, clock: &dyn Clock) -> [u8; HEADER_LEN] {
     SegmentHeader {
-        segment_id: id,
+        file: id,
+        order: id,
+        replaces: 0,
         token_floor,
         created_ms: clock.now_ms(),
     }

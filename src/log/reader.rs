@@ -26,13 +26,13 @@ pub(crate) type Damage = (usize, CorruptKind);
 /// Scans one segment image, calling `apply(record, offset)` for every valid
 /// frame in order, and reports how the bytes end. `expected_id` is the id in
 /// the file's name.
-pub(crate) fn scan_segment(
-    buf: &[u8],
+pub(crate) fn scan_segment<'a>(
+    buf: &'a [u8],
     expected_id: u64,
-    mut apply: impl FnMut(Record<'_>, u64),
+    mut apply: impl FnMut(Record<'a>, u64),
 ) -> Result<(SegmentHeader, Tail), Damage> {
     let header = match SegmentHeader::decode(buf) {
-        Ok(h) if h.segment_id == expected_id => h,
+        Ok(h) if h.file == expected_id => h,
         Ok(_) => return Err((0, CorruptKind::BadHeader)),
         Err(kind) => {
             return if valid_frame_after(buf, 0) {
@@ -40,7 +40,9 @@ pub(crate) fn scan_segment(
             } else {
                 Ok((
                     SegmentHeader {
-                        segment_id: expected_id,
+                        file: expected_id,
+                        order: expected_id,
+                        replaces: 0,
                         token_floor: 0,
                         created_ms: 0,
                     },
@@ -84,7 +86,9 @@ mod tests {
 
     fn segment(records: usize) -> (Vec<u8>, Vec<usize>) {
         let mut buf = SegmentHeader {
-            segment_id: 1,
+            file: 1,
+            order: 1,
+            replaces: 0,
             token_floor: 1,
             created_ms: 0,
         }
@@ -98,6 +102,7 @@ mod tests {
                 token: i as u64,
                 deadline_ms: 10,
                 time_ms: 0,
+                lease_ms: 10,
                 fingerprint: 1,
                 user: b"u",
                 key: b"k",
@@ -156,7 +161,7 @@ mod tests {
     #[test]
     fn a_damaged_header_before_records_is_corruption() {
         let (mut buf, _) = segment(2);
-        buf[30] ^= 1;
+        buf[40] ^= 1;
         assert_eq!(count(&buf), Err((0, CorruptKind::BadHeader)));
     }
 }

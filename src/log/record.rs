@@ -11,27 +11,32 @@
 //! | 9      | 8    | `token`: the fencing token of the lease            |
 //! | 17     | 8    | `deadline_ms`: lease deadline, or record expiry   |
 //! | 25     | 8    | `time_ms`: the engine clock when it was written   |
-//! | 33     | 16   | `fingerprint`: the request's 128-bit digest       |
-//! | 49     | 2    | `user_len`                                         |
-//! | 51     | 2    | `key_len`                                          |
-//! | 53     | …    | `user`, then `key`                                 |
+//! | 33     | 8    | `lease_ms`: the deadline of the lease the record  |
+//! |        |      | belongs to, as of this record                     |
+//! | 41     | 16   | `fingerprint`: the request's 128-bit digest       |
+//! | 57     | 2    | `user_len`                                         |
+//! | 59     | 2    | `key_len`                                          |
+//! | 61     | …    | `user`, then `key`                                 |
 //!
 //! A complete record continues with `status: u16`, `body_len: u32` and the
 //! body. `len` must equal the bytes the fields take, exactly.
 //!
-//! # Segment header (40 bytes)
+//! # Segment header (56 bytes)
 //! `magic: [u8; 8] = "IDEMKVLG"`, `version: u32 = 1`, `crc: u32` (of bytes
-//! 16..40), `segment_id: u64`, `token_floor: u64` (every token issued before
-//! this segment was created is below it), `created_ms: u64`.
+//! 16..56), `file: u64` (the number in the file name), `order: u64` (the
+//! replay position: segments replay in `order`), `replaces: u64` (for a
+//! compaction output, the file number it replaces; 0 otherwise),
+//! `token_floor: u64` (every token issued before this segment was created is
+//! below it), `created_ms: u64`.
 
 use crate::error::CorruptKind;
 
 /// Bytes of the frame header (`len`, `crc`).
 pub(crate) const FRAME_HEADER: usize = 8;
 /// Bytes of the fixed part of a record (type through `key_len`).
-const FIXED: usize = 1 + 8 + 8 + 8 + 16 + 2 + 2;
+const FIXED: usize = 1 + 8 + 8 + 8 + 8 + 16 + 2 + 2;
 /// Bytes of a segment header.
-pub(crate) const HEADER_LEN: usize = 40;
+pub(crate) const HEADER_LEN: usize = 56;
 /// The segment magic.
 const MAGIC: &[u8; 8] = b"IDEMKVLG";
 /// The format version this build writes and reads.
@@ -72,6 +77,11 @@ pub(crate) struct Record<'a> {
     /// The engine clock when the record was written; recovery decides with
     /// it as the live call did.
     pub time_ms: u64,
+    /// The deadline of the lease this record belongs to: for a begin or
+    /// extend, `deadline_ms`; for a complete or release, the deadline the
+    /// lease had when it ended. Compaction keeps an ending record while this
+    /// is in the future, so the lease cannot come back.
+    pub lease_ms: u64,
     pub fingerprint: u128,
     pub user: &'a [u8],
     pub key: &'a [u8],
@@ -91,6 +101,7 @@ impl Record<'_> {
         out.extend_from_slice(&self.token.to_le_bytes());
         out.extend_from_slice(&self.deadline_ms.to_le_bytes());
         out.extend_from_slice(&self.time_ms.to_le_bytes());
+        out.extend_from_slice(&self.lease_ms.to_le_bytes());
         out.extend_from_slice(&self.fingerprint.to_le_bytes());
         out.extend_from_slice(&len16(self.user).to_le_bytes());
         out.extend_from_slice(&len16(self.key).to_le_bytes());
@@ -178,6 +189,7 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
     let token = c.u64()?;
     let deadline_ms = c.u64()?;
     let time_ms = c.u64()?;
+    let lease_ms = c.u64()?;
     let fingerprint = c.u128()?;
     let user_len = usize::from(c.u16()?);
     let key_len = usize::from(c.u16()?);
@@ -198,6 +210,7 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
         token,
         deadline_ms,
         time_ms,
+        lease_ms,
         fingerprint,
         user,
         key,
@@ -226,24 +239,38 @@ pub(crate) fn check_frame(buf: &[u8]) -> Result<(Record<'_>, usize), CorruptKind
 /// The fields of a segment header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SegmentHeader {
-    pub segment_id: u64,
+    /// The file number (in the name, and in every log position).
+    pub file: u64,
+    /// Where the segment replays: segments replay in ascending `order`.
+    pub order: u64,
+    /// For a compaction output, the file it replaces; 0 otherwise.
+    pub replaces: u64,
     pub token_floor: u64,
     pub created_ms: u64,
 }
 
+/// Bytes of the header covered by its CRC.
+const HEADER_BODY: usize = HEADER_LEN - 16;
+
 impl SegmentHeader {
-    /// The 40 header bytes.
+    /// The header bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut out = [0u8; HEADER_LEN];
-        let mut body = Vec::with_capacity(24);
-        body.extend_from_slice(&self.segment_id.to_le_bytes());
-        body.extend_from_slice(&self.token_floor.to_le_bytes());
-        body.extend_from_slice(&self.created_ms.to_le_bytes());
+        let mut body = Vec::with_capacity(HEADER_BODY);
+        for field in [
+            self.file,
+            self.order,
+            self.replaces,
+            self.token_floor,
+            self.created_ms,
+        ] {
+            body.extend_from_slice(&field.to_le_bytes());
+        }
         let mut head = Vec::with_capacity(HEADER_LEN);
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&VERSION.to_le_bytes());
         head.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         head.extend_from_slice(&body);
+        let mut out = [0u8; HEADER_LEN];
         out.copy_from_slice(&head);
         out
     }
@@ -259,14 +286,16 @@ impl SegmentHeader {
             return Err(CorruptKind::UnsupportedVersion(version));
         }
         let crc = c.u32().ok_or(CorruptKind::BadHeader)?;
-        let body = c.take(24).ok_or(CorruptKind::BadHeader)?;
+        let body = c.take(HEADER_BODY).ok_or(CorruptKind::BadHeader)?;
         if crc32fast::hash(body) != crc {
             return Err(CorruptKind::BadHeader);
         }
         let mut b = Cursor { buf: body };
         let bad = CorruptKind::BadHeader;
         Ok(SegmentHeader {
-            segment_id: b.u64().ok_or(bad)?,
+            file: b.u64().ok_or(bad)?,
+            order: b.u64().ok_or(bad)?,
+            replaces: b.u64().ok_or(bad)?,
             token_floor: b.u64().ok_or(bad)?,
             created_ms: b.u64().ok_or(bad)?,
         })
@@ -283,6 +312,7 @@ mod tests {
             token: 7,
             deadline_ms: 1234,
             time_ms: 1000,
+            lease_ms: 1500,
             fingerprint: 0xdead_beef_u128 << 64 | 42,
             user: b"user-1",
             key: b"key-1",
@@ -331,7 +361,9 @@ mod tests {
     #[test]
     fn segment_header_round_trips_and_rejects_damage() {
         let h = SegmentHeader {
-            segment_id: 3,
+            file: 3,
+            order: 2,
+            replaces: 1,
             token_floor: 99,
             created_ms: 5,
         };

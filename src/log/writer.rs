@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::sync::atomic::AtomicU64;
+
 use super::record::{HEADER_LEN, Record};
-use super::{Log, MAX_SEGMENT_ID, new_header, pos, segment_name};
+use super::{Log, MAX_SEGMENT_ID, Segment, new_header, pos, segment_name};
 use crate::clock::Clock;
 use crate::error::{Error, IoOp, Result};
 use crate::storage::{Storage, StorageFile};
@@ -17,19 +19,37 @@ pub(super) struct Writer {
     file: Arc<dyn StorageFile>,
     offset: u64,
     closed: bool,
+    /// The record count of the active segment.
+    records: Arc<AtomicU64>,
     /// Scratch space for encoding, reused across appends.
     buf: Vec<u8>,
 }
 
 impl Writer {
-    pub fn new(id: u64, file: Arc<dyn StorageFile>, offset: u64) -> Writer {
+    pub fn new(
+        id: u64,
+        file: Arc<dyn StorageFile>,
+        offset: u64,
+        records: Arc<AtomicU64>,
+    ) -> Writer {
         Writer {
             id,
             file,
             offset,
             closed: false,
+            records,
             buf: Vec::new(),
         }
+    }
+
+    /// The file number of the active segment.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether nothing was appended to the active segment.
+    pub fn is_empty(&self) -> bool {
+        self.offset <= HEADER_LEN as u64
     }
 
     /// Marks the writer closed; true the first time.
@@ -65,6 +85,17 @@ pub(super) fn create_segment(
 }
 
 impl Log {
+    /// Takes the next file number.
+    pub(super) fn new_file_number(&self) -> Result<u64> {
+        let id = self.next_file.fetch_add(1, Ordering::SeqCst);
+        if id > MAX_SEGMENT_ID {
+            return Err(Error::Exhausted {
+                what: "segment file numbers",
+            });
+        }
+        Ok(id)
+    }
+
     /// Appends one record and returns its position. It is not durable yet:
     /// see [`Log::wait_durable`]. The caller holds the key's shard lock, so
     /// records of one key reach the log in the order of their transitions.
@@ -93,6 +124,7 @@ impl Log {
             ));
         }
         w.offset += len;
+        w.records.fetch_add(1, Ordering::Relaxed);
         self.written.store(pos(w.id, w.offset), Ordering::Release);
         self.counters
             .bytes_written
@@ -104,7 +136,7 @@ impl Log {
     }
 
     /// Closes the active segment (synced) and starts the next one.
-    fn roll(&self, w: &mut Writer) -> Result<()> {
+    pub(super) fn roll(&self, w: &mut Writer) -> Result<()> {
         let old_path = self.storage.path(&segment_name(w.id));
         if let Err(e) = w.file.sync() {
             self.set_poison(e.kind());
@@ -113,23 +145,28 @@ impl Log {
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.durable
             .fetch_max(pos(w.id, w.offset), Ordering::AcqRel);
-        let id = w.id + 1;
-        if id > MAX_SEGMENT_ID {
-            return Err(Error::Exhausted {
-                what: "segment ids",
-            });
-        }
+        let id = self.new_file_number()?;
         let floor = self.next_token.load(Ordering::SeqCst);
-        let file =
-            create_segment(&*self.storage, id, floor, self.clock.as_ref()).inspect_err(|e| {
-                if let Error::Io { source, .. } | Error::NoSpace { source, .. } = e {
-                    self.set_poison(source.kind());
-                }
-            })?;
-        self.segments.write().insert(id, Arc::clone(&file));
+        let file = self.poison_on(create_segment(
+            &*self.storage,
+            id,
+            floor,
+            self.clock.as_ref(),
+        ))?;
+        let records = Arc::new(AtomicU64::new(0));
+        self.segments.write().insert(
+            id,
+            Segment {
+                file: Arc::clone(&file),
+                order: id,
+                records: Arc::clone(&records),
+                pinned: 0,
+            },
+        );
         w.id = id;
         w.file = file;
         w.offset = HEADER_LEN as u64;
+        w.records = records;
         let start = pos(id, w.offset);
         self.written.store(start, Ordering::Release);
         self.durable.fetch_max(start, Ordering::AcqRel);

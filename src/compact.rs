@@ -1,0 +1,281 @@
+//! The sweeper and the compactor, and the background thread that runs them.
+//!
+//! The **sweeper** drops expired records and leases from the index, one
+//! shard at a time, and counts the live entries of every segment. The
+//! **compactor** rewrites a closed segment whose live fraction fell below
+//! the threshold: it keeps each record the index still points at, and each
+//! complete or release record whose lease could still look live if the
+//! record vanished (its `lease_ms` is in the future), and drops the rest.
+//! The rewrite replays where the segment did (`log/rewrite.rs`), so replay
+//! order never changes, and a crash at any step leaves either the old file
+//! or its complete replacement.
+//!
+//! # Invariants
+//! - No live record is lost: a record the index points at is copied, and
+//!   the index moves to the copy only after the copy is durable and named.
+//! - Nothing dead comes back: a dropped record is superseded, expired, or a
+//!   tombstone whose lease has expired, so whatever older records remain
+//!   replay to an expired or superseded state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::clock::Clock;
+use crate::error::Result;
+use crate::index::{Index, KeyId};
+use crate::log::reader::scan_segment;
+use crate::log::record::{FRAME_HEADER, Kind, frame_header};
+use crate::log::{ClosedSegment, Log, file_of, pos};
+use crate::stats::Counters;
+
+/// What one [`Engine::compact`](crate::Engine::compact) (or one background
+/// pass) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompactionReport {
+    /// Expired records and leases the sweep removed from the index.
+    pub expired: u64,
+    /// Segments rewritten or removed.
+    pub segments_compacted: u64,
+    /// Records copied into rewritten segments (live ones and tombstones).
+    pub records_kept: u64,
+    /// Records dropped.
+    pub records_dropped: u64,
+    /// Bytes in segment files before the pass.
+    pub bytes_before: u64,
+    /// Bytes in segment files after the pass.
+    pub bytes_after: u64,
+    /// How long the pass took.
+    pub duration: Duration,
+}
+
+/// The parts of an engine the sweeper and compactor work on.
+#[derive(Debug)]
+pub(crate) struct Compactor {
+    pub log: Arc<Log>,
+    pub index: Arc<Index>,
+    pub clock: Arc<dyn Clock>,
+    pub counters: Arc<Counters>,
+    /// Rewrite segments whose live fraction is below this.
+    pub threshold: f64,
+    /// One pass at a time.
+    running: Mutex<()>,
+}
+
+impl Compactor {
+    pub fn new(
+        log: Arc<Log>,
+        index: Arc<Index>,
+        clock: Arc<dyn Clock>,
+        counters: Arc<Counters>,
+        threshold: f64,
+    ) -> Compactor {
+        Compactor {
+            log,
+            index,
+            clock,
+            counters,
+            threshold,
+            running: Mutex::new(()),
+        }
+    }
+
+    /// Sweeps every shard; returns how many entries expired and the live
+    /// entries per segment file.
+    fn sweep(&self, now: u64) -> (u64, HashMap<u64, u64>) {
+        let mut expired = 0;
+        let mut live = HashMap::new();
+        for shard in self.index.shards() {
+            let mut shard = shard.lock();
+            expired += shard.drop_expired(now) as u64;
+            shard.for_each(|e| *live.entry(file_of(e.pos)).or_insert(0) += 1);
+        }
+        self.counters.swept.fetch_add(expired, Ordering::Relaxed);
+        (expired, live)
+    }
+
+    /// One pass: sweep, then rewrite closed segments. With `full`, the
+    /// active segment is rolled first and every segment with any dead
+    /// record is rewritten; otherwise only those below the threshold.
+    pub fn run(&self, full: bool) -> Result<CompactionReport> {
+        let _one = self.running.lock();
+        let started = Instant::now();
+        let mut report = CompactionReport {
+            bytes_before: self.log.disk_bytes(),
+            ..CompactionReport::default()
+        };
+        if full {
+            self.log.roll_if_used()?;
+        }
+        let now = self.clock.now_ms();
+        let (expired, live) = self.sweep(now);
+        report.expired = expired;
+        let mut live_bytes = 0u64;
+        let mut retired = false;
+        for seg in self.log.closed_segments() {
+            let live_here = live.get(&seg.file).copied().unwrap_or(0) + seg.pinned;
+            let fraction = if seg.records == 0 {
+                0.0
+            } else {
+                live_here as f64 / seg.records as f64
+            };
+            let due = if full {
+                live_here < seg.records || seg.records == 0
+            } else {
+                fraction < self.threshold
+            };
+            if !due {
+                live_bytes += (seg.bytes as f64 * fraction.min(1.0)) as u64;
+                continue;
+            }
+            let (kept, dropped, bytes) = self.rewrite(&seg, now)?;
+            report.segments_compacted += 1;
+            report.records_kept += kept;
+            report.records_dropped += dropped;
+            live_bytes += bytes;
+            retired = true;
+        }
+        if retired {
+            self.log.sync_dir()?;
+        }
+        let (active, records, bytes) = self.log.active_segment();
+        let live_active = live.get(&active).copied().unwrap_or(0);
+        if records > 0 {
+            live_bytes += (bytes as f64 * (live_active as f64 / records as f64).min(1.0)) as u64;
+        }
+        report.bytes_after = self.log.disk_bytes();
+        report.duration = started.elapsed();
+        let c = &self.counters;
+        c.segments_compacted
+            .fetch_add(report.segments_compacted, Ordering::Relaxed);
+        c.bytes_reclaimed.fetch_add(
+            report.bytes_before.saturating_sub(report.bytes_after),
+            Ordering::Relaxed,
+        );
+        c.last_compaction_us.store(
+            u64::try_from(report.duration.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        c.live_bytes.store(live_bytes, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Rewrites one closed segment; returns records kept, records dropped,
+    /// and the bytes of the replacement.
+    fn rewrite(&self, seg: &ClosedSegment, now: u64) -> Result<(u64, u64, u64)> {
+        let buf = self.log.read_segment(seg.file)?;
+        let mut frames = Vec::new();
+        let mut moved = Vec::new();
+        let (mut kept, mut dropped, mut tombstones) = (0u64, 0u64, 0u64);
+        let scanned = scan_segment(&buf, seg.file, |rec, offset| {
+            let at = pos(seg.file, offset);
+            let id = KeyId::new(rec.user, rec.key);
+            let current = self
+                .index
+                .shard(&id)
+                .lock()
+                .get(&id, rec.user, rec.key)
+                .is_some_and(|e| e.pos == at && e.is_live(now));
+            let tombstone =
+                matches!(rec.kind, Kind::Complete | Kind::Release) && rec.lease_ms > now;
+            if !current && !tombstone {
+                dropped += 1;
+                return;
+            }
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            let len = buf
+                .get(start..)
+                .and_then(frame_header)
+                .map_or(0, |(len, _)| FRAME_HEADER + len);
+            let new_offset = (crate::log::record::HEADER_LEN + frames.len()) as u64;
+            frames.extend_from_slice(buf.get(start..start + len).unwrap_or_default());
+            kept += 1;
+            if current {
+                moved.push((at, new_offset, rec.user, rec.key));
+            } else {
+                tombstones += 1;
+            }
+        });
+        if let Err((offset, kind)) = scanned {
+            return Err(crate::error::Error::Corrupt {
+                file: self.log.path_of(pos(seg.file, 0)),
+                offset: offset as u64,
+                kind,
+            });
+        }
+        let mut bytes = 0;
+        if kept > 0 {
+            let out = self
+                .log
+                .publish_rewrite(seg.file, &frames, kept, tombstones)?;
+            bytes = (crate::log::record::HEADER_LEN + frames.len()) as u64;
+            for (from, offset, user, key) in moved {
+                let id = KeyId::new(user, key);
+                self.index
+                    .shard(&id)
+                    .lock()
+                    .repoint(&id, user, key, from, pos(out, offset));
+            }
+        }
+        self.log.retire(seg.file)?;
+        Ok((kept, dropped, bytes))
+    }
+}
+
+/// The background thread: a compaction pass every interval until stopped.
+#[derive(Debug, Default)]
+pub(crate) struct Background {
+    handle: Mutex<Option<JoinHandle<()>>>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Background {
+    /// Starts the thread.
+    pub fn start(compactor: Arc<Compactor>, every: Duration) -> Background {
+        let stop: Arc<(Mutex<bool>, Condvar)> = Arc::default();
+        let signal = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("idemkv-compact".into())
+            .spawn(move || {
+                loop {
+                    {
+                        let (flag, cv) = &*signal;
+                        let mut stopped = flag.lock();
+                        if !*stopped {
+                            let _ = cv.wait_for(&mut stopped, every);
+                        }
+                        if *stopped {
+                            return;
+                        }
+                    }
+                    if compactor.log.is_poisoned() {
+                        continue;
+                    }
+                    // A failed pass leaves every file as it was; the next
+                    // pass tries again (an I/O failure that matters to
+                    // foreground writes poisons the log on its own).
+                    let _ = compactor.run(false);
+                }
+            })
+            .ok();
+        Background {
+            handle: Mutex::new(handle),
+            stop,
+        }
+    }
+
+    /// Stops the thread and waits for it (at most one pass).
+    pub fn stop(&self) {
+        let (flag, cv) = &*self.stop;
+        *flag.lock() = true;
+        cv.notify_all();
+        if let Some(handle) = self.handle.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}

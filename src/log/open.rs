@@ -1,0 +1,249 @@
+//! Opening the log: find the segments, drop what a crash or a compaction
+//! left behind, and replay the rest in order.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::group_commit::GroupCommit;
+use super::reader::{Tail, scan_segment};
+use super::record::{HEADER_LEN, Record, SegmentHeader};
+use super::writer::{Writer, create_segment};
+use super::{Log, ReadRecord, Segment, new_header, pos, read_from, segment_name};
+use crate::error::{CorruptKind, Error, IoOp, Result};
+use crate::options::{Durability, Options};
+use crate::stats::Counters;
+use crate::storage::{Storage, StorageFile};
+
+/// Reads records during recovery, for checks that need an earlier record.
+pub(crate) struct Replayed<'a> {
+    storage: &'a dyn Storage,
+    segments: &'a BTreeMap<u64, Segment>,
+}
+
+impl Replayed<'_> {
+    /// The record at `at` (already replayed).
+    pub fn read(&self, at: u64) -> Result<ReadRecord> {
+        read_from(self.storage, self.segments, at)
+    }
+}
+
+/// The segment id in a file name, if it is a segment's name.
+fn parse_name(name: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_suffix(suffix)?;
+    if hex.len() != 6 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn read_all(file: &dyn StorageFile, path: &std::path::Path) -> Result<Vec<u8>> {
+    let len = file.len().map_err(|e| Error::io(IoOp::Read, path, e))?;
+    let len = usize::try_from(len).map_err(|_| Error::Corrupt {
+        file: path.to_path_buf(),
+        offset: 0,
+        kind: CorruptKind::Malformed,
+    })?;
+    let mut buf = vec![0u8; len];
+    file.read_at(0, &mut buf)
+        .map_err(|e| Error::io(IoOp::Read, path, e))?;
+    Ok(buf)
+}
+
+impl Log {
+    /// Opens the log in `storage`: removes unfinished compaction outputs
+    /// and segments a finished one replaced, replays every segment in order
+    /// (calling `apply(record, pos, replayed)` for each valid record), cuts a
+    /// torn tail off the last segment and makes it the active one (creating
+    /// the first segment of an empty directory).
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        options: &Options,
+        counters: Arc<Counters>,
+        mut apply: impl FnMut(Record<'_>, u64, &Replayed<'_>),
+    ) -> Result<Arc<Log>> {
+        let dir = storage.path("");
+        let names = storage.list().map_err(|e| Error::io(IoOp::List, &dir, e))?;
+        let mut changed_dir = false;
+        for name in names.iter().filter(|n| parse_name(n, ".log.tmp").is_some()) {
+            storage
+                .remove(name)
+                .map_err(|e| Error::io(IoOp::Remove, storage.path(name), e))?;
+            changed_dir = true;
+        }
+
+        // Open every segment and read its header (a torn header replays
+        // last, as the active segment it must have been).
+        let mut found = BTreeMap::new();
+        for id in names.iter().filter_map(|n| parse_name(n, ".log")) {
+            let name = segment_name(id);
+            let path = storage.path(&name);
+            let file = storage
+                .open(&name)
+                .map_err(|e| Error::io(IoOp::Open, &path, e))?;
+            let len = file.len().map_err(|e| Error::io(IoOp::Read, &path, e))?;
+            let mut head = [0u8; HEADER_LEN];
+            let header = if len >= HEADER_LEN as u64 {
+                file.read_at(0, &mut head)
+                    .map_err(|e| Error::io(IoOp::Read, &path, e))?;
+                SegmentHeader::decode(&head).ok().filter(|h| h.file == id)
+            } else {
+                None
+            };
+            found.insert(id, (file, header));
+        }
+        let replaced: Vec<u64> = found
+            .values()
+            .filter_map(|(_, h)| h.map(|h| h.replaces))
+            .filter(|r| *r != 0)
+            .collect();
+        for id in replaced {
+            if found.remove(&id).is_some() {
+                let name = segment_name(id);
+                storage
+                    .remove(&name)
+                    .map_err(|e| Error::io(IoOp::Remove, storage.path(&name), e))?;
+                changed_dir = true;
+            }
+        }
+        if changed_dir {
+            storage
+                .sync_dir()
+                .map_err(|e| Error::io(IoOp::SyncDir, &dir, e))?;
+        }
+        let mut ordered: Vec<(u64, u64)> = found
+            .iter()
+            .map(|(&id, (_, h))| (h.map_or(u64::MAX, |h| h.order), id))
+            .collect();
+        ordered.sort_unstable();
+        let max_file = found.keys().copied().max().unwrap_or(0);
+        let segments: BTreeMap<u64, Segment> = found
+            .into_iter()
+            .map(|(id, (file, h))| {
+                let segment = Segment {
+                    file,
+                    order: h.map_or(id, |h| h.order),
+                    records: Arc::new(AtomicU64::new(0)),
+                    pinned: 0,
+                };
+                (id, segment)
+            })
+            .collect();
+
+        let mut max_token = 0u64;
+        let mut active = None;
+        let replayed = Replayed {
+            storage: &*storage,
+            segments: &segments,
+        };
+        for (i, &(_, id)) in ordered.iter().enumerate() {
+            let path = storage.path(&segment_name(id));
+            let Some(segment) = segments.get(&id) else {
+                continue;
+            };
+            let file = Arc::clone(&segment.file);
+            let buf = read_all(&*file, &path)?;
+            let len = buf.len();
+            let is_last = i + 1 == ordered.len();
+            let mut records = 0u64;
+            let scanned = scan_segment(&buf, id, |rec, offset| {
+                max_token = max_token.max(rec.token);
+                records += 1;
+                apply(rec, pos(id, offset), &replayed);
+            });
+            let (header, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
+                file: path.clone(),
+                offset: offset as u64,
+                kind,
+            })?;
+            segment
+                .records
+                .store(records, std::sync::atomic::Ordering::Relaxed);
+            max_token = max_token.max(header.token_floor.saturating_sub(1));
+            let end = match tail {
+                Tail::Clean => len,
+                Tail::Torn { at } if is_last => at,
+                Tail::TornHeader if is_last => 0,
+                Tail::Torn { at } => {
+                    return Err(Error::Corrupt {
+                        file: path,
+                        offset: at as u64,
+                        kind: CorruptKind::Malformed,
+                    });
+                }
+                Tail::TornHeader => {
+                    return Err(Error::Corrupt {
+                        file: path,
+                        offset: 0,
+                        kind: CorruptKind::BadHeader,
+                    });
+                }
+            };
+            if end < len {
+                file.truncate(end as u64)
+                    .and_then(|()| file.sync())
+                    .map_err(|e| Error::io(IoOp::Truncate, &path, e))?;
+            }
+            if is_last {
+                active = Some((id, Arc::clone(&segment.records), file, end as u64));
+            }
+        }
+
+        let mut segments = segments;
+        let next_token = max_token.saturating_add(1);
+        let (id, records, file, offset) = match active {
+            Some((id, records, file, 0)) => {
+                // The last segment lost its header in a crash while it was
+                // being created: write it again.
+                let header = new_header(id, next_token, options.clock.as_ref());
+                let path = storage.path(&segment_name(id));
+                file.append(&header)
+                    .and_then(|()| file.sync())
+                    .map_err(|e| Error::io(IoOp::Write, path, e))?;
+                if let Some(segment) = segments.get_mut(&id) {
+                    segment.order = id;
+                }
+                (id, records, file, HEADER_LEN as u64)
+            }
+            Some(active) => active,
+            None => {
+                let id = max_file + 1;
+                let file = create_segment(&*storage, id, next_token, options.clock.as_ref())?;
+                let records = Arc::new(AtomicU64::new(0));
+                segments.insert(
+                    id,
+                    Segment {
+                        file: Arc::clone(&file),
+                        order: id,
+                        records: Arc::clone(&records),
+                        pinned: 0,
+                    },
+                );
+                (id, records, file, HEADER_LEN as u64)
+            }
+        };
+        let end = pos(id, offset);
+        let next_file = segments.keys().copied().max().unwrap_or(id).max(id) + 1;
+        let log = Arc::new(Log {
+            storage,
+            durability: options.durability,
+            segment_bytes: options.segment_bytes,
+            clock: Arc::clone(&options.clock),
+            counters,
+            writer: Mutex::new(Writer::new(id, file, offset, records)),
+            segments: RwLock::new(segments),
+            next_file: AtomicU64::new(next_file),
+            written: AtomicU64::new(end),
+            durable: AtomicU64::new(end),
+            poison: OnceLock::new(),
+            next_token: AtomicU64::new(next_token),
+            commit: GroupCommit::default(),
+        });
+        if let Durability::Periodic(every) = options.durability {
+            GroupCommit::start_flusher(&log, every);
+        }
+        Ok(log)
+    }
+}

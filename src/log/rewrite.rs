@@ -1,0 +1,170 @@
+//! The file side of compaction: listing closed segments, reading one, and
+//! publishing its rewrite crash-safely.
+//!
+//! A rewrite of segment `F` is written to `M.log.tmp` (a fresh file number
+//! `M`), synced, renamed to `M.log`, and the directory is synced; only then
+//! does the index move to `M`, and only then is `F` removed. `M`'s header
+//! carries `order = order(F)` (it replays where `F` did) and `replaces = F`,
+//! so after a crash at any step recovery finds either `F` alone, or `M`
+//! (whose presence retires `F`). An unfinished `.tmp` file is removed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::record::SegmentHeader;
+use super::{Log, Segment, segment_name, temp_name};
+use crate::error::{Error, IoOp, Result};
+
+/// What the compactor sees of a closed (not active) segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClosedSegment {
+    /// File number.
+    pub file: u64,
+    /// Records in the file.
+    pub records: u64,
+    /// Records an earlier rewrite kept as tombstones.
+    pub pinned: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+impl Log {
+    /// Every segment but the active one, in replay order.
+    pub fn closed_segments(&self) -> Vec<ClosedSegment> {
+        let active = self.writer.lock().id();
+        let segments = self.segments.read();
+        let mut closed: Vec<(u64, ClosedSegment)> = segments
+            .iter()
+            .filter(|(id, _)| **id != active)
+            .map(|(&file, s)| {
+                let info = ClosedSegment {
+                    file,
+                    records: s.records.load(Ordering::Relaxed),
+                    pinned: s.pinned,
+                    bytes: s.file.len().unwrap_or(0),
+                };
+                (s.order, info)
+            })
+            .collect();
+        closed.sort_unstable_by_key(|(order, _)| *order);
+        closed.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// The file number of the active segment, its record count and size.
+    pub fn active_segment(&self) -> (u64, u64, u64) {
+        let id = self.writer.lock().id();
+        let segments = self.segments.read();
+        let (records, bytes) = segments.get(&id).map_or((0, 0), |s| {
+            (s.records.load(Ordering::Relaxed), s.file.len().unwrap_or(0))
+        });
+        (id, records, bytes)
+    }
+
+    /// Rolls to a new active segment if the current one holds records, so
+    /// that compaction can rewrite it.
+    pub fn roll_if_used(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        if w.is_empty() {
+            return Ok(());
+        }
+        self.check_poison()?;
+        self.roll(&mut w)
+    }
+
+    /// Reads a whole segment.
+    pub fn read_segment(&self, file: u64) -> Result<Vec<u8>> {
+        let handle = self.segments.read().get(&file).map(|s| Arc::clone(&s.file));
+        let path = self.storage.path(&segment_name(file));
+        let handle = handle
+            .ok_or_else(|| Error::io(IoOp::Open, &path, std::io::ErrorKind::NotFound.into()))?;
+        let len = handle.len().map_err(|e| Error::io(IoOp::Read, &path, e))?;
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        handle
+            .read_at(0, &mut buf)
+            .map_err(|e| Error::io(IoOp::Read, &path, e))?;
+        Ok(buf)
+    }
+
+    /// Publishes `frames` (whole encoded records, `records` of them, of which
+    /// `pinned` are tombstones) as the replacement of segment `input`, and
+    /// returns its file number. Durable and named when this returns.
+    pub fn publish_rewrite(
+        &self,
+        input: u64,
+        frames: &[u8],
+        records: u64,
+        pinned: u64,
+    ) -> Result<u64> {
+        self.check_poison()?;
+        let order = self
+            .segments
+            .read()
+            .get(&input)
+            .map(|s| s.order)
+            .ok_or_else(|| {
+                Error::io(
+                    IoOp::Open,
+                    self.storage.path(&segment_name(input)),
+                    std::io::ErrorKind::NotFound.into(),
+                )
+            })?;
+        let id = self.new_file_number()?;
+        let header = SegmentHeader {
+            file: id,
+            order,
+            replaces: input,
+            token_floor: self.next_token.load(Ordering::SeqCst),
+            created_ms: self.clock.now_ms(),
+        }
+        .encode();
+        let (tmp, name) = (temp_name(id), segment_name(id));
+        let tmp_path = self.storage.path(&tmp);
+        let file = self
+            .storage
+            .create(&tmp)
+            .map_err(|e| Error::io(IoOp::Create, &tmp_path, e))?;
+        file.append(&header)
+            .and_then(|()| file.append(frames))
+            .map_err(|e| Error::io(IoOp::Write, &tmp_path, e))?;
+        // A failed sync here loses nothing acknowledged (the input still
+        // holds every record), but the file's state is unknown: fail-stop.
+        if let Err(e) = file.sync() {
+            self.set_poison(e.kind());
+            return Err(Error::io(IoOp::Sync, &tmp_path, e));
+        }
+        self.storage
+            .rename(&tmp, &name)
+            .map_err(|e| Error::io(IoOp::Rename, &tmp_path, e))?;
+        self.sync_dir()?;
+        self.segments.write().insert(
+            id,
+            Segment {
+                file,
+                order,
+                records: Arc::new(AtomicU64::new(records)),
+                pinned,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Forgets segment `file` and removes it. The removal becomes durable
+    /// with the next [`Log::sync_dir`]; until then a crash may bring it
+    /// back, and recovery removes it again (its replacement names it).
+    pub fn retire(&self, file: u64) -> Result<()> {
+        self.segments.write().remove(&file);
+        let name = segment_name(file);
+        self.storage
+            .remove(&name)
+            .map_err(|e| Error::io(IoOp::Remove, self.storage.path(&name), e))
+    }
+
+    /// Makes creations, renames and removals in the directory durable.
+    pub fn sync_dir(&self) -> Result<()> {
+        let result = self
+            .storage
+            .sync_dir()
+            .map_err(|e| Error::io(IoOp::SyncDir, self.storage.path(""), e));
+        self.poison_on(result)
+    }
+}
