@@ -66,12 +66,10 @@ impl Log {
     ) -> Result<Arc<Log>> {
         let dir = storage.path("");
         let names = storage.list().map_err(|e| Error::io(IoOp::List, &dir, e))?;
-        let mut changed_dir = false;
         for name in names.iter().filter(|n| parse_name(n, ".log.tmp").is_some()) {
             storage
                 .remove(name)
                 .map_err(|e| Error::io(IoOp::Remove, storage.path(name), e))?;
-            changed_dir = true;
         }
 
         // Open every segment and read its header (a torn header replays
@@ -105,14 +103,14 @@ impl Log {
                 storage
                     .remove(&name)
                     .map_err(|e| Error::io(IoOp::Remove, storage.path(&name), e))?;
-                changed_dir = true;
             }
         }
-        if changed_dir {
-            storage
-                .sync_dir()
-                .map_err(|e| Error::io(IoOp::SyncDir, &dir, e))?;
-        }
+        // Always sync the directory: besides the removals above, a restart
+        // after a failed roll (without a crash) can list a segment whose
+        // name never reached the disk, and records are about to go into it.
+        storage
+            .sync_dir()
+            .map_err(|e| Error::io(IoOp::SyncDir, &dir, e))?;
         let mut ordered: Vec<(u64, u64)> = found
             .iter()
             .map(|(&id, (_, h))| (h.map_or(u64::MAX, |h| h.order), id))
