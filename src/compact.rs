@@ -13,9 +13,11 @@
 //! # Invariants
 //! - No live record is lost: a record the index points at is copied, and
 //!   the index moves to the copy only after the copy is durable and named.
-//! - Nothing dead comes back: a dropped record is superseded, expired, or a
-//!   tombstone whose lease has expired, so whatever older records remain
-//!   replay to an expired or superseded state.
+//! - Nothing dead comes back: a dropped record is superseded (by a durable
+//!   record), expired, or a tombstone whose lease has expired, so whatever
+//!   older records remain replay to an expired or superseded state.
+//! - Nothing acknowledged is lost to a crash: a record superseded by one
+//!   that is not yet durable is kept, and a poisoned log is not compacted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -104,6 +106,9 @@ impl Compactor {
     /// record is rewritten; otherwise only those below the threshold.
     pub fn run(&self, full: bool) -> Result<CompactionReport> {
         let _one = self.running.lock();
+        // After a failed write or sync the index may show states that never
+        // reached the disk; dropping what they superseded could lose data.
+        self.log.check_poison()?;
         let started = Instant::now();
         let mut report = CompactionReport {
             bytes_before: self.log.disk_bytes(),
@@ -175,15 +180,20 @@ impl Compactor {
         let scanned = scan_segment(&buf, seg.file, |rec, offset| {
             let at = pos(seg.file, offset);
             let id = KeyId::new(rec.user, rec.key);
-            let current = self
-                .index
-                .shard(&id)
-                .lock()
-                .get(&id, rec.user, rec.key)
-                .is_some_and(|e| e.pos == at && e.is_live(now));
+            // Current: the index points here. Unsettled: what superseded
+            // this record (a newer record, or a release) is not durable yet,
+            // so a crash could still make this record the key's state again.
+            let (current, unsettled) = {
+                let shard = self.index.shard(&id).lock();
+                match shard.get(&id, rec.user, rec.key) {
+                    Some(e) if e.pos == at => (e.is_live(now), false),
+                    Some(e) => (false, !self.log.is_durable(e.pos)),
+                    None => (false, !self.log.is_durable(shard.removed_pos())),
+                }
+            };
             let tombstone =
                 matches!(rec.kind, Kind::Complete | Kind::Release) && rec.lease_ms > now;
-            if !current && !tombstone {
+            if !current && !tombstone && !unsettled {
                 dropped += 1;
                 return;
             }

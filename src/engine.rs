@@ -529,6 +529,9 @@ impl Engine {
         deadline_ms: u64,
         outcome: &Outcome,
     ) -> Result<u64> {
+        // A poisoned log refuses writes before anything else is judged: the
+        // index may show a state that never reached the disk.
+        self.log.check_poison()?;
         let id = KeyId::new(&lease.user, &lease.key);
         let mut shard = self.index.shard(&id).lock();
         let (user, key) = (&lease.user[..], &lease.key[..]);

@@ -14,12 +14,18 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::writer::Writer;
 use super::{Log, segment_name};
 use crate::error::{Error, IoOp, Result};
+use crate::storage::StorageFile;
 
 /// The state shared by the callers of one log's syncs.
 #[derive(Debug, Default)]
 pub(super) struct GroupCommit {
+    /// Held across every fdatasync of a segment (group commit and roll), so
+    /// that a sync that succeeds after another one failed is never taken to
+    /// cover the data the failed one dropped.
+    serial: Mutex<()>,
     /// Whether a leader is syncing now.
     leading: Mutex<bool>,
     /// Signalled when a leader finishes.
@@ -73,6 +79,49 @@ impl GroupCommit {
 }
 
 impl Log {
+    /// fdatasyncs segment `id` and, on success, publishes `end` as durable.
+    /// Serialized with every other segment sync; refuses to sync once the
+    /// log is poisoned (after a failed fsync, a later successful one proves
+    /// nothing about the pages the failure dropped).
+    pub(super) fn sync_segment(
+        &self,
+        file: &Arc<dyn StorageFile>,
+        id: u64,
+        end: u64,
+    ) -> Result<()> {
+        let _serial = self.commit.serial.lock();
+        self.check_poison()?;
+        let result = file.sync();
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.durable.fetch_max(end, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                self.set_poison(e.kind());
+                Err(Error::io(
+                    IoOp::Sync,
+                    self.storage.path(&segment_name(id)),
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// After a failed sync: cuts the active segment back to what is known
+    /// durable, so that a restart without a crash does not read (and build
+    /// on) records whose pages the failed sync may have dropped. Best
+    /// effort: if this fails too, recovery still treats what follows the
+    /// last durable record as a torn tail or reports it.
+    pub(super) fn drop_unsynced(&self, w: &mut Writer) {
+        let durable = self.durable.load(Ordering::Acquire);
+        if super::file_of(durable) == w.id() {
+            let keep = durable & ((1 << 40) - 1);
+            let _ = w.truncate_to(keep);
+        }
+    }
+
     /// Returns once the byte at position `at` is durable, leading or joining
     /// a group commit as needed.
     ///
@@ -94,23 +143,14 @@ impl Log {
                 *leading = true;
             }
             let (file, id, end) = self.writer.lock().tail();
-            let result = file.sync();
-            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-            match &result {
-                Ok(()) => {
-                    self.durable.fetch_max(end, Ordering::AcqRel);
-                }
-                Err(e) => self.set_poison(e.kind()),
-            }
+            let result = self.sync_segment(&file, id, end);
             *self.commit.leading.lock() = false;
             self.commit.done.notify_all();
-            if let Err(e) = result {
-                return Err(Error::io(
-                    IoOp::Sync,
-                    self.storage.path(&segment_name(id)),
-                    e,
-                ));
+            if result.is_err() {
+                let mut w = self.writer.lock();
+                self.drop_unsynced(&mut w);
             }
+            result?;
         }
     }
 }

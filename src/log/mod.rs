@@ -191,7 +191,7 @@ impl Log {
     }
 
     /// Fails if an earlier write or sync failed.
-    fn check_poison(&self) -> Result<()> {
+    pub fn check_poison(&self) -> Result<()> {
         match self.poison.get() {
             Some(&kind) => Err(Error::Poisoned { kind }),
             None => Ok(()),
@@ -225,7 +225,7 @@ impl Log {
     /// Whether the record at `at` is durable: it is outside the active
     /// segment (closed segments and compaction outputs are synced before
     /// they are left or published), or before the synced end.
-    fn is_durable(&self, at: u64) -> bool {
+    pub fn is_durable(&self, at: u64) -> bool {
         let durable = self.durable.load(Ordering::Acquire);
         file_of(at) != file_of(durable) || at < durable
     }
@@ -270,8 +270,9 @@ impl Log {
         if !first {
             return Ok(());
         }
+        self.check_poison()?;
         let end = self.written.load(Ordering::Acquire);
-        if self.poison.get().is_some() || self.is_durable(end.saturating_sub(1)) {
+        if self.is_durable(end.saturating_sub(1)) {
             return Ok(());
         }
         self.sync_past(end.saturating_sub(1))

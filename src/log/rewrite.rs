@@ -151,12 +151,18 @@ impl Log {
     /// Forgets segment `file` and removes it. The removal becomes durable
     /// with the next [`Log::sync_dir`]; until then a crash may bring it
     /// back, and recovery removes it again (its replacement names it).
+    ///
+    /// A failed removal poisons the log: the file stays behind, and once a
+    /// later compaction rewrote its replacement nothing would name it any
+    /// more, so recovery would replay its stale records again.
     pub fn retire(&self, file: u64) -> Result<()> {
         self.segments.write().remove(&file);
         let name = segment_name(file);
-        self.storage
+        let result = self
+            .storage
             .remove(&name)
-            .map_err(|e| Error::io(IoOp::Remove, self.storage.path(&name), e))
+            .map_err(|e| Error::io(IoOp::Remove, self.storage.path(&name), e));
+        self.poison_on(result)
     }
 
     /// Makes creations, renames and removals in the directory durable.

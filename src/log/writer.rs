@@ -42,6 +42,16 @@ impl Writer {
         }
     }
 
+    /// Cuts the active segment to `len` bytes and syncs the cut.
+    pub fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+        if len < self.offset {
+            self.file.truncate(len)?;
+            self.offset = len;
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+
     /// The file number of the active segment.
     pub fn id(&self) -> u64 {
         self.id
@@ -117,6 +127,9 @@ impl Log {
         w.buf = buf;
         if let Err(e) = result {
             self.set_poison(e.kind());
+            // Best effort: cut off whatever prefix of the record got written,
+            // so a restart without a crash finds a clean end.
+            let _ = w.file.truncate(w.offset);
             return Err(Error::io(
                 IoOp::Write,
                 self.storage.path(&segment_name(w.id)),
@@ -137,14 +150,10 @@ impl Log {
 
     /// Closes the active segment (synced) and starts the next one.
     pub(super) fn roll(&self, w: &mut Writer) -> Result<()> {
-        let old_path = self.storage.path(&segment_name(w.id));
-        if let Err(e) = w.file.sync() {
-            self.set_poison(e.kind());
-            return Err(Error::io(IoOp::Sync, old_path, e));
+        if let Err(e) = self.sync_segment(&w.file, w.id, pos(w.id, w.offset)) {
+            self.drop_unsynced(w);
+            return Err(e);
         }
-        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.durable
-            .fetch_max(pos(w.id, w.offset), Ordering::AcqRel);
         let id = self.new_file_number()?;
         let floor = self.next_token.load(Ordering::SeqCst);
         let file = self.poison_on(create_segment(

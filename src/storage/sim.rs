@@ -75,9 +75,10 @@ struct Inode {
     /// Live bytes before this offset were changed by a truncate since the
     /// last sync (so durable is not a prefix of live).
     rewritten: bool,
-    /// Unsynced bytes from this offset on were dropped by a failed sync:
-    /// a later sync writes zeros in their place.
-    lost_from: Option<usize>,
+    /// Unsynced bytes in this range were dropped by a failed sync: a later
+    /// sync writes zeros in their place (bytes appended after the failure
+    /// are synced normally).
+    lost_from: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Default)]
@@ -353,16 +354,16 @@ impl StorageFile for SimFile {
         let mut inode = self.inode.lock();
         if result.is_err() {
             if inode.lost_from.is_none() && !inode.rewritten {
-                inode.lost_from = Some(inode.durable.len());
+                inode.lost_from = Some((inode.durable.len(), inode.live.len()));
             }
             return result;
         }
         let node = &mut *inode;
         match node.lost_from.take() {
-            Some(lost) => {
+            Some((lost, lost_end)) => {
                 // fsyncgate: the dropped range never reaches the disk.
                 let mut bytes = node.live.clone();
-                let end = bytes.len();
+                let end = lost_end.min(bytes.len());
                 for b in bytes.get_mut(lost..end).unwrap_or_default() {
                     *b = 0;
                 }
@@ -387,6 +388,11 @@ impl StorageFile for SimFile {
         if len < inode.durable.len() {
             inode.rewritten = true;
         }
+        inode.lost_from = match inode.lost_from {
+            Some((from, _)) if len <= from => None,
+            Some((from, to)) => Some((from, to.min(len))),
+            None => None,
+        };
         inode.live.resize(len, 0);
         Ok(())
     }
