@@ -139,7 +139,7 @@ impl Engine {
                 BeginStep::Start { expired, takeover } => {
                     let token = self.log.next_token()?;
                     let deadline_ms = deadline(now, self.options.lease_ttl);
-                    let pos = self.log.append(&Record {
+                    let record = Record {
                         kind: Kind::Begin,
                         token,
                         deadline_ms,
@@ -150,7 +150,12 @@ impl Engine {
                         key,
                         status: 0,
                         body: b"",
-                    })?;
+                    };
+                    let Some(pos) = self.log.append(&record)? else {
+                        drop(shard);
+                        self.log.make_room(record.encoded_len())?;
+                        continue;
+                    };
                     let entry = Entry {
                         token,
                         deadline_ms,
@@ -533,63 +538,72 @@ impl Engine {
         // index may show a state that never reached the disk.
         self.log.check_poison()?;
         let id = KeyId::new(&lease.user, &lease.key);
-        let mut shard = self.index.shard(&id).lock();
         let (user, key) = (&lease.user[..], &lease.key[..]);
-        let entry = match state::check_owner(shard.get(&id, user, key), lease.token, now) {
-            Ok(entry) => entry,
-            Err(reason) => {
-                bump(&self.counters.lease_lost);
-                return Err(Error::LeaseLost {
-                    token: lease.token,
-                    reason,
-                });
+        loop {
+            let mut shard = self.index.shard(&id).lock();
+            let entry = match state::check_owner(shard.get(&id, user, key), lease.token, now) {
+                Ok(entry) => entry,
+                Err(reason) => {
+                    bump(&self.counters.lease_lost);
+                    return Err(Error::LeaseLost {
+                        token: lease.token,
+                        reason,
+                    });
+                }
+            };
+            // A complete or release records the deadline the lease had, so that
+            // compaction keeps it while the lease could still look live.
+            let (deadline_ms, lease_ms) = match kind {
+                Kind::Release => (entry.deadline_ms, entry.deadline_ms),
+                Kind::Complete => (deadline_ms, entry.deadline_ms),
+                Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms),
+            };
+            let record = Record {
+                kind,
+                token: lease.token,
+                deadline_ms,
+                time_ms: now,
+                lease_ms,
+                fingerprint: lease.fingerprint.0,
+                user,
+                key,
+                status: outcome.status,
+                body: &outcome.body,
+            };
+            let Some(pos) = self.log.append(&record)? else {
+                // The segment is full: roll it without holding the shard lock
+                // (a roll fsyncs), then judge the lease again.
+                drop(shard);
+                self.log.make_room(record.encoded_len())?;
+                continue;
+            };
+            match kind {
+                Kind::Release => shard.remove(&id, user, key, pos),
+                Kind::Complete => shard.update(
+                    &id,
+                    user,
+                    key,
+                    Entry {
+                        token: lease.token,
+                        deadline_ms,
+                        pos,
+                        status: outcome.status,
+                        state: RecordState::Completed,
+                    },
+                ),
+                Kind::Extend | Kind::Begin => shard.update(
+                    &id,
+                    user,
+                    key,
+                    Entry {
+                        deadline_ms,
+                        pos,
+                        ..entry
+                    },
+                ),
             }
-        };
-        // A complete or release records the deadline the lease had, so that
-        // compaction keeps it while the lease could still look live.
-        let (deadline_ms, lease_ms) = match kind {
-            Kind::Release => (entry.deadline_ms, entry.deadline_ms),
-            Kind::Complete => (deadline_ms, entry.deadline_ms),
-            Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms),
-        };
-        let pos = self.log.append(&Record {
-            kind,
-            token: lease.token,
-            deadline_ms,
-            time_ms: now,
-            lease_ms,
-            fingerprint: lease.fingerprint.0,
-            user,
-            key,
-            status: outcome.status,
-            body: &outcome.body,
-        })?;
-        match kind {
-            Kind::Release => shard.remove(&id, user, key, pos),
-            Kind::Complete => shard.update(
-                &id,
-                user,
-                key,
-                Entry {
-                    token: lease.token,
-                    deadline_ms,
-                    pos,
-                    status: outcome.status,
-                    state: RecordState::Completed,
-                },
-            ),
-            Kind::Extend | Kind::Begin => shard.update(
-                &id,
-                user,
-                key,
-                Entry {
-                    deadline_ms,
-                    pos,
-                    ..entry
-                },
-            ),
+            return Ok(pos);
         }
-        Ok(pos)
     }
 }
 

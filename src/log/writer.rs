@@ -109,15 +109,20 @@ impl Log {
     /// Appends one record and returns its position. It is not durable yet:
     /// see [`Log::wait_durable`]. The caller holds the key's shard lock, so
     /// records of one key reach the log in the order of their transitions.
-    pub fn append(&self, record: &Record<'_>) -> Result<u64> {
+    ///
+    /// Returns `None`, changing nothing, when the record does not fit in
+    /// the active segment: the caller releases its shard lock, calls
+    /// [`Log::make_room`] (which may fsync) and tries again, so that no
+    /// shard lock is ever held across an fsync.
+    pub fn append(&self, record: &Record<'_>) -> Result<Option<u64>> {
         let mut w = self.writer.lock();
         if w.closed {
             return Err(Error::Closed);
         }
         self.check_poison()?;
         let len = record.encoded_len() as u64;
-        if w.offset + len > self.segment_bytes && w.offset > HEADER_LEN as u64 {
-            self.roll(&mut w)?;
+        if self.needs_roll(&w, len) {
+            return Ok(None);
         }
         let mut buf = std::mem::take(&mut w.buf);
         buf.clear();
@@ -145,7 +150,26 @@ impl Log {
         self.counters
             .records_written
             .fetch_add(1, Ordering::Relaxed);
-        Ok(at)
+        Ok(Some(at))
+    }
+
+    /// Whether a record of `len` bytes must go into a new segment.
+    fn needs_roll(&self, w: &Writer, len: u64) -> bool {
+        w.offset + len > self.segment_bytes && w.offset > HEADER_LEN as u64
+    }
+
+    /// Rolls to a new segment if a record of `len` bytes does not fit in
+    /// the active one. Call it holding no shard lock: it fsyncs.
+    pub fn make_room(&self, len: usize) -> Result<()> {
+        let mut w = self.writer.lock();
+        if w.closed {
+            return Err(Error::Closed);
+        }
+        self.check_poison()?;
+        if self.needs_roll(&w, len as u64) {
+            self.roll(&mut w)?;
+        }
+        Ok(())
     }
 
     /// Closes the active segment (synced) and starts the next one.
