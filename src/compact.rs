@@ -87,6 +87,11 @@ impl Compactor {
         }
     }
 
+    /// Holds off compaction until the guard is dropped.
+    pub fn pause(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.running.lock()
+    }
+
     /// Sweeps every shard; returns how many entries expired and the live
     /// entries per segment file.
     fn sweep(&self, now: u64) -> (u64, HashMap<u64, u64>) {

@@ -73,7 +73,9 @@ pub mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compact::CompactionReport;
-pub use engine::Engine;
+pub use engine::{
+    Engine, Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage,
+};
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};

@@ -46,7 +46,7 @@ use group_commit::GroupCommit;
 use record::{FRAME_HEADER, HEADER_LEN, Record, SegmentHeader, check_frame, frame_header};
 use writer::Writer;
 
-pub(crate) use open::Replayed;
+pub(crate) use open::{Replayed, verify};
 pub(crate) use rewrite::ClosedSegment;
 
 /// Bits of a position that hold the offset inside a segment.

@@ -52,6 +52,126 @@ fn read_all(file: &dyn StorageFile, path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// What a data directory holds, found without changing anything.
+struct Survey {
+    /// Segments by file number, with their header (`None` if torn).
+    found: BTreeMap<u64, (Arc<dyn StorageFile>, Option<SegmentHeader>)>,
+    /// Segments a complete compaction output replaces (still present).
+    replaced: Vec<u64>,
+    /// Unfinished compaction outputs.
+    temps: Vec<String>,
+}
+
+fn survey(storage: &dyn Storage) -> Result<Survey> {
+    let dir = storage.path("");
+    let names = storage.list().map_err(|e| Error::io(IoOp::List, &dir, e))?;
+    let temps = names
+        .iter()
+        .filter(|n| parse_name(n, ".log.tmp").is_some())
+        .cloned()
+        .collect();
+    let mut found = BTreeMap::new();
+    for id in names.iter().filter_map(|n| parse_name(n, ".log")) {
+        let name = segment_name(id);
+        let path = storage.path(&name);
+        let file = storage
+            .open(&name)
+            .map_err(|e| Error::io(IoOp::Open, &path, e))?;
+        let len = file.len().map_err(|e| Error::io(IoOp::Read, &path, e))?;
+        let mut head = [0u8; HEADER_LEN];
+        let header = if len >= HEADER_LEN as u64 {
+            file.read_at(0, &mut head)
+                .map_err(|e| Error::io(IoOp::Read, &path, e))?;
+            SegmentHeader::decode(&head).ok().filter(|h| h.file == id)
+        } else {
+            None
+        };
+        found.insert(id, (file, header));
+    }
+    let replaced = found
+        .values()
+        .filter_map(|(_, h)| h.map(|h| h.replaces))
+        .filter(|r| *r != 0 && found.contains_key(r))
+        .collect();
+    Ok(Survey {
+        found,
+        replaced,
+        temps,
+    })
+}
+
+/// File numbers in replay order; a segment with a torn header replays last
+/// (it can only be the active segment a crash interrupted while creating).
+fn replay_order(found: &BTreeMap<u64, (Arc<dyn StorageFile>, Option<SegmentHeader>)>) -> Vec<u64> {
+    let mut ordered: Vec<(u64, u64)> = found
+        .iter()
+        .map(|(&id, (_, h))| (h.map_or(u64::MAX, |h| h.order), id))
+        .collect();
+    ordered.sort_unstable();
+    ordered.into_iter().map(|(_, id)| id).collect()
+}
+
+/// What [`verify`] found in a data directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Verified {
+    pub segments: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// A torn tail at the end of the last segment (file, offset): what the
+    /// next open will cut off. Not corruption.
+    pub torn_tail: Option<(std::path::PathBuf, u64)>,
+}
+
+/// Checks every frame of every segment in `storage` without changing
+/// anything: the same rules as recovery.
+pub(crate) fn verify(storage: &dyn Storage) -> Result<Verified> {
+    let survey = survey(storage)?;
+    let mut found = survey.found;
+    for id in &survey.replaced {
+        found.remove(id);
+    }
+    let ordered = replay_order(&found);
+    let mut report = Verified::default();
+    for (i, &id) in ordered.iter().enumerate() {
+        let path = storage.path(&segment_name(id));
+        let Some((file, _)) = found.get(&id) else {
+            continue;
+        };
+        let buf = read_all(&**file, &path)?;
+        let mut records = 0;
+        let scanned = scan_segment(&buf, id, |_, _| records += 1);
+        let (_, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
+            file: path.clone(),
+            offset: offset as u64,
+            kind,
+        })?;
+        let last = i + 1 == ordered.len();
+        match tail {
+            Tail::Clean => {}
+            Tail::Torn { at } if last => report.torn_tail = Some((path, at as u64)),
+            Tail::TornHeader if last => report.torn_tail = Some((path, 0)),
+            Tail::Torn { at } => {
+                return Err(Error::Corrupt {
+                    file: path,
+                    offset: at as u64,
+                    kind: CorruptKind::Malformed,
+                });
+            }
+            Tail::TornHeader => {
+                return Err(Error::Corrupt {
+                    file: path,
+                    offset: 0,
+                    kind: CorruptKind::BadHeader,
+                });
+            }
+        }
+        report.segments += 1;
+        report.records += records;
+        report.bytes += buf.len() as u64;
+    }
+    Ok(report)
+}
+
 impl Log {
     /// Opens the log in `storage`: removes unfinished compaction outputs
     /// and segments a finished one replaced, replays every segment in order
@@ -65,45 +185,22 @@ impl Log {
         mut apply: impl FnMut(Record<'_>, u64, &Replayed<'_>),
     ) -> Result<Arc<Log>> {
         let dir = storage.path("");
-        let names = storage.list().map_err(|e| Error::io(IoOp::List, &dir, e))?;
-        for name in names.iter().filter(|n| parse_name(n, ".log.tmp").is_some()) {
+        let Survey {
+            mut found,
+            replaced,
+            temps,
+        } = survey(&*storage)?;
+        for name in &temps {
             storage
                 .remove(name)
                 .map_err(|e| Error::io(IoOp::Remove, storage.path(name), e))?;
         }
-
-        // Open every segment and read its header (a torn header replays
-        // last, as the active segment it must have been).
-        let mut found = BTreeMap::new();
-        for id in names.iter().filter_map(|n| parse_name(n, ".log")) {
-            let name = segment_name(id);
-            let path = storage.path(&name);
-            let file = storage
-                .open(&name)
-                .map_err(|e| Error::io(IoOp::Open, &path, e))?;
-            let len = file.len().map_err(|e| Error::io(IoOp::Read, &path, e))?;
-            let mut head = [0u8; HEADER_LEN];
-            let header = if len >= HEADER_LEN as u64 {
-                file.read_at(0, &mut head)
-                    .map_err(|e| Error::io(IoOp::Read, &path, e))?;
-                SegmentHeader::decode(&head).ok().filter(|h| h.file == id)
-            } else {
-                None
-            };
-            found.insert(id, (file, header));
-        }
-        let replaced: Vec<u64> = found
-            .values()
-            .filter_map(|(_, h)| h.map(|h| h.replaces))
-            .filter(|r| *r != 0)
-            .collect();
         for id in replaced {
-            if found.remove(&id).is_some() {
-                let name = segment_name(id);
-                storage
-                    .remove(&name)
-                    .map_err(|e| Error::io(IoOp::Remove, storage.path(&name), e))?;
-            }
+            found.remove(&id);
+            let name = segment_name(id);
+            storage
+                .remove(&name)
+                .map_err(|e| Error::io(IoOp::Remove, storage.path(&name), e))?;
         }
         // Always sync the directory: besides the removals above, a restart
         // after a failed roll (without a crash) can list a segment whose
@@ -111,11 +208,7 @@ impl Log {
         storage
             .sync_dir()
             .map_err(|e| Error::io(IoOp::SyncDir, &dir, e))?;
-        let mut ordered: Vec<(u64, u64)> = found
-            .iter()
-            .map(|(&id, (_, h))| (h.map_or(u64::MAX, |h| h.order), id))
-            .collect();
-        ordered.sort_unstable();
+        let ordered = replay_order(&found);
         let max_file = found.keys().copied().max().unwrap_or(0);
         let segments: BTreeMap<u64, Segment> = found
             .into_iter()
@@ -136,7 +229,7 @@ impl Log {
             storage: &*storage,
             segments: &segments,
         };
-        for (i, &(_, id)) in ordered.iter().enumerate() {
+        for (i, &id) in ordered.iter().enumerate() {
             let path = storage.path(&segment_name(id));
             let Some(segment) = segments.get(&id) else {
                 continue;

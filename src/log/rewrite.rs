@@ -50,6 +50,25 @@ impl Log {
         closed.into_iter().map(|(_, c)| c).collect()
     }
 
+    /// Every segment: file number, path, size, records, and whether it is
+    /// the active one; in file-number order.
+    pub fn segments(&self) -> Vec<(u64, std::path::PathBuf, u64, u64, bool)> {
+        let active = self.writer.lock().id();
+        self.segments
+            .read()
+            .iter()
+            .map(|(&id, s)| {
+                (
+                    id,
+                    self.storage.path(&segment_name(id)),
+                    s.file.len().unwrap_or(0),
+                    s.records.load(Ordering::Relaxed),
+                    id == active,
+                )
+            })
+            .collect()
+    }
+
     /// The file number of the active segment, its record count and size.
     pub fn active_segment(&self) -> (u64, u64, u64) {
         let id = self.writer.lock().id();

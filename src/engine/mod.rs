@@ -1,0 +1,322 @@
+//! The public API: [`Engine`]. This file opens and closes an engine and
+//! runs `begin`; `owner.rs` holds the lease owner's calls, `read.rs` the
+//! reading calls, `inspect.rs` the operator's views.
+
+mod inspect;
+mod owner;
+mod read;
+
+pub use inspect::{Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage};
+
+use read::Found;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::clock::{Clock, millis};
+use crate::compact::{Background, CompactionReport, Compactor};
+use crate::error::{Error, KeyPart, KeyProblem, Result};
+use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
+use crate::log::Log;
+use crate::log::record::{Kind, Record};
+use crate::notify::Waiters;
+use crate::options::Options;
+use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState};
+use crate::recovery;
+use crate::state::{self, BeginStep, LiveAnswer};
+use crate::stats::{Counters, Stats, bump};
+use crate::storage::{FsStorage, Storage};
+
+/// An idempotency store on one data directory. `Send + Sync`: share it with
+/// an `Arc`; every method takes `&self`.
+///
+/// Dropping the engine (or [`Engine::close`]) syncs the log and releases the
+/// directory lock, so the directory can be reopened at once.
+#[derive(Debug)]
+pub struct Engine {
+    options: Options,
+    clock: Arc<dyn Clock>,
+    index: Arc<Index>,
+    log: Arc<Log>,
+    compactor: Arc<Compactor>,
+    background: Option<Background>,
+    storage: Arc<dyn Storage>,
+    counters: Arc<Counters>,
+    waiters: Waiters,
+    closed: AtomicBool,
+}
+
+impl Engine {
+    /// Opens (creating if needed) the data directory `dir`, takes its lock
+    /// and recovers the records in it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`]; [`Error::Locked`] if another engine holds
+    /// `dir`; [`Error::Corrupt`] naming the file and offset of damage that
+    /// is not a torn tail; [`Error::Io`] if the files cannot be read.
+    pub fn open(dir: impl AsRef<std::path::Path>, options: Options) -> Result<Engine> {
+        options.validate()?;
+        let storage: Arc<dyn Storage> = Arc::new(FsStorage::open(dir)?);
+        Engine::open_with_storage(storage, options)
+    }
+
+    /// Opens an engine on any [`Storage`], such as a simulated disk.
+    ///
+    /// # Errors
+    /// As [`Engine::open`], except for the directory lock, which belongs to
+    /// the storage.
+    pub fn open_with_storage(storage: Arc<dyn Storage>, options: Options) -> Result<Engine> {
+        options.validate()?;
+        let counters = Arc::new(Counters::default());
+        let index = Arc::new(Index::new(options.shards));
+        let log = match recovery::recover(
+            Arc::clone(&storage),
+            &options,
+            Arc::clone(&counters),
+            &index,
+        ) {
+            Ok(log) => log,
+            Err(e) => {
+                storage.close();
+                return Err(e);
+            }
+        };
+        let compactor = Arc::new(Compactor::new(
+            Arc::clone(&log),
+            Arc::clone(&index),
+            Arc::clone(&options.clock),
+            Arc::clone(&counters),
+            options.compaction_threshold,
+        ));
+        let background = options
+            .background
+            .then(|| Background::start(Arc::clone(&compactor), options.sweep_interval));
+        Ok(Engine {
+            clock: Arc::clone(&options.clock),
+            options,
+            index,
+            log,
+            compactor,
+            background,
+            storage,
+            counters,
+            waiters: Waiters::default(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Claims `(user, key)` for a request with fingerprint `fingerprint`.
+    ///
+    /// Returns [`Begin::Started`] with a lease when the key is absent or
+    /// expired, [`Begin::Replay`] with the stored outcome when it was
+    /// completed for the same fingerprint, [`Begin::InFlight`] while another
+    /// live lease holds it, and [`Begin::Mismatch`] when a live record has
+    /// another fingerprint. Under `Durability::Sync`, `Started` is returned
+    /// only once the lease is on disk, and no answer reflects a state that
+    /// is not yet on disk.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for a bad user id or key (nothing changes);
+    /// [`Error::Closed`]; [`Error::Poisoned`], [`Error::Io`] or
+    /// [`Error::NoSpace`] if the log cannot be written.
+    pub fn begin(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+    ) -> Result<Begin> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        self.check_open()?;
+        self.validate(user, key)?;
+        bump(&self.counters.begins);
+        let id = KeyId::new(user, key);
+        let now = self.clock.now_ms();
+        // The position of an entry found to belong to another key with the
+        // same digest: it counts as absent for this key.
+        let mut foreign = None;
+        loop {
+            let mut shard = self.index.shard(&id).lock();
+            let current = shard.get(&id, user, key).filter(|e| Some(e.pos) != foreign);
+            let entry = match state::begin_step(current, now) {
+                BeginStep::Live(entry) => entry,
+                BeginStep::Start { expired, takeover } => {
+                    let token = self.log.next_token()?;
+                    let deadline_ms = deadline(now, self.options.lease_ttl);
+                    let record = Record {
+                        kind: Kind::Begin,
+                        token,
+                        deadline_ms,
+                        time_ms: now,
+                        lease_ms: deadline_ms,
+                        fingerprint: fingerprint.0,
+                        user,
+                        key,
+                        status: 0,
+                        body: b"",
+                    };
+                    let Some(pos) = self.log.append(&record)? else {
+                        drop(shard);
+                        self.log.make_room(record.encoded_len())?;
+                        continue;
+                    };
+                    let entry = Entry {
+                        token,
+                        deadline_ms,
+                        pos,
+                        status: 0,
+                        state: RecordState::InProgress,
+                    };
+                    shard.start(&id, user, key, entry, now);
+                    drop(shard);
+                    self.log.wait_durable(pos)?;
+                    bump(&self.counters.started);
+                    if expired {
+                        bump(&self.counters.expirations);
+                    }
+                    if takeover {
+                        bump(&self.counters.takeovers);
+                    }
+                    return Ok(Begin::Started(Lease {
+                        user: Bytes::copy_from_slice(user),
+                        key: Bytes::copy_from_slice(key),
+                        fingerprint,
+                        token,
+                        expires_at_ms: deadline_ms,
+                    }));
+                }
+            };
+            drop(shard);
+            let record = match self.read_record(&entry, user, key)? {
+                Found::Own(record) => record,
+                Found::Foreign => {
+                    foreign = Some(entry.pos);
+                    continue;
+                }
+                Found::Moved => continue,
+            };
+            let same = record.fingerprint == fingerprint.0;
+            return Ok(match state::live_answer(&entry, same, now) {
+                LiveAnswer::Replay => {
+                    bump(&self.counters.replays);
+                    Begin::Replay(Outcome {
+                        status: record.status,
+                        body: record.body,
+                    })
+                }
+                LiveAnswer::InFlight { retry_after } => {
+                    bump(&self.counters.in_flight);
+                    Begin::InFlight { retry_after }
+                }
+                LiveAnswer::Mismatch => {
+                    bump(&self.counters.mismatches);
+                    Begin::Mismatch
+                }
+            });
+        }
+    }
+
+    /// A snapshot of the engine's counters.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.counters.snapshot();
+        stats.live_records = self.index.len() as u64;
+        stats.segments = self.log.segment_count() as u64;
+        stats.disk_bytes = self.log.disk_bytes();
+        stats
+    }
+
+    /// Runs a full sweep and compaction now: drops every expired record from
+    /// memory, rolls the active segment if it holds records, and rewrites
+    /// every segment that holds a dead record, keeping only live records
+    /// (and, for at most a lease's lifetime, the records that ended a
+    /// lease). When it returns, the files it made dead are deleted.
+    /// Foreground calls keep running meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::Closed`]; [`Error::Io`] or [`Error::NoSpace`] if a file
+    /// cannot be written (every file is then as it was, or replaced by its
+    /// complete rewrite); [`Error::Poisoned`].
+    pub fn compact(&self) -> Result<CompactionReport> {
+        self.check_open()?;
+        self.compactor.run(true)
+    }
+
+    /// One background pass (only segments below the threshold), for tests.
+    #[cfg(test)]
+    pub(crate) fn compact_below_threshold(&self) -> Result<CompactionReport> {
+        self.compactor.run(false)
+    }
+
+    /// Syncs the log, stops background work and releases the directory
+    /// lock. Later calls fail with [`Error::Closed`]. Closing twice is fine.
+    ///
+    /// # Errors
+    /// The final sync's error ([`Error::Io`]), or [`Error::Poisoned`]; the
+    /// lock is released either way.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(background) = &self.background {
+            background.stop();
+        }
+        let result = self.log.close();
+        self.storage.close();
+        self.waiters.notify();
+        result
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Checks a user id and key against the options.
+    fn validate(&self, user: &[u8], key: &[u8]) -> Result<()> {
+        let bad = |part, problem| Err(Error::InvalidKey { part, problem });
+        if user.len() > self.options.max_user_len {
+            return bad(
+                KeyPart::User,
+                KeyProblem::TooLong {
+                    len: user.len(),
+                    max: self.options.max_user_len,
+                },
+            );
+        }
+        if key.is_empty() {
+            return bad(KeyPart::Key, KeyProblem::Empty);
+        }
+        if key.len() > self.options.max_key_len {
+            return bad(
+                KeyPart::Key,
+                KeyProblem::TooLong {
+                    len: key.len(),
+                    max: self.options.max_key_len,
+                },
+            );
+        }
+        if self.options.ascii_keys
+            && let Some((index, &byte)) =
+                key.iter().enumerate().find(|(_, b)| !b.is_ascii_graphic())
+        {
+            return bad(KeyPart::Key, KeyProblem::BadByte { index, byte });
+        }
+        Ok(())
+    }
+}
+
+/// `now + by` in ms, clamped to the latest deadline an entry can hold.
+fn deadline(now_ms: u64, by: Duration) -> u64 {
+    now_ms.saturating_add(millis(by)).min(MAX_DEADLINE_MS)
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}

@@ -1,0 +1,172 @@
+//! The owner's calls: `complete`, `release`, `extend`, all through
+//! [`Engine::owner_write`], which judges the lease and writes under the
+//! shard lock.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Engine, deadline};
+use crate::error::{Error, Result};
+use crate::index::{Entry, KeyId};
+use crate::log::record::{Kind, Record};
+use crate::outcome::{Lease, Outcome, RecordState};
+use crate::state;
+use crate::stats::bump;
+
+impl Engine {
+    /// Stores `outcome` for the lease's key, with the default `record_ttl`:
+    /// later `begin`s with the same fingerprint replay it.
+    ///
+    /// # Errors
+    /// [`Error::ResponseTooLarge`] (nothing changes; the lease can still
+    /// complete); [`Error::LeaseLost`] if the lease expired, was released or
+    /// taken over; [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
+    pub fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<()> {
+        self.complete_with_ttl(lease, outcome, self.options.record_ttl)
+    }
+
+    /// [`Engine::complete`] with a record TTL for this record only.
+    ///
+    /// # Errors
+    /// As [`Engine::complete`].
+    pub fn complete_with_ttl(&self, lease: &Lease, outcome: Outcome, ttl: Duration) -> Result<()> {
+        self.check_open()?;
+        if outcome.body.len() > self.options.max_response_len {
+            return Err(Error::ResponseTooLarge {
+                len: outcome.body.len(),
+                max: self.options.max_response_len,
+            });
+        }
+        let now = self.clock.now_ms();
+        let deadline_ms = deadline(now, ttl);
+        let pos = self.owner_write(lease, now, Kind::Complete, deadline_ms, &outcome)?;
+        bump(&self.counters.completions);
+        self.waiters.notify();
+        self.log.wait_durable(pos)
+    }
+
+    /// Gives up the lease's key: the record is forgotten, so a retry can
+    /// start the work again (use it for retryable failures, such as a 5xx).
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] if the lease no longer owns the key;
+    /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
+    pub fn release(&self, lease: &Lease) -> Result<()> {
+        self.check_open()?;
+        let now = self.clock.now_ms();
+        let none = Outcome {
+            status: 0,
+            body: Bytes::new(),
+        };
+        let pos = self.owner_write(lease, now, Kind::Release, 0, &none)?;
+        bump(&self.counters.releases);
+        self.waiters.notify();
+        self.log.wait_durable(pos)
+    }
+
+    /// Heartbeat: moves the lease's deadline to now + `by` and returns the
+    /// updated lease (same token).
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] if the lease already expired or was taken over;
+    /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
+    pub fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
+        self.check_open()?;
+        let now = self.clock.now_ms();
+        let deadline_ms = deadline(now, by);
+        let none = Outcome {
+            status: 0,
+            body: Bytes::new(),
+        };
+        let pos = self.owner_write(lease, now, Kind::Extend, deadline_ms, &none)?;
+        self.log.wait_durable(pos)?;
+        Ok(Lease {
+            expires_at_ms: deadline_ms,
+            ..lease.clone()
+        })
+    }
+
+    /// The write of an owner call: checks the lease owns the record, appends
+    /// the record and updates the index, all under the shard lock. Returns
+    /// the record's log position; the caller waits for durability.
+    pub(super) fn owner_write(
+        &self,
+        lease: &Lease,
+        now: u64,
+        kind: Kind,
+        deadline_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<u64> {
+        // A poisoned log refuses writes before anything else is judged: the
+        // index may show a state that never reached the disk.
+        self.log.check_poison()?;
+        let id = KeyId::new(&lease.user, &lease.key);
+        let (user, key) = (&lease.user[..], &lease.key[..]);
+        loop {
+            let mut shard = self.index.shard(&id).lock();
+            let entry = match state::check_owner(shard.get(&id, user, key), lease.token, now) {
+                Ok(entry) => entry,
+                Err(reason) => {
+                    bump(&self.counters.lease_lost);
+                    return Err(Error::LeaseLost {
+                        token: lease.token,
+                        reason,
+                    });
+                }
+            };
+            // A complete or release records the deadline the lease had, so that
+            // compaction keeps it while the lease could still look live.
+            let (deadline_ms, lease_ms) = match kind {
+                Kind::Release => (entry.deadline_ms, entry.deadline_ms),
+                Kind::Complete => (deadline_ms, entry.deadline_ms),
+                Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms),
+            };
+            let record = Record {
+                kind,
+                token: lease.token,
+                deadline_ms,
+                time_ms: now,
+                lease_ms,
+                fingerprint: lease.fingerprint.0,
+                user,
+                key,
+                status: outcome.status,
+                body: &outcome.body,
+            };
+            let Some(pos) = self.log.append(&record)? else {
+                // The segment is full: roll it without holding the shard lock
+                // (a roll fsyncs), then judge the lease again.
+                drop(shard);
+                self.log.make_room(record.encoded_len())?;
+                continue;
+            };
+            match kind {
+                Kind::Release => shard.remove(&id, user, key, pos),
+                Kind::Complete => shard.update(
+                    &id,
+                    user,
+                    key,
+                    Entry {
+                        token: lease.token,
+                        deadline_ms,
+                        pos,
+                        status: outcome.status,
+                        state: RecordState::Completed,
+                    },
+                ),
+                Kind::Extend | Kind::Begin => shard.update(
+                    &id,
+                    user,
+                    key,
+                    Entry {
+                        deadline_ms,
+                        pos,
+                        ..entry
+                    },
+                ),
+            }
+            return Ok(pos);
+        }
+    }
+}

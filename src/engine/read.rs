@@ -1,0 +1,174 @@
+//! The reading calls: `get` (memory only), `outcome` and `wait` (which read
+//! the body back from the log), and the lookup helpers `begin` shares.
+
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use crate::error::{CorruptKind, Error, Result};
+use crate::index::{Entry, KeyId};
+use crate::log::ReadRecord;
+use crate::outcome::{Outcome, RecordState, RecordView};
+
+/// How often `wait` looks again at a lease whose expiry only the engine's
+/// clock can tell.
+const WAIT_POLL: Duration = Duration::from_millis(10);
+
+impl Engine {
+    /// Looks at a record without touching the disk: its state, token,
+    /// deadlines and status. `None` if absent or expired.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; [`Error::Closed`].
+    pub fn get(&self, user: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> Result<Option<RecordView>> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        self.check_open()?;
+        self.validate(user, key)?;
+        Ok(self.lookup(user, key)?.map(|e| e.view()))
+    }
+
+    /// Loads the stored outcome of a completed, live record (reads the body
+    /// from the log). `None` if the record is absent, expired or in progress.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; [`Error::Closed`]; [`Error::Io`] or
+    /// [`Error::Corrupt`] if the body cannot be read back.
+    pub fn outcome(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Outcome>> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        self.check_open()?;
+        self.validate(user, key)?;
+        loop {
+            return match self.lookup(user, key)? {
+                Some(e) if e.state == RecordState::Completed => {
+                    match self.read_record(&e, user, key)? {
+                        Found::Own(record) => Ok(Some(Outcome {
+                            status: record.status,
+                            body: record.body,
+                        })),
+                        Found::Foreign => Ok(None),
+                        Found::Moved => continue,
+                    }
+                }
+                _ => Ok(None),
+            };
+        }
+    }
+
+    /// Blocks until the record of `(user, key)` is completed (returns its
+    /// outcome), released or expired (returns `None`), or `timeout` of wall
+    /// time passes (returns `None`). The timeout does not follow the
+    /// engine's clock. Returns at once if the record is absent or completed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`]; [`Error::Closed`] (also if the engine is
+    /// closed while waiting); [`Error::Io`] or [`Error::Corrupt`].
+    pub fn wait(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Option<Outcome>> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        self.check_open()?;
+        self.validate(user, key)?;
+        let start = Instant::now();
+        let _waiting = self.waiters.enter();
+        loop {
+            let seen = self.waiters.generation();
+            self.check_open()?;
+            match self.lookup(user, key)? {
+                None => return Ok(None),
+                Some(e) if e.state == RecordState::Completed => {
+                    match self.read_record(&e, user, key)? {
+                        Found::Own(record) => {
+                            return Ok(Some(Outcome {
+                                status: record.status,
+                                body: record.body,
+                            }));
+                        }
+                        Found::Foreign => return Ok(None),
+                        Found::Moved => continue,
+                    }
+                }
+                Some(_) => {
+                    let left = timeout.saturating_sub(start.elapsed());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    self.waiters.wait(seen, left.min(WAIT_POLL));
+                }
+            }
+        }
+    }
+
+    /// The live entry of `(user, key)`, once the state it shows is durable.
+    pub(super) fn lookup(&self, user: &[u8], key: &[u8]) -> Result<Option<Entry>> {
+        let id = KeyId::new(user, key);
+        let now = self.clock.now_ms();
+        let (entry, pos) = {
+            let shard = self.index.shard(&id).lock();
+            match shard.get(&id, user, key) {
+                Some(e) if e.is_live(now) => (Some(e), e.pos),
+                _ => (None, shard.removed_pos()),
+            }
+        };
+        self.log.wait_durable(pos)?;
+        Ok(entry)
+    }
+
+    /// Reads the record an entry points at, once durable, and tells whether
+    /// it is this key's.
+    pub(super) fn read_record(&self, entry: &Entry, user: &[u8], key: &[u8]) -> Result<Found> {
+        self.log.wait_durable(entry.pos)?;
+        let record = match self.log.read(entry.pos) {
+            Ok(record) => record,
+            // Compaction moved the record and retired its segment since the
+            // entry was read: look again, unless the entry still points
+            // there (then the segment is truly missing).
+            Err(
+                e @ Error::Corrupt {
+                    kind: CorruptKind::Dangling,
+                    ..
+                },
+            ) => {
+                let id = KeyId::new(user, key);
+                let now_at = self
+                    .index
+                    .shard(&id)
+                    .lock()
+                    .get(&id, user, key)
+                    .map(|e| e.pos);
+                return if now_at == Some(entry.pos) {
+                    Err(e)
+                } else {
+                    Ok(Found::Moved)
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        if record.user != user || record.key != key {
+            return Ok(Found::Foreign);
+        }
+        if record.token != entry.token {
+            return Err(Error::Corrupt {
+                file: self.log.path_of(entry.pos),
+                offset: self.log.offset_of(entry.pos),
+                kind: CorruptKind::WrongRecord,
+            });
+        }
+        Ok(Found::Own(record))
+    }
+}
+
+/// What reading an entry's record found.
+pub(super) enum Found {
+    /// The record, which belongs to the key asked about.
+    Own(ReadRecord),
+    /// A record of another key whose digest collides with this key's.
+    Foreign,
+    /// Nothing: compaction moved the record; look the entry up again.
+    Moved,
+}
