@@ -64,6 +64,7 @@ mod error;
 mod index;
 mod log;
 mod notify;
+mod once;
 mod options;
 mod outcome;
 mod recovery;
@@ -77,6 +78,7 @@ pub use engine::{
     Engine, Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage,
 };
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
+pub use once::{Delivery, Done, RunContext, RunError, RunOptions, WorkError};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
 pub use stats::Stats;

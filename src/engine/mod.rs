@@ -268,6 +268,11 @@ impl Engine {
         result
     }
 
+    /// The lease TTL this engine grants.
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        self.options.lease_ttl
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             Err(Error::Closed)

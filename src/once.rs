@@ -1,0 +1,268 @@
+//! The one-call API: [`Engine::run_once`] begins, runs the work only when
+//! this caller owns the key, stores or releases, and answers retries from
+//! the store; [`Engine::consume_once`] does the same for queue messages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::outcome::{Begin, Fingerprint, Lease, Outcome};
+
+/// How the work of [`Engine::run_once`] failed.
+#[derive(Debug)]
+pub enum WorkError<E> {
+    /// Worth retrying (a timeout, a 5xx from a dependency): the key is
+    /// released, so a retry runs the work again. `?` on any `E` gives this.
+    Retryable(E),
+    /// Final: the outcome to store (say, a 402 or 422 response) is replayed
+    /// to every retry, and the work does not run again.
+    Final(E, Outcome),
+}
+
+impl<E> From<E> for WorkError<E> {
+    fn from(error: E) -> WorkError<E> {
+        WorkError::Retryable(error)
+    }
+}
+
+/// Why [`Engine::run_once`] returned no outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError<E> {
+    /// Another caller is doing the work now (HTTP 409 with `Retry-After`).
+    #[error("the key is in flight; retry after {retry_after:?}")]
+    InFlight {
+        /// Time until the other caller's lease expires.
+        retry_after: Duration,
+    },
+    /// The key was used for a different request (HTTP 422).
+    #[error("the key was used for a different request")]
+    Mismatch,
+    /// The work failed; `stored` tells whether a final outcome was stored
+    /// (retries replay it) or the key was released (retries run again).
+    #[error("the work failed (outcome stored: {stored})")]
+    Work {
+        /// The work's error.
+        error: E,
+        /// Whether the failure's outcome was stored.
+        stored: bool,
+    },
+    /// The engine failed (I/O, a lost lease, bad input, closed).
+    #[error(transparent)]
+    Engine(#[from] Error),
+}
+
+/// The result of [`Engine::run_once`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// The outcome: fresh from the work, or the stored one.
+    pub outcome: Outcome,
+    /// Whether it was replayed from the store (the work did not run).
+    pub replayed: bool,
+}
+
+/// Knobs of [`Engine::run_once_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// While the work runs, extend the lease every `heartbeat` (by
+    /// `Options::lease_ttl`), so long work keeps its key. Default: off.
+    pub heartbeat: Option<Duration>,
+    /// When the key is in flight, wait up to this long for the other
+    /// caller's outcome before answering [`RunError::InFlight`]. Default: 0.
+    pub wait: Duration,
+}
+
+/// What the work sees of its claim.
+#[derive(Debug)]
+pub struct RunContext<'a> {
+    lease: &'a Lease,
+}
+
+impl RunContext<'_> {
+    /// The fencing token of this run: pass it to downstream systems so they
+    /// can refuse a late write from an older run of the same key.
+    pub fn token(&self) -> u64 {
+        self.lease.token()
+    }
+
+    /// The lease this run holds.
+    pub fn lease(&self) -> &Lease {
+        self.lease
+    }
+}
+
+/// Whether [`Engine::consume_once`] handled the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The handler ran and succeeded; the message id is recorded.
+    Processed,
+    /// The message id was seen before: the handler did not run.
+    Duplicate,
+}
+
+impl Engine {
+    /// Runs `work` at most once per `(user, key)` and request: begins with
+    /// the fingerprint of `request`; if this caller owns the key, runs
+    /// `work`, stores its outcome (or a [`WorkError::Final`] outcome), or
+    /// releases the key on a [`WorkError::Retryable`] error; if the key was
+    /// completed before, returns the stored outcome without running `work`.
+    ///
+    /// ```
+    /// # use idemkv::{Engine, Options, Outcome};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let engine = Engine::open(dir.path(), Options::default()).unwrap();
+    /// let charge = |_: &idemkv::RunContext<'_>| -> Result<Outcome, idemkv::WorkError<std::io::Error>> {
+    ///     Ok(Outcome { status: 201, body: "ch_1".into() })
+    /// };
+    /// let first = engine.run_once("user", "order-1", b"amount=10", charge).unwrap();
+    /// let retry = engine.run_once("user", "order-1", b"amount=10", charge).unwrap();
+    /// assert!(!first.replayed && retry.replayed);
+    /// assert_eq!(first.outcome, retry.outcome);
+    /// ```
+    ///
+    /// If `work` panics the key stays claimed until its lease expires.
+    ///
+    /// # Errors
+    /// [`RunError::InFlight`], [`RunError::Mismatch`], [`RunError::Work`],
+    /// or [`RunError::Engine`] for the engine's own errors.
+    pub fn run_once<E>(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        request: &[u8],
+        work: impl FnOnce(&RunContext<'_>) -> Result<Outcome, WorkError<E>>,
+    ) -> Result<Done, RunError<E>> {
+        self.run_once_with(user, key, request, RunOptions::default(), work)
+    }
+
+    /// [`Engine::run_once`] with a heartbeat for long work and a wait for
+    /// in-flight keys.
+    ///
+    /// # Errors
+    /// As [`Engine::run_once`].
+    pub fn run_once_with<E>(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        request: &[u8],
+        options: RunOptions,
+        work: impl FnOnce(&RunContext<'_>) -> Result<Outcome, WorkError<E>>,
+    ) -> Result<Done, RunError<E>> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        let fingerprint = Fingerprint::of(request);
+        let mut waited = false;
+        let lease = loop {
+            match self.begin(user, key, fingerprint)? {
+                Begin::Started(lease) => break lease,
+                Begin::Replay(outcome) => {
+                    return Ok(Done {
+                        outcome,
+                        replayed: true,
+                    });
+                }
+                Begin::Mismatch => return Err(RunError::Mismatch),
+                Begin::InFlight { retry_after } => {
+                    if waited || options.wait.is_zero() {
+                        return Err(RunError::InFlight { retry_after });
+                    }
+                    // Wait for the other caller, then ask again: its outcome
+                    // is replayed only through begin, which checks the
+                    // fingerprint; if it released or expired, this caller
+                    // takes over.
+                    waited = true;
+                    self.wait(user, key, options.wait)?;
+                }
+            }
+        };
+        let result = match options.heartbeat {
+            Some(every) if !every.is_zero() => self.with_heartbeat(&lease, every, work),
+            _ => work(&RunContext { lease: &lease }),
+        };
+        match result {
+            Ok(outcome) => {
+                self.complete(&lease, outcome.clone())?;
+                Ok(Done {
+                    outcome,
+                    replayed: false,
+                })
+            }
+            Err(WorkError::Final(error, outcome)) => {
+                self.complete(&lease, outcome)?;
+                Err(RunError::Work {
+                    error,
+                    stored: true,
+                })
+            }
+            Err(WorkError::Retryable(error)) => {
+                self.release(&lease)?;
+                Err(RunError::Work {
+                    error,
+                    stored: false,
+                })
+            }
+        }
+    }
+
+    /// Runs `work` while a scoped thread extends `lease` every `every`.
+    fn with_heartbeat<T>(
+        &self,
+        lease: &Lease,
+        every: Duration,
+        work: impl FnOnce(&RunContext<'_>) -> T,
+    ) -> T {
+        let done: Arc<(Mutex<bool>, Condvar)> = Arc::default();
+        std::thread::scope(|s| {
+            let beat = Arc::clone(&done);
+            s.spawn(move || {
+                let (flag, cv) = &*beat;
+                let mut finished = flag.lock();
+                while !*finished {
+                    if cv.wait_for(&mut finished, every).timed_out() && !*finished {
+                        // A failed extend (lease lost, engine closed) ends
+                        // the heartbeat; complete will report it.
+                        if self.extend(lease, self.lease_ttl()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            let out = work(&RunContext { lease });
+            let (flag, cv) = &*done;
+            *flag.lock() = true;
+            cv.notify_all();
+            out
+        })
+    }
+
+    /// Processes a queue message at most once: `user` is the topic or
+    /// partition, `message_id` the message's id, `payload` its body (a
+    /// redelivery with another payload under the same id is a
+    /// [`RunError::Mismatch`]). Runs `handler` only for a message not seen
+    /// before; a handler error releases the id, so a redelivery runs again.
+    ///
+    /// # Errors
+    /// [`RunError::InFlight`] while another consumer handles the same
+    /// message (nack it for redelivery); otherwise as [`Engine::run_once`].
+    pub fn consume_once<E>(
+        &self,
+        topic: impl AsRef<[u8]>,
+        message_id: impl AsRef<[u8]>,
+        payload: &[u8],
+        handler: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Delivery, RunError<E>> {
+        let done = self.run_once(topic, message_id, payload, |_| {
+            handler()?;
+            Ok(Outcome {
+                status: 0,
+                body: bytes::Bytes::new(),
+            })
+        })?;
+        Ok(if done.replayed {
+            Delivery::Duplicate
+        } else {
+            Delivery::Processed
+        })
+    }
+}
