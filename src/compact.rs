@@ -172,6 +172,17 @@ impl Compactor {
             Ordering::Relaxed,
         );
         c.live_bytes.store(live_bytes, Ordering::Relaxed);
+        crate::trace::event!(
+            info,
+            expired = report.expired,
+            segments = report.segments_compacted,
+            kept = report.records_kept,
+            dropped = report.records_dropped,
+            bytes_before = report.bytes_before,
+            bytes_after = report.bytes_after,
+            micros = report.duration.as_micros() as u64,
+            "compaction pass"
+        );
         Ok(report)
     }
 

@@ -71,6 +71,7 @@ mod recovery;
 mod state;
 mod stats;
 pub mod storage;
+mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compact::CompactionReport;

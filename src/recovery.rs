@@ -25,6 +25,8 @@ pub(crate) fn recover(
     counters: Arc<Counters>,
     index: &Index,
 ) -> Result<Arc<Log>> {
+    #[cfg(feature = "tracing")]
+    let started = std::time::Instant::now();
     let mut failure: Option<Error> = None;
     let log = Log::open(storage, options, counters, |record, pos, replayed| {
         if failure.is_none()
@@ -40,6 +42,13 @@ pub(crate) fn recover(
     for shard in index.shards() {
         shard.lock().drop_expired(now);
     }
+    crate::trace::event!(
+        info,
+        live = index.len(),
+        segments = log.segment_count(),
+        micros = started.elapsed().as_micros() as u64,
+        "recovered"
+    );
     Ok(log)
 }
 

@@ -204,7 +204,13 @@ impl Log {
     }
 
     fn set_poison(&self, kind: io::ErrorKind) {
-        let _ = self.poison.set(kind);
+        if self.poison.set(kind).is_ok() {
+            crate::trace::event!(
+                error,
+                ?kind,
+                "write or fsync failed: the log refuses writes until reopened"
+            );
+        }
     }
 
     /// Poisons the log if `result` is an I/O failure.

@@ -273,6 +273,7 @@ impl Log {
                 }
             };
             if end < len {
+                crate::trace::event!(warn, file = %path.display(), offset = end, dropped = len - end, "cutting off a torn tail");
                 file.truncate(end as u64)
                     .and_then(|()| file.sync())
                     .map_err(|e| Error::io(IoOp::Truncate, &path, e))?;
