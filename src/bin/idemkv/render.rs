@@ -1,329 +1,20 @@
-//! `idemkv`: the operator CLI for an idemkv data directory.
-//!
-//! ```sh
-//! cargo run --release --features cli --bin idemkv -- verify DIR
-//! ```
-//!
-//! Commands: `stats` (records by state, segments, live and dead bytes,
-//! counters; `--json` for one JSON object), `verify` (a read-only check of
-//! every record), `get` (one record and its body), `dump` (every live record
-//! as JSON lines) and `compact` (a full sweep and compaction).
-//!
-//! # Output conventions
-//! - JSON is written by hand (no serde). A byte string that is valid UTF-8
-//!   is a JSON string, escaped per RFC 8259 (`\"`, `\\`, `\n`, `\r`, `\t`,
-//!   `\b`, `\f`, other control characters as `\u00XX`). A byte string that
-//!   is not valid UTF-8 is written as lowercase hex under the field name
-//!   with `_hex` appended (`user_hex`, `key_hex`, `body_hex`), never as a
-//!   lossy string.
-//! - Deadlines are milliseconds since the Unix epoch; the text output adds
-//!   the UTC time (`2100-01-01T00:00:30.000Z`).
-//! - Errors are one line on stderr; the exit codes are in [`LONG_ABOUT`].
+//! Output: the text and JSON the commands print.
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
+use std::io::Write;
+use std::path::Path;
 
-use std::ffi::{OsStr, OsString};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
 use idemkv::{
-    CompactionReport, CorruptKind, Engine, Error, Inspection, Options, RecordDump, RecordState,
-    RecordView, SegmentInfo, Stats, VerifyReport,
+    CompactionReport, Inspection, RecordDump, RecordState, RecordView, SegmentInfo, Stats,
+    VerifyReport,
 };
 
-/// Success.
-const EXIT_OK: u8 = 0;
-/// Any error other than corruption: a missing or locked directory, I/O, a
-/// rejected argument.
-const EXIT_ERROR: u8 = 1;
-/// The log holds damaged bytes (not a torn tail).
-const EXIT_CORRUPT: u8 = 2;
-/// `get`: no live record for the user and key.
-const EXIT_NOT_FOUND: u8 = 3;
-/// The command line did not parse (sysexits' `EX_USAGE`).
-const EXIT_USAGE: u8 = 64;
+use crate::Failure;
 
-/// The `--help` text: what the commands touch, and the exit codes.
-const LONG_ABOUT: &str = "\
-Inspect and maintain an idemkv data directory.
-
-Every command except `verify` opens the directory as an engine (no
-background thread, Durability::Sync). Like any open, this cuts off a torn
-tail left by a crash, and it fails if a running engine holds the directory.
-These commands refuse a directory that holds no segment file (*.log), so a
-mistyped path is never turned into a new data directory. `verify` only
-reads (it holds the directory lock while it does).
-
-JSON output (`stats --json`, `dump`) is written by hand: byte strings that
-are valid UTF-8 are JSON strings; others are lowercase hex under a field
-name ending in `_hex` (`user_hex`, `key_hex`, `body_hex`).
-
-Exit codes:
-  0   success (verify: no corruption; a torn tail is reported, but it is
-      not corruption)
-  1   error: no such directory, directory locked by a running engine, I/O
-      error, rejected user id or key
-  2   corruption: damaged bytes in the log; stderr names the file and
-      offset (`corrupt: <file> at offset <n>: <kind>`)
-  3   get: no live record for that user and key
-  64  the command line did not parse";
-
-/// The operator CLI for an idemkv data directory.
-#[derive(Debug, Parser)]
-#[command(name = "idemkv", version, about, long_about = LONG_ABOUT)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Records by state, segments, live and dead bytes, and the counters.
-    Stats {
-        /// The data directory.
-        dir: PathBuf,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Check every record's checksum and layout without changing anything.
-    ///
-    /// Exit 0 if healthy (a torn tail is reported, but is not corruption),
-    /// 2 on corruption (stderr names the file and offset), 1 on other errors.
-    Verify {
-        /// The data directory.
-        dir: PathBuf,
-    },
-    /// Show one record: state, token, deadlines, status and body.
-    ///
-    /// The body is printed as is if it is UTF-8, else as hex. Exit 3 if
-    /// there is no live record for the user and key.
-    Get {
-        /// The data directory.
-        dir: PathBuf,
-        /// The user id (the key's scope; may be empty).
-        user: OsString,
-        /// The idempotency key.
-        key: OsString,
-    },
-    /// Print every live record as one JSON object per line (in no
-    /// particular order).
-    Dump {
-        /// The data directory.
-        dir: PathBuf,
-        /// Only the records of this user id.
-        #[arg(long)]
-        user: Option<OsString>,
-    },
-    /// Sweep expired records and rewrite every segment holding dead ones.
-    Compact {
-        /// The data directory.
-        dir: PathBuf,
-    },
-}
-
-/// Why a command failed; each kind has its own exit code.
-#[derive(Debug)]
-enum Failure {
-    /// Exit 1 with this message.
-    Error(String),
-    /// Exit 2: damage in the log.
-    Corrupt {
-        file: PathBuf,
-        offset: u64,
-        kind: CorruptKind,
-    },
-    /// Exit 3 with this message.
-    NotFound(String),
-}
-
-impl From<Error> for Failure {
-    fn from(err: Error) -> Failure {
-        match err {
-            Error::Corrupt { file, offset, kind } => Failure::Corrupt { file, offset, kind },
-            Error::Locked { dir } => {
-                Failure::Error(format!("{} is locked by a running engine", dir.display()))
-            }
-            other => Failure::Error(with_sources(&other)),
-        }
-    }
-}
-
-impl From<io::Error> for Failure {
-    fn from(err: io::Error) -> Failure {
-        Failure::Error(format!("cannot write the output: {err}"))
-    }
-}
-
-impl Failure {
-    /// Prints the one-line message on stderr and gives the exit code.
-    fn report(self) -> ExitCode {
-        let (code, line) = match self {
-            Failure::Error(msg) => (EXIT_ERROR, format!("error: {msg}")),
-            Failure::Corrupt { file, offset, kind } => {
-                let file = if file.as_os_str().is_empty() {
-                    "<unknown file>".to_owned()
-                } else {
-                    file.display().to_string()
-                };
-                (
-                    EXIT_CORRUPT,
-                    format!("corrupt: {file} at offset {offset}: {kind}"),
-                )
-            }
-            Failure::NotFound(msg) => (EXIT_NOT_FOUND, format!("not found: {msg}")),
-        };
-        // Nothing more to do if stderr itself is gone.
-        let _ = writeln!(io::stderr().lock(), "{line}");
-        ExitCode::from(code)
-    }
-}
-
-/// An error and its sources on one line: `a: b: c`.
-fn with_sources(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
-
-fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            // `--help` and `--version` are not errors.
-            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
-    };
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
-    let result = run(cli.command, &mut out).and_then(|()| out.flush().map_err(Failure::from));
-    match result {
-        Ok(()) => ExitCode::from(EXIT_OK),
-        Err(failure) => {
-            // Whatever was printed before the failure goes out first.
-            let _ = out.flush();
-            failure.report()
-        }
-    }
-}
-
-fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
-    match command {
-        Command::Stats { dir, json } => {
-            let engine = open(&dir)?;
-            let inspection = engine.inspect();
-            let stats = engine.stats();
-            engine.close()?;
-            if json {
-                stats_json(out, &dir, &inspection, &stats)
-            } else {
-                stats_text(out, &dir, &inspection, &stats)
-            }
-        }
-        Command::Verify { dir } => {
-            require_dir(&dir)?;
-            let report = idemkv::verify(&dir)?;
-            verify_text(out, &dir, &report)
-        }
-        Command::Get { dir, user, key } => {
-            let engine = open(&dir)?;
-            let (user, key) = (user.as_encoded_bytes(), key.as_encoded_bytes());
-            let view = engine.get(user, key)?;
-            let body = match view {
-                Some(v) if v.state == RecordState::Completed => {
-                    engine.outcome(user, key)?.map(|o| o.body)
-                }
-                _ => None,
-            };
-            engine.close()?;
-            let Some(view) = view else {
-                return Err(Failure::NotFound(format!(
-                    "no live record for user {} and key {}",
-                    text_or_hex(user),
-                    text_or_hex(key)
-                )));
-            };
-            get_text(out, user, key, &view, body.as_deref())
-        }
-        Command::Dump { dir, user } => {
-            let engine = open(&dir)?;
-            let mut written: io::Result<()> = Ok(());
-            engine.for_each_record(user.as_deref().map(OsStr::as_encoded_bytes), |record| {
-                if written.is_ok() {
-                    written = writeln!(out, "{}", dump_line(record));
-                }
-            })?;
-            engine.close()?;
-            Ok(written?)
-        }
-        Command::Compact { dir } => {
-            let engine = open(&dir)?;
-            let report = engine.compact()?;
-            engine.close()?;
-            compact_text(out, &dir, &report)
-        }
-    }
-}
-
-/// Fails unless `dir` is an existing directory.
-fn require_dir(dir: &Path) -> Result<(), Failure> {
-    match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(Failure::Error(format!(
-            "{} is not a directory",
-            dir.display()
-        ))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Error(format!(
-            "no data directory at {}",
-            dir.display()
-        ))),
-        Err(e) => Err(Failure::Error(format!(
-            "cannot open {}: {e}",
-            dir.display()
-        ))),
-    }
-}
-
-/// Opens the engine on an existing data directory. Checks first, because
-/// `Engine::open` creates a missing directory and an empty log.
-fn open(dir: &Path) -> Result<Engine, Failure> {
-    require_dir(dir)?;
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Failure::Error(format!("cannot list {}: {e}", dir.display())))?;
-    let mut has_segment = false;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| Failure::Error(format!("cannot list {}: {e}", dir.display())))?;
-        if entry.file_name().as_encoded_bytes().ends_with(b".log") {
-            has_segment = true;
-            break;
-        }
-    }
-    if !has_segment {
-        return Err(Failure::Error(format!(
-            "no idemkv data in {} (no segment file *.log)",
-            dir.display()
-        )));
-    }
-    let options = Options {
-        background: false,
-        ..Options::default()
-    };
-    Ok(Engine::open(dir, options)?)
-}
-
-// ---------------------------------------------------------------- verify
-
-fn verify_text(out: &mut impl Write, dir: &Path, report: &VerifyReport) -> Result<(), Failure> {
+pub(crate) fn verify_text(
+    out: &mut impl Write,
+    dir: &Path,
+    report: &VerifyReport,
+) -> Result<(), Failure> {
     writeln!(
         out,
         "ok: {}: no corruption (segments: {}, records: {}, bytes: {})",
@@ -346,7 +37,7 @@ fn verify_text(out: &mut impl Write, dir: &Path, report: &VerifyReport) -> Resul
 
 // ---------------------------------------------------------------- get
 
-fn get_text(
+pub(crate) fn get_text(
     out: &mut impl Write,
     user: &[u8],
     key: &[u8],
@@ -383,7 +74,7 @@ fn get_text(
 }
 
 /// `4102444830000 ms (2100-01-01T00:00:30.000Z)`, or `-`.
-fn deadline(ms: Option<u64>) -> String {
+pub(crate) fn deadline(ms: Option<u64>) -> String {
     match ms {
         Some(ms) => format!("{ms} ms ({})", utc(ms)),
         None => "-".to_owned(),
@@ -393,7 +84,7 @@ fn deadline(ms: Option<u64>) -> String {
 // ---------------------------------------------------------------- dump
 
 /// One record as a JSON object (no newline).
-fn dump_line(record: &RecordDump) -> String {
+pub(crate) fn dump_line(record: &RecordDump) -> String {
     let view = &record.view;
     let mut obj = JsonObject::new();
     obj.bytes("user", &record.user);
@@ -418,7 +109,7 @@ fn dump_line(record: &RecordDump) -> String {
 
 /// The estimated live bytes of a segment: its size times its live fraction
 /// (the estimate compaction uses).
-fn live_bytes(seg: &SegmentInfo) -> u64 {
+pub(crate) fn live_bytes(seg: &SegmentInfo) -> u64 {
     if seg.records == 0 {
         return 0;
     }
@@ -428,14 +119,14 @@ fn live_bytes(seg: &SegmentInfo) -> u64 {
 }
 
 /// Bytes on disk, estimated live bytes, estimated dead bytes.
-fn byte_totals(inspection: &Inspection) -> (u64, u64, u64) {
+pub(crate) fn byte_totals(inspection: &Inspection) -> (u64, u64, u64) {
     let disk: u64 = inspection.segments.iter().map(|s| s.bytes).sum();
     let live: u64 = inspection.segments.iter().map(live_bytes).sum();
     (disk, live, disk.saturating_sub(live))
 }
 
 /// Every [`Stats`] counter with its name.
-fn counters(s: &Stats) -> [(&'static str, u64); 21] {
+pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 21] {
     [
         ("begins", s.begins),
         ("started", s.started),
@@ -461,14 +152,14 @@ fn counters(s: &Stats) -> [(&'static str, u64); 21] {
     ]
 }
 
-fn segment_name(seg: &SegmentInfo) -> String {
+pub(crate) fn segment_name(seg: &SegmentInfo) -> String {
     match seg.path.file_name() {
         Some(name) => name.to_string_lossy().into_owned(),
         None => seg.path.display().to_string(),
     }
 }
 
-fn stats_text(
+pub(crate) fn stats_text(
     out: &mut impl Write,
     dir: &Path,
     inspection: &Inspection,
@@ -515,7 +206,7 @@ fn stats_text(
     Ok(())
 }
 
-fn stats_json(
+pub(crate) fn stats_json(
     out: &mut impl Write,
     dir: &Path,
     inspection: &Inspection,
@@ -560,7 +251,7 @@ fn stats_json(
 
 // ---------------------------------------------------------------- compact
 
-fn compact_text(
+pub(crate) fn compact_text(
     out: &mut impl Write,
     dir: &Path,
     report: &CompactionReport,
@@ -590,7 +281,7 @@ fn compact_text(
 
 // ---------------------------------------------------------------- formats
 
-fn state_name(state: RecordState) -> &'static str {
+pub(crate) fn state_name(state: RecordState) -> &'static str {
     match state {
         RecordState::InProgress => "in_progress",
         RecordState::Completed => "completed",
@@ -598,7 +289,7 @@ fn state_name(state: RecordState) -> &'static str {
 }
 
 /// Bytes as text if UTF-8, else `hex:` and lowercase hex.
-fn text_or_hex(bytes: &[u8]) -> String {
+pub(crate) fn text_or_hex(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_owned(),
         Err(_) => format!("hex:{}", hex(bytes)),
@@ -606,7 +297,7 @@ fn text_or_hex(bytes: &[u8]) -> String {
 }
 
 /// Lowercase hex, two digits a byte.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         s.push(nibble(b >> 4));
@@ -615,12 +306,12 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn nibble(n: u8) -> char {
+pub(crate) fn nibble(n: u8) -> char {
     char::from_digit(u32::from(n), 16).unwrap_or('?')
 }
 
 /// A JSON string literal, quotes included (RFC 8259 escaping).
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -647,7 +338,7 @@ fn json_string(s: &str) -> String {
 }
 
 /// A JSON object built field by field, in insertion order.
-struct JsonObject {
+pub(crate) struct JsonObject {
     buf: String,
 }
 
@@ -698,7 +389,7 @@ impl JsonObject {
 }
 
 /// `ms` since the Unix epoch as UTC: `2100-01-01T00:00:30.000Z`.
-fn utc(ms: u64) -> String {
+pub(crate) fn utc(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, day_secs) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days);
@@ -713,7 +404,7 @@ fn utc(ms: u64) -> String {
 
 /// Year, month and day of the `days`-th day after 1970-01-01 (Howard
 /// Hinnant's `civil_from_days`, for days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z - era * 146_097;

@@ -1,0 +1,324 @@
+//! `idemkv`: the operator CLI for an idemkv data directory.
+//!
+//! ```sh
+//! cargo run --release --features cli --bin idemkv -- verify DIR
+//! ```
+//!
+//! Commands: `stats` (records by state, segments, live and dead bytes,
+//! counters; `--json` for one JSON object), `verify` (a read-only check of
+//! every record), `get` (one record and its body), `dump` (every live record
+//! as JSON lines) and `compact` (a full sweep and compaction).
+//!
+//! # Output conventions
+//! - JSON is written by hand (no serde). A byte string that is valid UTF-8
+//!   is a JSON string, escaped per RFC 8259 (`\"`, `\\`, `\n`, `\r`, `\t`,
+//!   `\b`, `\f`, other control characters as `\u00XX`). A byte string that
+//!   is not valid UTF-8 is written as lowercase hex under the field name
+//!   with `_hex` appended (`user_hex`, `key_hex`, `body_hex`), never as a
+//!   lossy string.
+//! - Deadlines are milliseconds since the Unix epoch; the text output adds
+//!   the UTC time (`2100-01-01T00:00:30.000Z`).
+//! - Errors are one line on stderr; the exit codes are in [`LONG_ABOUT`].
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use idemkv::{CorruptKind, Engine, Error, Options, RecordState};
+
+mod render;
+use render::*;
+
+/// Success.
+const EXIT_OK: u8 = 0;
+/// Any error other than corruption: a missing or locked directory, I/O, a
+/// rejected argument.
+const EXIT_ERROR: u8 = 1;
+/// The log holds damaged bytes (not a torn tail).
+const EXIT_CORRUPT: u8 = 2;
+/// `get`: no live record for the user and key.
+const EXIT_NOT_FOUND: u8 = 3;
+/// The command line did not parse (sysexits' `EX_USAGE`).
+const EXIT_USAGE: u8 = 64;
+
+/// The `--help` text: what the commands touch, and the exit codes.
+const LONG_ABOUT: &str = "\
+Inspect and maintain an idemkv data directory.
+
+Every command except `verify` opens the directory as an engine (no
+background thread, Durability::Sync). Like any open, this cuts off a torn
+tail left by a crash, and it fails if a running engine holds the directory.
+These commands refuse a directory that holds no segment file (*.log), so a
+mistyped path is never turned into a new data directory. `verify` only
+reads (it holds the directory lock while it does).
+
+JSON output (`stats --json`, `dump`) is written by hand: byte strings that
+are valid UTF-8 are JSON strings; others are lowercase hex under a field
+name ending in `_hex` (`user_hex`, `key_hex`, `body_hex`).
+
+Exit codes:
+  0   success (verify: no corruption; a torn tail is reported, but it is
+      not corruption)
+  1   error: no such directory, directory locked by a running engine, I/O
+      error, rejected user id or key
+  2   corruption: damaged bytes in the log; stderr names the file and
+      offset (`corrupt: <file> at offset <n>: <kind>`)
+  3   get: no live record for that user and key
+  64  the command line did not parse";
+
+/// The operator CLI for an idemkv data directory.
+#[derive(Debug, Parser)]
+#[command(name = "idemkv", version, about, long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Records by state, segments, live and dead bytes, and the counters.
+    Stats {
+        /// The data directory.
+        dir: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every record's checksum and layout without changing anything.
+    ///
+    /// Exit 0 if healthy (a torn tail is reported, but is not corruption),
+    /// 2 on corruption (stderr names the file and offset), 1 on other errors.
+    Verify {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Show one record: state, token, deadlines, status and body.
+    ///
+    /// The body is printed as is if it is UTF-8, else as hex. Exit 3 if
+    /// there is no live record for the user and key.
+    Get {
+        /// The data directory.
+        dir: PathBuf,
+        /// The user id (the key's scope; may be empty).
+        user: OsString,
+        /// The idempotency key.
+        key: OsString,
+    },
+    /// Print every live record as one JSON object per line (in no
+    /// particular order).
+    Dump {
+        /// The data directory.
+        dir: PathBuf,
+        /// Only the records of this user id.
+        #[arg(long)]
+        user: Option<OsString>,
+    },
+    /// Sweep expired records and rewrite every segment holding dead ones.
+    Compact {
+        /// The data directory.
+        dir: PathBuf,
+    },
+}
+
+/// Why a command failed; each kind has its own exit code.
+#[derive(Debug)]
+enum Failure {
+    /// Exit 1 with this message.
+    Error(String),
+    /// Exit 2: damage in the log.
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        kind: CorruptKind,
+    },
+    /// Exit 3 with this message.
+    NotFound(String),
+}
+
+impl From<Error> for Failure {
+    fn from(err: Error) -> Failure {
+        match err {
+            Error::Corrupt { file, offset, kind } => Failure::Corrupt { file, offset, kind },
+            Error::Locked { dir } => {
+                Failure::Error(format!("{} is locked by a running engine", dir.display()))
+            }
+            other => Failure::Error(with_sources(&other)),
+        }
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(err: io::Error) -> Failure {
+        Failure::Error(format!("cannot write the output: {err}"))
+    }
+}
+
+impl Failure {
+    /// Prints the one-line message on stderr and gives the exit code.
+    fn report(self) -> ExitCode {
+        let (code, line) = match self {
+            Failure::Error(msg) => (EXIT_ERROR, format!("error: {msg}")),
+            Failure::Corrupt { file, offset, kind } => {
+                let file = if file.as_os_str().is_empty() {
+                    "<unknown file>".to_owned()
+                } else {
+                    file.display().to_string()
+                };
+                (
+                    EXIT_CORRUPT,
+                    format!("corrupt: {file} at offset {offset}: {kind}"),
+                )
+            }
+            Failure::NotFound(msg) => (EXIT_NOT_FOUND, format!("not found: {msg}")),
+        };
+        // Nothing more to do if stderr itself is gone.
+        let _ = writeln!(io::stderr().lock(), "{line}");
+        ExitCode::from(code)
+    }
+}
+
+/// An error and its sources on one line: `a: b: c`.
+fn with_sources(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--help` and `--version` are not errors.
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let result = run(cli.command, &mut out).and_then(|()| out.flush().map_err(Failure::from));
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(failure) => {
+            // Whatever was printed before the failure goes out first.
+            let _ = out.flush();
+            failure.report()
+        }
+    }
+}
+
+fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
+    match command {
+        Command::Stats { dir, json } => {
+            let engine = open(&dir)?;
+            let inspection = engine.inspect();
+            let stats = engine.stats();
+            engine.close()?;
+            if json {
+                stats_json(out, &dir, &inspection, &stats)
+            } else {
+                stats_text(out, &dir, &inspection, &stats)
+            }
+        }
+        Command::Verify { dir } => {
+            require_dir(&dir)?;
+            let report = idemkv::verify(&dir)?;
+            verify_text(out, &dir, &report)
+        }
+        Command::Get { dir, user, key } => {
+            let engine = open(&dir)?;
+            let (user, key) = (user.as_encoded_bytes(), key.as_encoded_bytes());
+            let view = engine.get(user, key)?;
+            let body = match view {
+                Some(v) if v.state == RecordState::Completed => {
+                    engine.outcome(user, key)?.map(|o| o.body)
+                }
+                _ => None,
+            };
+            engine.close()?;
+            let Some(view) = view else {
+                return Err(Failure::NotFound(format!(
+                    "no live record for user {} and key {}",
+                    text_or_hex(user),
+                    text_or_hex(key)
+                )));
+            };
+            get_text(out, user, key, &view, body.as_deref())
+        }
+        Command::Dump { dir, user } => {
+            let engine = open(&dir)?;
+            let mut written: io::Result<()> = Ok(());
+            engine.for_each_record(user.as_deref().map(OsStr::as_encoded_bytes), |record| {
+                if written.is_ok() {
+                    written = writeln!(out, "{}", dump_line(record));
+                }
+            })?;
+            engine.close()?;
+            Ok(written?)
+        }
+        Command::Compact { dir } => {
+            let engine = open(&dir)?;
+            let report = engine.compact()?;
+            engine.close()?;
+            compact_text(out, &dir, &report)
+        }
+    }
+}
+
+/// Fails unless `dir` is an existing directory.
+fn require_dir(dir: &Path) -> Result<(), Failure> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Failure::Error(format!(
+            "{} is not a directory",
+            dir.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Error(format!(
+            "no data directory at {}",
+            dir.display()
+        ))),
+        Err(e) => Err(Failure::Error(format!(
+            "cannot open {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Opens the engine on an existing data directory. Checks first, because
+/// `Engine::open` creates a missing directory and an empty log.
+fn open(dir: &Path) -> Result<Engine, Failure> {
+    require_dir(dir)?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Failure::Error(format!("cannot list {}: {e}", dir.display())))?;
+    let mut has_segment = false;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| Failure::Error(format!("cannot list {}: {e}", dir.display())))?;
+        if entry.file_name().as_encoded_bytes().ends_with(b".log") {
+            has_segment = true;
+            break;
+        }
+    }
+    if !has_segment {
+        return Err(Failure::Error(format!(
+            "no idemkv data in {} (no segment file *.log)",
+            dir.display()
+        )));
+    }
+    let options = Options {
+        background: false,
+        ..Options::default()
+    };
+    Ok(Engine::open(dir, options)?)
+}
+
+// ---------------------------------------------------------------- verify
