@@ -61,6 +61,8 @@ mod compact;
 mod compact_tests;
 mod engine;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod index;
 mod log;
 mod notify;
