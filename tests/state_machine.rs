@@ -502,3 +502,46 @@ fn begin_answers_are_the_four_variants_of_the_table() {
     assert_eq!(row(&h.begin(U, K, fp("a")).unwrap()), "in flight");
     assert_eq!(row(&h.begin(U, K, fp("b")).unwrap()), "mismatch");
 }
+
+/// The API contract's shapes: `user` and `key` are independent generic
+/// parameters, `Options` is built as a literal over `Default`, and an
+/// `Arc<ManualClock>` fits the `Arc<dyn Clock>` field.
+#[test]
+fn the_contract_shapes_compile_and_work() {
+    let manual = std::sync::Arc::new(idemkv::ManualClock::new(5_000));
+    let dir = tempfile::tempdir().unwrap();
+    let options = idemkv::Options {
+        durability: idemkv::Durability::Sync,
+        clock: manual.clone(),
+        ..idemkv::Options::default()
+    };
+    let engine = idemkv::Engine::open(dir.path(), options).unwrap();
+    let user = String::from("user");
+    let key = String::from("key");
+    let fp = idemkv::Fingerprint::of(b"body");
+    let idemkv::Begin::Started(lease) = engine.begin(user.clone(), &key, fp).unwrap() else {
+        panic!("a new key starts");
+    };
+    assert_eq!(lease.expires_at_ms(), 5_000 + 30_000);
+    engine
+        .complete(
+            &lease,
+            idemkv::Outcome {
+                status: 201,
+                body: bytes::Bytes::from_static(b"ok"),
+            },
+        )
+        .unwrap();
+    match engine.begin(&user[..], key.as_bytes(), fp).unwrap() {
+        idemkv::Begin::Replay(out) => assert_eq!(
+            out,
+            idemkv::Outcome {
+                status: 201,
+                body: bytes::Bytes::from_static(b"ok")
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+    let stats: idemkv::Stats = engine.stats();
+    assert_eq!((stats.started, stats.replays), (1, 1));
+}
