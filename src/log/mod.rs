@@ -115,6 +115,18 @@ pub(crate) struct Segment {
     pinned: u64,
 }
 
+impl Segment {
+    /// A new active segment: it replays in the order of its file number.
+    fn active(file: &Arc<dyn StorageFile>, id: u64) -> Segment {
+        Segment {
+            file: Arc::clone(file),
+            order: id,
+            records: Arc::new(AtomicU64::new(0)),
+            pinned: 0,
+        }
+    }
+}
+
 /// Reads the record at `at` from `segments`, checking its CRC.
 fn read_from(
     storage: &dyn Storage,

@@ -111,6 +111,27 @@ fn replay_order(found: &BTreeMap<u64, (Arc<dyn StorageFile>, Option<SegmentHeade
     ordered.into_iter().map(|(_, id)| id).collect()
 }
 
+/// Where the valid bytes of a segment of `len` bytes end, given how its
+/// scan ended: a torn tail is tolerated only in the last segment (the one a
+/// crash can have interrupted); anywhere else it is corruption.
+fn valid_end(tail: Tail, len: usize, is_last: bool, path: &std::path::Path) -> Result<usize> {
+    match tail {
+        Tail::Clean => Ok(len),
+        Tail::Torn { at } if is_last => Ok(at),
+        Tail::TornHeader if is_last => Ok(0),
+        Tail::Torn { at } => Err(Error::Corrupt {
+            file: path.to_path_buf(),
+            offset: at as u64,
+            kind: CorruptKind::Malformed,
+        }),
+        Tail::TornHeader => Err(Error::Corrupt {
+            file: path.to_path_buf(),
+            offset: 0,
+            kind: CorruptKind::BadHeader,
+        }),
+    }
+}
+
 /// What [`verify`] found in a data directory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Verified {
@@ -145,25 +166,9 @@ pub(crate) fn verify(storage: &dyn Storage) -> Result<Verified> {
             offset: offset as u64,
             kind,
         })?;
-        let last = i + 1 == ordered.len();
-        match tail {
-            Tail::Clean => {}
-            Tail::Torn { at } if last => report.torn_tail = Some((path, at as u64)),
-            Tail::TornHeader if last => report.torn_tail = Some((path, 0)),
-            Tail::Torn { at } => {
-                return Err(Error::Corrupt {
-                    file: path,
-                    offset: at as u64,
-                    kind: CorruptKind::Malformed,
-                });
-            }
-            Tail::TornHeader => {
-                return Err(Error::Corrupt {
-                    file: path,
-                    offset: 0,
-                    kind: CorruptKind::BadHeader,
-                });
-            }
+        let end = valid_end(tail, buf.len(), i + 1 == ordered.len(), &path)?;
+        if end < buf.len() {
+            report.torn_tail = Some((path, end as u64));
         }
         report.segments += 1;
         report.records += records;
@@ -253,25 +258,7 @@ impl Log {
                 .records
                 .store(records, std::sync::atomic::Ordering::Relaxed);
             max_token = max_token.max(header.token_floor.saturating_sub(1));
-            let end = match tail {
-                Tail::Clean => len,
-                Tail::Torn { at } if is_last => at,
-                Tail::TornHeader if is_last => 0,
-                Tail::Torn { at } => {
-                    return Err(Error::Corrupt {
-                        file: path,
-                        offset: at as u64,
-                        kind: CorruptKind::Malformed,
-                    });
-                }
-                Tail::TornHeader => {
-                    return Err(Error::Corrupt {
-                        file: path,
-                        offset: 0,
-                        kind: CorruptKind::BadHeader,
-                    });
-                }
-            };
+            let end = valid_end(tail, len, is_last, &path)?;
             if end < len {
                 crate::trace::event!(warn, file = %path.display(), offset = end, dropped = len - end, "cutting off a torn tail");
                 file.truncate(end as u64)
@@ -303,16 +290,9 @@ impl Log {
             None => {
                 let id = max_file + 1;
                 let file = create_segment(&*storage, id, next_token, options.clock.as_ref())?;
-                let records = Arc::new(AtomicU64::new(0));
-                segments.insert(
-                    id,
-                    Segment {
-                        file: Arc::clone(&file),
-                        order: id,
-                        records: Arc::clone(&records),
-                        pinned: 0,
-                    },
-                );
+                let segment = Segment::active(&file, id);
+                let records = Arc::clone(&segment.records);
+                segments.insert(id, segment);
                 (id, records, file, HEADER_LEN as u64)
             }
         };

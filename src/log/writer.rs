@@ -186,16 +186,9 @@ impl Log {
             floor,
             self.clock.as_ref(),
         ))?;
-        let records = Arc::new(AtomicU64::new(0));
-        self.segments.write().insert(
-            id,
-            Segment {
-                file: Arc::clone(&file),
-                order: id,
-                records: Arc::clone(&records),
-                pinned: 0,
-            },
-        );
+        let segment = Segment::active(&file, id);
+        let records = Arc::clone(&segment.records);
+        self.segments.write().insert(id, segment);
         w.id = id;
         w.file = file;
         w.offset = HEADER_LEN as u64;
