@@ -1,0 +1,1553 @@
+//! Crash checker: random operation sequences with power losses, torn tails
+//! and injected I/O faults, run against an [`Engine`] on a [`SimDisk`] and
+//! checked against a reference model after every crash.
+//!
+//! Self-contained (it uses only `idemkv` and `std`), so both `tests/crash.rs`
+//! and the `ops_crash` fuzz target include it with `#[path]`.
+//!
+//! Invariants checked (numbers from DESIGN.md):
+//! - 1: every acknowledged state (a `Started` lease, a completed outcome, a
+//!   release, an extend) is present and exact after each crash, and a lease
+//!   acknowledged before the crash still owns its key after it;
+//! - 2: nothing half-written is visible: after recovery every key shows a
+//!   state some whole record wrote; an operation that was interrupted or
+//!   failed ("maybe applied") shows its old or its new state, never a mix;
+//! - 3: at most one live owner (`Started` only where the model has no live
+//!   record), stale tokens get `LeaseLost`, and every token handed out after
+//!   a reopen is above every token acknowledged or recovered before;
+//! - 4: replays return exactly the stored status and bytes, and only to the
+//!   same fingerprint;
+//! - fail-stop: an operation whose append or sync failed returns the I/O
+//!   error, every later write is refused with `Poisoned`, and a reopen
+//!   clears that;
+//! - compaction ([`Op::Compact`]) changes no key's state, and a failed one
+//!   reports the failed storage call.
+//!
+//! Crash points: [`Op::Crash`] loses power between operations;
+//! [`Op::CrashInNext`] loses power *inside* the next operation that writes,
+//! just before one of its storage calls (an append, a sync, a segment
+//! creation, a directory sync, a compaction's rename or removal, a truncate
+//! during recovery), with unsynced bytes torn as [`Tear`] says. A storage
+//! wrapper (`Tap`) takes those images and arms the injected faults, so they
+//! fire on an exact call.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use idemkv::storage::{Fault, SimDisk, SimOp, Storage, StorageFile, Tear};
+use idemkv::{
+    Begin, Clock, Durability, Engine, Error, Fingerprint, Lease, LostReason, ManualClock, Options,
+    Outcome, RecordState, RecordView,
+};
+
+/// User ids; the empty one is allowed.
+pub const USERS: [&str; 3] = ["u", "v", ""];
+/// Idempotency keys.
+pub const KEYS: [&str; 3] = ["k", "k2", "order-7"];
+/// Where the manual clock starts.
+pub const START_MS: u64 = 1_000_000;
+/// The lease TTL of the engine under test.
+pub const LEASE_TTL_MS: u64 = 1_000;
+/// The record TTL of the engine under test.
+pub const RECORD_TTL_MS: u64 = 5_000;
+/// The smallest segment size `Options` accepts, so segments roll often.
+pub const SMALL_SEGMENT: u64 = 4_096;
+/// Body lengths: the last is larger than a small segment.
+pub const BODY_LENS: [usize; 5] = [0, 3, 200, 1_500, 5_000];
+/// Stored statuses.
+pub const STATUSES: [u16; 4] = [200, 201, 422, 0];
+/// Per-record TTLs of `complete_with_ttl` (0 expires at once).
+pub const COMPLETE_TTLS_MS: [u64; 3] = [RECORD_TTL_MS, 1, 0];
+/// Extend amounts.
+pub const EXTEND_MS: [u64; 4] = [0, 500, LEASE_TTL_MS, 3 * LEASE_TTL_MS];
+/// Clock moves.
+pub const ADVANCE_MS: [u64; 8] = [
+    1,
+    100,
+    LEASE_TTL_MS - 1,
+    LEASE_TTL_MS,
+    LEASE_TTL_MS + 1,
+    RECORD_TTL_MS,
+    2 * RECORD_TTL_MS,
+    333,
+];
+/// The most operations a decoded case holds.
+pub const MAX_OPS: usize = 256;
+
+/// How a power loss treats bytes written but not synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TearKind {
+    /// All unsynced bytes are lost.
+    Clean,
+    /// A prefix of the unsynced bytes survives.
+    Prefix,
+    /// A prefix survives, overwritten with garbage.
+    Garbage,
+}
+
+/// The storage call a fault is injected into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    /// `StorageFile::append`.
+    Append,
+    /// `StorageFile::sync`.
+    Sync,
+    /// `Storage::create` (a segment roll, a compaction output).
+    Create,
+    /// `Storage::sync_dir` (a segment roll, a compaction).
+    SyncDir,
+    /// `Storage::rename` (a compaction publishing its output).
+    Rename,
+    /// `Storage::remove` (a compaction retiring its input).
+    Remove,
+}
+
+/// The error an injected fault returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// EIO.
+    Eio,
+    /// ENOSPC.
+    NoSpace,
+}
+
+/// One step of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `begin(USERS[user], KEYS[key], fingerprint fp)`.
+    Begin { user: u8, key: u8, fp: u8 },
+    /// `complete_with_ttl` with a lease picked by `lease` (see [`Op::pick`]),
+    /// `STATUSES[status]`, body `body` and `COMPLETE_TTLS_MS[ttl]`.
+    Complete {
+        lease: u8,
+        status: u8,
+        body: u8,
+        ttl: u8,
+    },
+    /// `release` of a picked lease.
+    Release { lease: u8 },
+    /// `extend` of a picked lease by `EXTEND_MS[by]`.
+    Extend { lease: u8, by: u8 },
+    /// Moves the clock by `ADVANCE_MS[by]`.
+    Advance { by: u8 },
+    /// Compares every key with the model (no crash).
+    Check,
+    /// `Engine::compact`: a full sweep and rewrite, which changes no
+    /// record's state.
+    Compact,
+    /// Power loss now: the engine is dropped and reopened on the disk a
+    /// power loss leaves, which is then checked.
+    Crash { tear: TearKind, seed: u8 },
+    /// Power loss inside the next operation that writes to storage, just
+    /// before its `point`-th storage call (modulo the calls it makes).
+    CrashInNext { point: u8, tear: TearKind, seed: u8 },
+    /// A clean restart: the engine is dropped (closing it) and reopened on
+    /// the same disk.
+    Reopen,
+    /// The `nth` next call of `op` fails with `kind`.
+    Fault {
+        op: FaultOp,
+        kind: FaultKind,
+        nth: u8,
+    },
+}
+
+/// Engine settings of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Roll segments at 4 KiB instead of the default 64 MiB.
+    pub small_segments: bool,
+    /// One index shard instead of 64.
+    pub one_shard: bool,
+    /// Whether [`Op::Reopen`] after a failed file sync is a real restart on
+    /// the same disk. A restart reads the page cache, which after a failed
+    /// fsync may hold bytes that never reach the disk ("fsyncgate"); the
+    /// engine must not show or build on them. One case is still open (a
+    /// roll whose header sync failed: `tests/crash.rs`,
+    /// `restart_after_failed_header_sync_in_a_roll`), so [`decode`] sets
+    /// `false` and such a reopen runs as a power loss; `CRASH_REAL_RESTART=1`
+    /// turns it on for the seeded loop of `tests/crash.rs`.
+    pub restart_after_failed_sync: bool,
+}
+
+/// A whole case: settings and operations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// Engine settings.
+    pub config: Config,
+    /// The operations, in order.
+    pub ops: Vec<Op>,
+}
+
+/// What a run did, for the tests' reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Operations run.
+    pub ops: u64,
+    /// Power losses checked (between or inside operations).
+    pub crashes: u64,
+    /// Of those, power losses inside an operation.
+    pub mid_op_crashes: u64,
+    /// Clean reopens checked.
+    pub reopens: u64,
+    /// Injected faults that fired.
+    pub faults: u64,
+    /// Operations answered with `Poisoned`.
+    pub refused: u64,
+}
+
+impl std::ops::AddAssign for RunStats {
+    fn add_assign(&mut self, o: RunStats) {
+        self.ops += o.ops;
+        self.crashes += o.crashes;
+        self.mid_op_crashes += o.mid_op_crashes;
+        self.reopens += o.reopens;
+        self.faults += o.faults;
+        self.refused += o.refused;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bytes to operations, and back.
+
+/// Reads bytes; past the end it reads zeros.
+struct Bytes<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bytes<'_> {
+    fn done(&self) -> bool {
+        self.at >= self.data.len()
+    }
+    fn u8(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+}
+
+fn tear_kind(b: u8) -> TearKind {
+    match b % 3 {
+        0 => TearKind::Clean,
+        1 => TearKind::Prefix,
+        _ => TearKind::Garbage,
+    }
+}
+
+fn tear_byte(t: TearKind) -> u8 {
+    match t {
+        TearKind::Clean => 0,
+        TearKind::Prefix => 1,
+        TearKind::Garbage => 2,
+    }
+}
+
+/// Decodes any bytes into a case; never panics. The first byte holds the
+/// settings; then each operation is a tag byte and up to three parameter
+/// bytes (missing bytes read as zero). Every value is reduced to its range,
+/// so [`encode`] of the result decodes to the same case.
+pub fn decode(data: &[u8]) -> Case {
+    let mut r = Bytes { data, at: 0 };
+    let flags = r.u8();
+    let config = Config {
+        small_segments: flags & 3 != 0,
+        one_shard: flags & 4 != 0,
+        restart_after_failed_sync: false,
+    };
+    let mut ops = Vec::new();
+    while !r.done() && ops.len() < MAX_OPS {
+        let tag = r.u8();
+        let op = match tag % 18 {
+            0..=3 | 17 => {
+                let p = r.u8();
+                Op::Begin {
+                    user: p % 3,
+                    key: (p / 3) % 3,
+                    fp: (p / 9) % 2,
+                }
+            }
+            4..=6 => {
+                let lease = r.u8();
+                let p = r.u8();
+                Op::Complete {
+                    lease,
+                    status: p % 4,
+                    body: (p / 4) % 5,
+                    ttl: (p / 20) % 3,
+                }
+            }
+            7 => Op::Release { lease: r.u8() },
+            8 => {
+                let lease = r.u8();
+                Op::Extend {
+                    lease,
+                    by: r.u8() % 4,
+                }
+            }
+            9 => Op::Advance { by: r.u8() % 8 },
+            10 => Op::Check,
+            11 => {
+                let p = r.u8();
+                Op::Crash {
+                    tear: tear_kind(p),
+                    seed: r.u8(),
+                }
+            }
+            12 | 13 => {
+                let point = r.u8();
+                let p = r.u8();
+                Op::CrashInNext {
+                    point,
+                    tear: tear_kind(p),
+                    seed: r.u8(),
+                }
+            }
+            14 => Op::Reopen,
+            16 => Op::Compact,
+            _ => {
+                let p = r.u8();
+                Op::Fault {
+                    op: match p % 6 {
+                        0 => FaultOp::Append,
+                        1 => FaultOp::Sync,
+                        2 => FaultOp::Create,
+                        3 => FaultOp::SyncDir,
+                        4 => FaultOp::Rename,
+                        _ => FaultOp::Remove,
+                    },
+                    kind: if (p / 6).is_multiple_of(2) {
+                        FaultKind::Eio
+                    } else {
+                        FaultKind::NoSpace
+                    },
+                    nth: r.u8() % 4,
+                }
+            }
+        };
+        ops.push(op);
+    }
+    Case { config, ops }
+}
+
+/// The bytes that [`decode`] turns into `case` (for values in range).
+pub fn encode(case: &Case) -> Vec<u8> {
+    let c = case.config;
+    let mut out = vec![u8::from(c.small_segments) | u8::from(c.one_shard) << 2];
+    for op in &case.ops {
+        match *op {
+            Op::Begin { user, key, fp } => out.extend([0, user % 3 + 3 * (key % 3) + 9 * (fp % 2)]),
+            Op::Complete {
+                lease,
+                status,
+                body,
+                ttl,
+            } => out.extend([4, lease, status % 4 + 4 * (body % 5) + 20 * (ttl % 3)]),
+            Op::Release { lease } => out.extend([7, lease]),
+            Op::Extend { lease, by } => out.extend([8, lease, by % 4]),
+            Op::Advance { by } => out.extend([9, by % 8]),
+            Op::Check => out.push(10),
+            Op::Compact => out.push(16),
+            Op::Crash { tear, seed } => out.extend([11, tear_byte(tear), seed]),
+            Op::CrashInNext { point, tear, seed } => out.extend([12, point, tear_byte(tear), seed]),
+            Op::Reopen => out.push(14),
+            Op::Fault { op, kind, nth } => {
+                let o = match op {
+                    FaultOp::Append => 0,
+                    FaultOp::Sync => 1,
+                    FaultOp::Create => 2,
+                    FaultOp::SyncDir => 3,
+                    FaultOp::Rename => 4,
+                    FaultOp::Remove => 5,
+                };
+                let k = match kind {
+                    FaultKind::Eio => 0,
+                    FaultKind::NoSpace => 6,
+                };
+                out.extend([15, o + k, nth % 4]);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes `data` and runs it; the entry point of the `ops_crash` fuzz
+/// target.
+///
+/// # Panics
+/// With the failing operation and the whole case when an invariant breaks.
+pub fn run_bytes(data: &[u8]) {
+    let case = decode(data);
+    if let Err(e) = run_case(&case) {
+        panic!("crash model: {e}\ncase: {case:#?}");
+    }
+}
+
+/// Runs `ops` with small segments and 64 shards.
+///
+/// # Errors
+/// A description of the first broken invariant.
+pub fn run(ops: &[Op]) -> Result<(), String> {
+    run_case(&Case {
+        config: Config {
+            small_segments: true,
+            one_shard: false,
+            restart_after_failed_sync: false,
+        },
+        ops: ops.to_vec(),
+    })
+    .map(|_| ())
+}
+
+/// Removes operations from a failing case while it still fails (greedy
+/// delta debugging), for readable reports. Returns `case` if it passes.
+pub fn shrink(case: &Case) -> Case {
+    let mut best = case.clone();
+    if run_case(&best).is_ok() {
+        return best;
+    }
+    let mut chunk = best.ops.len().max(1);
+    while chunk >= 1 {
+        let mut i = 0;
+        while i < best.ops.len() {
+            let mut trial = best.clone();
+            let end = (i + chunk).min(trial.ops.len());
+            trial.ops.drain(i..end);
+            if run_case(&trial).is_err() {
+                best = trial;
+            } else {
+                i += chunk;
+            }
+        }
+        if chunk == 1 {
+            break;
+        }
+        chunk /= 2;
+    }
+    best
+}
+
+/// Runs a case, checking every answer and every crash against the model.
+///
+/// # Errors
+/// A description of the first broken invariant, naming the operation.
+pub fn run_case(case: &Case) -> Result<RunStats, String> {
+    let mut h = Harness::new(case.config)?;
+    let with_trace = |h: &Harness, e: String| {
+        let from = h.trace.len().saturating_sub(60);
+        let trace = h.trace.get(from..).unwrap_or_default().join("\n  ");
+        format!("{e}\ntrace (last answers):\n  {trace}")
+    };
+    for (i, op) in case.ops.iter().enumerate() {
+        let now = h.clock.now_ms();
+        h.trace.push(format!("#{i} t={now} {op:?}"));
+        if let Err(e) = h.step(op) {
+            return Err(with_trace(&h, format!("op #{i} {op:?} at t={now}: {e}")));
+        }
+    }
+    // A last power loss: everything acknowledged must survive it.
+    if let Err(e) = h.power_loss(Tear::Clean, "final") {
+        return Err(with_trace(&h, format!("final crash: {e}")));
+    }
+    Ok(h.stats)
+}
+
+// ---------------------------------------------------------------------------
+// The storage wrapper: crash images inside operations, faults on exact calls.
+
+/// A fault waiting for its call.
+#[derive(Clone, Copy, Debug)]
+struct PendingFault {
+    op: SimOp,
+    kind: io::ErrorKind,
+    /// Calls of `op` to let through first.
+    skip: u8,
+}
+
+#[derive(Debug, Default)]
+struct TapState {
+    /// Take a crash image before each storage call that changes the disk.
+    capturing: bool,
+    tear: Option<Tear>,
+    images: Vec<SimDisk>,
+    pending: Option<PendingFault>,
+    /// The kind of the last storage call that failed, if any since taken.
+    failed: Option<io::ErrorKind>,
+    /// A file sync failed since the last power loss: the page cache holds
+    /// bytes that may never reach the disk.
+    sync_failed: bool,
+}
+
+/// The shared state of every `Tap` of one run.
+#[derive(Clone, Debug, Default)]
+struct TapHandle(Arc<Mutex<TapState>>);
+
+impl TapHandle {
+    fn lock(&self) -> MutexGuard<'_, TapState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called before a storage call that changes `disk`.
+    fn before(&self, disk: &SimDisk, op: SimOp) {
+        let mut s = self.lock();
+        if s.capturing {
+            let tear = s.tear.unwrap_or(Tear::Clean);
+            s.images.push(disk.crash(tear));
+        }
+        if let Some(f) = s.pending.as_mut()
+            && f.op == op
+        {
+            if f.skip == 0 {
+                disk.inject(Fault {
+                    op,
+                    after: 0,
+                    kind: f.kind,
+                    sticky: false,
+                });
+                s.pending = None;
+            } else {
+                f.skip -= 1;
+            }
+        }
+    }
+
+    fn after<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &result {
+            self.lock().failed = Some(e.kind());
+        }
+        result
+    }
+
+    fn after_sync(&self, result: io::Result<()>) -> io::Result<()> {
+        if result.is_err() {
+            self.lock().sync_failed = true;
+        }
+        self.after(result)
+    }
+}
+
+/// A [`Storage`] over a [`SimDisk`] that reports to a [`TapHandle`].
+#[derive(Debug)]
+struct Tap {
+    disk: SimDisk,
+    handle: TapHandle,
+}
+
+#[derive(Debug)]
+struct TapFile {
+    inner: Arc<dyn StorageFile>,
+    disk: SimDisk,
+    handle: TapHandle,
+}
+
+impl Tap {
+    fn file(&self, inner: Arc<dyn StorageFile>) -> Arc<dyn StorageFile> {
+        Arc::new(TapFile {
+            inner,
+            disk: self.disk.clone(),
+            handle: self.handle.clone(),
+        })
+    }
+}
+
+impl Storage for Tap {
+    fn create(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
+        self.handle.before(&self.disk, SimOp::Create);
+        let file = self.handle.after(self.disk.create(name))?;
+        Ok(self.file(file))
+    }
+    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
+        let file = self.handle.after(self.disk.open(name))?;
+        Ok(self.file(file))
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.handle.after(self.disk.list())
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.handle.before(&self.disk, SimOp::Remove);
+        self.handle.after(self.disk.remove(name))
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.handle.before(&self.disk, SimOp::Rename);
+        self.handle.after(self.disk.rename(from, to))
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.handle.before(&self.disk, SimOp::SyncDir);
+        self.handle.after(self.disk.sync_dir())
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.disk.path(name)
+    }
+    fn close(&self) {
+        self.disk.close();
+    }
+}
+
+impl StorageFile for TapFile {
+    fn append(&self, data: &[u8]) -> io::Result<()> {
+        self.handle.before(&self.disk, SimOp::Append);
+        self.handle.after(self.inner.append(data))
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.handle.after(self.inner.read_at(offset, buf))
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.handle.before(&self.disk, SimOp::Sync);
+        self.handle.after_sync(self.inner.sync())
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.handle.before(&self.disk, SimOp::Truncate);
+        self.handle.after(self.inner.truncate(len))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The reference model.
+
+type Uk = (u8, u8);
+
+/// A record's fencing token as the model knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tok {
+    Known(u64),
+    /// A `begin` that failed or was interrupted: its token was never seen,
+    /// but it is above this one.
+    Above(u64),
+}
+
+impl Tok {
+    fn admits(self, token: u64) -> bool {
+        match self {
+            Tok::Known(t) => t == token,
+            Tok::Above(t) => token > t,
+        }
+    }
+}
+
+/// A stored body; its `Debug` shows the length and the first bytes.
+#[derive(Clone, PartialEq, Eq)]
+struct Body(Vec<u8>);
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = self.0.get(..4).unwrap_or(&self.0);
+        write!(f, "{} bytes {head:?}..", self.0.len())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Rec {
+    Lease {
+        token: Tok,
+        fp: u8,
+        deadline: u64,
+    },
+    Done {
+        token: u64,
+        fp: u8,
+        expiry: u64,
+        status: u16,
+        body: Body,
+    },
+}
+
+impl Rec {
+    fn deadline(&self) -> u64 {
+        match self {
+            Rec::Lease { deadline, .. } => *deadline,
+            Rec::Done { expiry, .. } => *expiry,
+        }
+    }
+    fn fp(&self) -> u8 {
+        match self {
+            Rec::Lease { fp, .. } | Rec::Done { fp, .. } => *fp,
+        }
+    }
+    fn live(&self, now: u64) -> bool {
+        now < self.deadline()
+    }
+}
+
+/// The live part of a state at `now`.
+fn live(state: &Option<Rec>, now: u64) -> Option<&Rec> {
+    state.as_ref().filter(|r| r.live(now))
+}
+
+/// Whether the engine's view (and stored outcome) show `state` at `now`.
+fn shows(
+    state: &Option<Rec>,
+    view: &Option<RecordView>,
+    outcome: &Option<Outcome>,
+    now: u64,
+) -> bool {
+    match (live(state, now), view) {
+        (None, None) => outcome.is_none(),
+        (
+            Some(Rec::Lease {
+                token, deadline, ..
+            }),
+            Some(v),
+        ) => {
+            v.state == RecordState::InProgress
+                && token.admits(v.token)
+                && v.lease_expires_at_ms == Some(*deadline)
+                && v.expires_at_ms.is_none()
+                && v.status.is_none()
+                && outcome.is_none()
+        }
+        (
+            Some(Rec::Done {
+                token,
+                expiry,
+                status,
+                body,
+                ..
+            }),
+            Some(v),
+        ) => {
+            v.state == RecordState::Completed
+                && v.token == *token
+                && v.expires_at_ms == Some(*expiry)
+                && v.lease_expires_at_ms.is_none()
+                && v.status == Some(*status)
+                && outcome
+                    .as_ref()
+                    .is_some_and(|o| o.status == *status && o.body[..] == body.0[..])
+        }
+        _ => false,
+    }
+}
+
+/// What `begin` must answer on a key whose state is known.
+#[derive(Debug)]
+enum ExpectBegin {
+    Started,
+    Replay { status: u16, body: Body },
+    InFlight(Duration),
+    Mismatch,
+}
+
+fn expect_begin(state: &Option<Rec>, fp: u8, now: u64) -> ExpectBegin {
+    match live(state, now) {
+        None => ExpectBegin::Started,
+        Some(r) if r.fp() != fp => ExpectBegin::Mismatch,
+        Some(Rec::Lease { deadline, .. }) => {
+            ExpectBegin::InFlight(Duration::from_millis(deadline - now))
+        }
+        Some(Rec::Done { status, body, .. }) => ExpectBegin::Replay {
+            status: *status,
+            body: body.clone(),
+        },
+    }
+}
+
+/// What an owner call must answer.
+#[derive(Debug)]
+enum ExpectOwner {
+    Ok,
+    /// `LeaseLost` with one of these reasons.
+    Lost(Vec<LostReason>),
+}
+
+fn expect_owner(state: &Option<Rec>, token: u64, now: u64) -> Result<ExpectOwner, String> {
+    let Some(r) = state else {
+        return Ok(ExpectOwner::Lost(vec![LostReason::Gone]));
+    };
+    let (rtoken, in_progress) = match r {
+        Rec::Lease {
+            token: Tok::Known(t),
+            ..
+        } => (*t, true),
+        Rec::Done { token, .. } => (*token, false),
+        Rec::Lease { token, .. } => return Err(format!("model: unresolved token {token:?}")),
+    };
+    if !r.live(now) {
+        // Expired: whether the engine still holds the entry is not part of
+        // the contract, so "gone" is right too.
+        let held = if rtoken > token {
+            LostReason::Gone
+        } else if in_progress {
+            LostReason::Expired
+        } else {
+            LostReason::Completed
+        };
+        return Ok(ExpectOwner::Lost(vec![LostReason::Gone, held]));
+    }
+    Ok(if rtoken > token {
+        ExpectOwner::Lost(vec![LostReason::Superseded { current: rtoken }])
+    } else if rtoken < token {
+        return Err(format!(
+            "model: live record token {rtoken} below the acknowledged lease token {token}"
+        ));
+    } else if in_progress {
+        ExpectOwner::Ok
+    } else {
+        ExpectOwner::Lost(vec![LostReason::Completed])
+    })
+}
+
+/// The model: per key, the states it may be in (one when certain; two
+/// while an operation that failed or was interrupted may or may not have
+/// reached the disk).
+#[derive(Debug, Default)]
+struct Model {
+    keys: BTreeMap<Uk, Vec<Option<Rec>>>,
+    /// Above every token acknowledged by `Started` or seen on disk.
+    max_token: u64,
+    /// Set by the first failed write: later writes must be refused.
+    poisoned: Option<io::ErrorKind>,
+    /// Set by a failed compaction, which poisons the engine or not
+    /// depending on the step that failed: later writes may be refused.
+    maybe_poisoned: Option<io::ErrorKind>,
+}
+
+impl Model {
+    /// Whether the engine may refuse reads and writes with `Poisoned`.
+    fn may_refuse(&self) -> bool {
+        self.poisoned.is_some() || self.maybe_poisoned.is_some()
+    }
+}
+
+impl Model {
+    /// The state of `uk` if certain.
+    fn sure(&self, uk: Uk) -> Option<&Option<Rec>> {
+        match self.keys.get(&uk) {
+            None => Some(&None),
+            Some(c) if c.len() == 1 => c.first(),
+            Some(_) => None,
+        }
+    }
+    fn set(&mut self, uk: Uk, state: Option<Rec>) {
+        self.keys.insert(uk, vec![state]);
+    }
+    /// `uk` is now either `before` or `after`.
+    fn maybe(&mut self, uk: Uk, before: Option<Rec>, after: Option<Rec>) {
+        let mut states = vec![before];
+        if !states.contains(&after) {
+            states.push(after);
+        }
+        self.keys.insert(uk, states);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The harness.
+
+/// A lease the caller holds (acknowledged).
+#[derive(Clone, Debug)]
+struct Slot {
+    lease: Lease,
+    uk: Uk,
+    fp: u8,
+}
+
+/// What an operation did to the model, so that an interruption can turn
+/// it into "maybe applied".
+struct Effect {
+    uk: Uk,
+    before: Option<Rec>,
+    after: Option<Rec>,
+    /// The slot the operation added, if any (a lease the caller never got
+    /// if the power went out first).
+    slot_added: bool,
+    max_token_before: u64,
+}
+
+fn fingerprint(fp: u8) -> Fingerprint {
+    Fingerprint::of(if fp == 0 { b"request A" } else { b"request B" })
+}
+
+/// Body `i`: a pattern that differs per body, so a wrong body cannot pass.
+fn body(i: u8) -> Vec<u8> {
+    let len = BODY_LENS.get(usize::from(i)).copied().unwrap_or(0);
+    (0..len)
+        .map(|j| (j.wrapping_mul(31) + usize::from(i) * 7) as u8)
+        .collect()
+}
+
+fn tear_of(kind: TearKind, seed: u8) -> Tear {
+    let r = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555;
+    match kind {
+        TearKind::Clean => Tear::Clean,
+        TearKind::Prefix => Tear::Prefix(r),
+        TearKind::Garbage => Tear::Garbage(r),
+    }
+}
+
+/// The I/O error kind inside an engine error, for the I/O variants.
+fn io_kind(e: &Error) -> Option<io::ErrorKind> {
+    match e {
+        Error::Io { source, .. } | Error::NoSpace { source, .. } => Some(source.kind()),
+        _ => None,
+    }
+}
+
+struct Harness {
+    config: Config,
+    clock: Arc<ManualClock>,
+    options: Options,
+    disk: SimDisk,
+    tap: TapHandle,
+    engine: Option<Engine>,
+    model: Model,
+    slots: Vec<Slot>,
+    /// A power loss armed for inside the next operation that writes.
+    armed: Option<(u8, Tear)>,
+    stats: RunStats,
+    /// What each operation answered, for failure reports.
+    trace: Vec<String>,
+}
+
+impl Harness {
+    fn new(config: Config) -> Result<Harness, String> {
+        let clock = Arc::new(ManualClock::new(START_MS));
+        let options = Options {
+            durability: Durability::Sync,
+            lease_ttl: Duration::from_millis(LEASE_TTL_MS),
+            record_ttl: Duration::from_millis(RECORD_TTL_MS),
+            shards: if config.one_shard { 1 } else { 64 },
+            segment_bytes: if config.small_segments {
+                SMALL_SEGMENT
+            } else {
+                Options::default().segment_bytes
+            },
+            // Compaction runs only through `Op::Compact`, so runs replay.
+            background: false,
+            clock: clock.clone(),
+            ..Options::default()
+        };
+        let mut h = Harness {
+            config,
+            clock,
+            options,
+            disk: SimDisk::new(),
+            tap: TapHandle::default(),
+            engine: None,
+            model: Model::default(),
+            slots: Vec::new(),
+            armed: None,
+            stats: RunStats::default(),
+            trace: Vec::new(),
+        };
+        h.open().map_err(|e| format!("open a fresh engine: {e}"))?;
+        Ok(h)
+    }
+
+    fn open(&mut self) -> Result<(), String> {
+        let storage: Arc<dyn Storage> = Arc::new(Tap {
+            disk: self.disk.clone(),
+            handle: self.tap.clone(),
+        });
+        let engine = Engine::open_with_storage(storage, self.options.clone())
+            .map_err(|e| format!("open failed: {e:?}"))?;
+        self.engine = Some(engine);
+        Ok(())
+    }
+
+    fn engine(&self) -> Result<&Engine, String> {
+        self.engine.as_ref().ok_or_else(|| "no engine".to_owned())
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The slot a lease byte picks: 0..4 the most recent leases, otherwise
+    /// any lease ever acknowledged.
+    fn pick(&self, lease: u8) -> Option<Slot> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let i = if lease < 4 {
+            n - 1 - usize::from(lease).min(n - 1)
+        } else {
+            usize::from(lease) % n
+        };
+        self.slots.get(i).cloned()
+    }
+
+    fn step(&mut self, op: &Op) -> Result<(), String> {
+        self.stats.ops += 1;
+        match *op {
+            Op::CrashInNext { point, tear, seed } => {
+                self.armed = Some((point, tear_of(tear, seed)));
+                return Ok(());
+            }
+            Op::Fault { op, kind, nth } => {
+                self.tap.lock().pending = Some(PendingFault {
+                    op: match op {
+                        FaultOp::Append => SimOp::Append,
+                        FaultOp::Sync => SimOp::Sync,
+                        FaultOp::Create => SimOp::Create,
+                        FaultOp::SyncDir => SimOp::SyncDir,
+                        FaultOp::Rename => SimOp::Rename,
+                        FaultOp::Remove => SimOp::Remove,
+                    },
+                    kind: match kind {
+                        FaultKind::Eio => io::ErrorKind::Other,
+                        FaultKind::NoSpace => io::ErrorKind::StorageFull,
+                    },
+                    skip: nth,
+                });
+                return Ok(());
+            }
+            Op::Advance { by } => {
+                let ms = ADVANCE_MS.get(usize::from(by)).copied().unwrap_or(1);
+                self.clock.advance(Duration::from_millis(ms));
+                return Ok(());
+            }
+            _ => {}
+        }
+        if let Some((_, tear)) = self.armed {
+            let mut s = self.tap.lock();
+            s.capturing = true;
+            s.tear = Some(tear);
+            s.images.clear();
+        }
+        self.tap.lock().failed = None;
+        let effect = match *op {
+            Op::Begin { user, key, fp } => self.begin((user % 3, key % 3), fp % 2)?,
+            Op::Complete {
+                lease,
+                status,
+                body,
+                ttl,
+            } => self.complete(lease, status, body, ttl)?,
+            Op::Release { lease } => self.release(lease)?,
+            Op::Extend { lease, by } => self.extend(lease, by)?,
+            Op::Check => {
+                self.check_all()?;
+                None
+            }
+            Op::Compact => {
+                self.compact()?;
+                None
+            }
+            Op::Crash { tear, seed } => {
+                self.power_loss(tear_of(tear, seed), "crash")?;
+                None
+            }
+            Op::Reopen => {
+                self.reopen()?;
+                None
+            }
+            Op::CrashInNext { .. } | Op::Fault { .. } | Op::Advance { .. } => None,
+        };
+        let (images, unreported) = {
+            let mut s = self.tap.lock();
+            s.capturing = false;
+            (std::mem::take(&mut s.images), s.failed.take())
+        };
+        if let Some(kind) = unreported {
+            return Err(format!(
+                "a storage call failed ({kind:?}) but the operation did not report it"
+            ));
+        }
+        if let Some((point, _)) = self.armed
+            && !images.is_empty()
+        {
+            self.armed = None;
+            let i = usize::from(point) % images.len();
+            let Some(image) = images.into_iter().nth(i) else {
+                return Err("no crash image".into());
+            };
+            if let Some(e) = effect {
+                // The power went out before the operation returned: the
+                // caller saw no answer, so it may or may not have happened.
+                if e.slot_added {
+                    self.slots.pop();
+                }
+                self.model.max_token = e.max_token_before;
+                if e.before != e.after {
+                    self.model.maybe(e.uk, e.before, e.after);
+                }
+            }
+            self.stats.mid_op_crashes += 1;
+            self.trace
+                .push(format!("   power lost before storage call {i}"));
+            self.crash_into(image)
+                .map_err(|e| format!("power loss before storage call {i}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks an operation's error when the model expected success: it
+    /// must be the injected fault (which poisons the engine) or, once
+    /// poisoned, `Poisoned` with the same kind. Returns whether the write
+    /// may have happened.
+    fn expected_refusal(&mut self, got: &Error) -> Result<bool, String> {
+        let failed = self.tap.lock().failed.take();
+        if let Some(kind) = failed {
+            if self.model.poisoned.is_some() {
+                return Err(format!(
+                    "storage was called and failed ({kind:?}) although the engine is poisoned"
+                ));
+            }
+            if io_kind(got) != Some(kind) {
+                return Err(format!(
+                    "a storage call failed with {kind:?} but the call answered {got:?}"
+                ));
+            }
+            if kind == io::ErrorKind::StorageFull && !matches!(got, Error::NoSpace { .. }) {
+                return Err(format!("ENOSPC must be Error::NoSpace, got {got:?}"));
+            }
+            self.stats.faults += 1;
+            self.model.poisoned = Some(kind);
+            return Ok(true);
+        }
+        match (self.model.poisoned.or(self.model.maybe_poisoned), got) {
+            (Some(kind), Error::Poisoned { kind: k }) if *k == kind => {
+                self.stats.refused += 1;
+                self.model.poisoned = Some(kind);
+                self.model.maybe_poisoned = None;
+                Ok(false)
+            }
+            _ => Err(format!(
+                "unexpected error {got:?} (poisoned: {:?})",
+                self.model.poisoned
+            )),
+        }
+    }
+
+    /// Fails if a storage call failed during an operation that succeeded.
+    fn no_failure(&self, what: &str) -> Result<(), String> {
+        match self.tap.lock().failed.take() {
+            Some(kind) => Err(format!(
+                "{what} was acknowledged although a storage call failed ({kind:?})"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn begin(&mut self, uk: Uk, fp: u8) -> Result<Option<Effect>, String> {
+        let now = self.now();
+        let got = self.engine()?.begin(
+            USERS[usize::from(uk.0)],
+            KEYS[usize::from(uk.1)],
+            fingerprint(fp),
+        );
+        self.trace.push(match &got {
+            Ok(Begin::Replay(o)) => format!("   -> Replay {} + {} bytes", o.status, o.body.len()),
+            other => format!("   -> {other:?}"),
+        });
+        let Some(state) = self.model.sure(uk).cloned() else {
+            // Only while poisoned: any refusal or non-writing answer.
+            return match got {
+                Ok(Begin::Started(l)) => Err(format!("Started {l:?} while poisoned")),
+                Ok(_) | Err(Error::Poisoned { .. }) => Ok(None),
+                Err(e) => Err(format!("begin on an undecided key answered {e:?}")),
+            };
+        };
+        let expect = expect_begin(&state, fp, now);
+        let max_token_before = self.model.max_token;
+        match (got, &expect) {
+            (Ok(Begin::Started(lease)), ExpectBegin::Started) => {
+                self.no_failure("begin")?;
+                if let Some(kind) = self.model.poisoned {
+                    return Err(format!("Started {lease:?} while poisoned ({kind:?})"));
+                }
+                self.model.maybe_poisoned = None;
+                let token = lease.token();
+                if token <= self.model.max_token {
+                    return Err(format!(
+                        "Started with token {token}, not above {} (acknowledged or recovered)",
+                        self.model.max_token
+                    ));
+                }
+                let deadline = now + LEASE_TTL_MS;
+                if lease.expires_at_ms() != deadline || lease.fingerprint() != fingerprint(fp) {
+                    return Err(format!("Started with a wrong lease {lease:?}"));
+                }
+                let after = Some(Rec::Lease {
+                    token: Tok::Known(token),
+                    fp,
+                    deadline,
+                });
+                self.model.max_token = token;
+                self.model.set(uk, after.clone());
+                self.slots.push(Slot { lease, uk, fp });
+                Ok(Some(Effect {
+                    uk,
+                    before: state,
+                    after,
+                    slot_added: true,
+                    max_token_before,
+                }))
+            }
+            (Err(e), ExpectBegin::Started) => {
+                if self.expected_refusal(&e)? {
+                    let after = Some(Rec::Lease {
+                        token: Tok::Above(self.model.max_token),
+                        fp,
+                        deadline: now + LEASE_TTL_MS,
+                    });
+                    self.model.maybe(uk, state.clone(), after.clone());
+                    return Ok(Some(Effect {
+                        uk,
+                        before: state,
+                        after,
+                        slot_added: false,
+                        max_token_before,
+                    }));
+                }
+                Ok(None)
+            }
+            (Ok(Begin::Replay(o)), ExpectBegin::Replay { status, body })
+                if o.status == *status && o.body[..] == body.0[..] =>
+            {
+                Ok(None)
+            }
+            (Ok(Begin::InFlight { retry_after }), ExpectBegin::InFlight(want))
+                if retry_after == *want =>
+            {
+                Ok(None)
+            }
+            (Ok(Begin::Mismatch), ExpectBegin::Mismatch) => Ok(None),
+            (Err(Error::Poisoned { .. }), _) if self.model.may_refuse() => Ok(None),
+            (got, _) => Err(format!("begin answered {got:?}, model expected {expect:?}")),
+        }
+    }
+
+    /// Runs an owner call (`complete`, `release`, `extend`) of `slot` and
+    /// checks its answer; `after` is the key's state if it succeeds.
+    /// Returns the effect and whether it succeeded.
+    fn owner_call(
+        &mut self,
+        slot: &Slot,
+        what: &str,
+        got: Result<(), Error>,
+        after: Option<Rec>,
+        now: u64,
+    ) -> Result<(Option<Effect>, bool), String> {
+        self.trace
+            .push(format!("   {what} token {} -> {got:?}", slot.lease.token()));
+        let Some(state) = self.model.sure(slot.uk).cloned() else {
+            return match got {
+                Ok(()) => Err(format!("{what} acknowledged while poisoned")),
+                Err(_) => Ok((None, false)),
+            };
+        };
+        let expect = expect_owner(&state, slot.lease.token(), now)?;
+        let effect = |before: Option<Rec>, after: Option<Rec>, model: &Model| Effect {
+            uk: slot.uk,
+            before,
+            after,
+            slot_added: false,
+            max_token_before: model.max_token,
+        };
+        match (got, &expect) {
+            (Ok(()), ExpectOwner::Ok) => {
+                self.no_failure(what)?;
+                if let Some(kind) = self.model.poisoned {
+                    return Err(format!("{what} acknowledged while poisoned ({kind:?})"));
+                }
+                self.model.maybe_poisoned = None;
+                self.model.set(slot.uk, after.clone());
+                Ok((Some(effect(state, after, &self.model)), true))
+            }
+            (Err(e), ExpectOwner::Ok) => {
+                if self.expected_refusal(&e)? {
+                    self.model.maybe(slot.uk, state.clone(), after.clone());
+                    return Ok((Some(effect(state, after, &self.model)), false));
+                }
+                Ok((None, false))
+            }
+            (Err(Error::LeaseLost { token, reason }), ExpectOwner::Lost(reasons))
+                if token == slot.lease.token() && reasons.contains(&reason) =>
+            {
+                Ok((None, false))
+            }
+            (Err(Error::Poisoned { .. }), _) if self.model.may_refuse() => Ok((None, false)),
+            (got, _) => Err(format!(
+                "{what} answered {got:?}, model expected {expect:?}"
+            )),
+        }
+    }
+
+    fn complete(
+        &mut self,
+        lease: u8,
+        status: u8,
+        body_i: u8,
+        ttl: u8,
+    ) -> Result<Option<Effect>, String> {
+        let Some(slot) = self.pick(lease) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let status = STATUSES[usize::from(status % 4)];
+        let body = body(body_i % 5);
+        let ttl = COMPLETE_TTLS_MS[usize::from(ttl % 3)];
+        let got = self.engine()?.complete_with_ttl(
+            &slot.lease,
+            Outcome {
+                status,
+                body: body.clone().into(),
+            },
+            Duration::from_millis(ttl),
+        );
+        let after = Some(Rec::Done {
+            token: slot.lease.token(),
+            fp: slot.fp,
+            expiry: now + ttl,
+            status,
+            body: Body(body),
+        });
+        Ok(self.owner_call(&slot, "complete", got, after, now)?.0)
+    }
+
+    fn release(&mut self, lease: u8) -> Result<Option<Effect>, String> {
+        let Some(slot) = self.pick(lease) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let got = self.engine()?.release(&slot.lease);
+        Ok(self.owner_call(&slot, "release", got, None, now)?.0)
+    }
+
+    fn extend(&mut self, lease: u8, by: u8) -> Result<Option<Effect>, String> {
+        let Some(slot) = self.pick(lease) else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let by = EXTEND_MS[usize::from(by % 4)];
+        let got = self
+            .engine()?
+            .extend(&slot.lease, Duration::from_millis(by));
+        let deadline = now + by;
+        let (got, new_lease) = match got {
+            Ok(l) => (Ok(()), Some(l)),
+            Err(e) => (Err(e), None),
+        };
+        let after = Some(Rec::Lease {
+            token: Tok::Known(slot.lease.token()),
+            fp: slot.fp,
+            deadline,
+        });
+        let (effect, ok) = self.owner_call(&slot, "extend", got, after, now)?;
+        if ok && let Some(l) = new_lease {
+            if l.token() != slot.lease.token()
+                || l.expires_at_ms() != deadline
+                || l.fingerprint() != slot.lease.fingerprint()
+                || l.user() != slot.lease.user()
+                || l.key() != slot.lease.key()
+            {
+                return Err(format!(
+                    "extend returned {l:?} for {:?}, expected deadline {deadline}",
+                    slot.lease
+                ));
+            }
+            self.slots.push(Slot { lease: l, ..slot });
+            if let Some(mut e) = effect {
+                e.slot_added = true;
+                return Ok(Some(e));
+            }
+        }
+        Ok(effect)
+    }
+
+    /// Reads `uk` from the engine: its view and stored outcome.
+    fn read(&self, uk: Uk) -> Result<(Option<RecordView>, Option<Outcome>), idemkv::Error> {
+        let engine = self.engine.as_ref().ok_or(Error::Closed)?;
+        let (user, key) = (USERS[usize::from(uk.0)], KEYS[usize::from(uk.1)]);
+        Ok((engine.get(user, key)?, engine.outcome(user, key)?))
+    }
+
+    /// Asks `begin` about a live record (which changes nothing) with its
+    /// own and the other fingerprint: exact replay or in-flight, and
+    /// mismatch.
+    fn probe(&self, uk: Uk, rec: &Rec, now: u64) -> Result<(), String> {
+        let engine = self.engine()?;
+        let (user, key) = (USERS[usize::from(uk.0)], KEYS[usize::from(uk.1)]);
+        let same = engine
+            .begin(user, key, fingerprint(rec.fp()))
+            .map_err(|e| format!("probe begin failed: {e:?}"))?;
+        let ok = match (rec, &same) {
+            (Rec::Lease { deadline, .. }, Begin::InFlight { retry_after }) => {
+                *retry_after == Duration::from_millis(deadline - now)
+            }
+            (Rec::Done { status, body, .. }, Begin::Replay(o)) => {
+                o.status == *status && o.body[..] == body.0[..]
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "begin with the same fingerprint on {uk:?} answered {same:?}; model has {rec:?}"
+            ));
+        }
+        let other = engine
+            .begin(user, key, fingerprint(1 - rec.fp()))
+            .map_err(|e| format!("probe begin failed: {e:?}"))?;
+        if !matches!(other, Begin::Mismatch) {
+            return Err(format!(
+                "begin with another fingerprint on {uk:?} answered {other:?}; model has {rec:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `Compact` operation: a full compaction changes no state. A
+    /// failed one must report the failed storage call; whether it poisons
+    /// the engine depends on the step, so later writes may be refused.
+    fn compact(&mut self) -> Result<(), String> {
+        let got = self.engine()?.compact();
+        self.trace.push(format!("   -> {got:?}"));
+        let failed = self.tap.lock().failed.take();
+        match (got, failed) {
+            (Ok(_), None) => {}
+            (Ok(report), Some(kind)) => {
+                return Err(format!(
+                    "compaction answered {report:?} although a storage call failed ({kind:?})"
+                ));
+            }
+            (Err(e), Some(kind)) => {
+                if io_kind(&e) != Some(kind) {
+                    return Err(format!(
+                        "a storage call failed with {kind:?} but compaction answered {e:?}"
+                    ));
+                }
+                self.stats.faults += 1;
+                if self.model.poisoned.is_none() {
+                    self.model.maybe_poisoned = Some(kind);
+                }
+            }
+            (Err(Error::Poisoned { kind }), None) if self.model.may_refuse() => {
+                self.stats.refused += 1;
+                self.model.poisoned = Some(kind);
+                self.model.maybe_poisoned = None;
+            }
+            (Err(e), None) => return Err(format!("compaction failed: {e:?}")),
+        }
+        self.check_all()
+            .map_err(|e| format!("after compaction: {e}"))
+    }
+
+    /// The `Check` operation: every certain key must show its state (or,
+    /// while poisoned, reads may be refused).
+    fn check_all(&mut self) -> Result<(), String> {
+        let now = self.now();
+        for uk in all_keys() {
+            let Some(state) = self.model.sure(uk).cloned() else {
+                continue;
+            };
+            match self.read(uk) {
+                Ok((view, outcome)) => {
+                    if !shows(&state, &view, &outcome, now) {
+                        return Err(format!(
+                            "{uk:?} shows {view:?} / {outcome:?}, model has {state:?}"
+                        ));
+                    }
+                }
+                Err(Error::Poisoned { .. }) if self.model.may_refuse() => continue,
+                Err(e) => return Err(format!("reading {uk:?} failed: {e:?}")),
+            }
+            if !self.model.may_refuse()
+                && let Some(rec) = live(&state, now)
+            {
+                self.probe(uk, rec, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a reopen: every key must show one of its possible states; the
+    /// model then keeps that one. Checks fingerprints with probes.
+    fn resolve_all(&mut self) -> Result<(), String> {
+        let now = self.now();
+        for uk in all_keys() {
+            let states = self.model.keys.get(&uk).cloned().unwrap_or(vec![None]);
+            let (view, outcome) = self
+                .read(uk)
+                .map_err(|e| format!("reading {uk:?} failed: {e:?}"))?;
+            let Some(found) = states
+                .iter()
+                .find(|s| shows(s, &view, &outcome, now))
+                .cloned()
+            else {
+                let what = if states.len() == 1 {
+                    "an acknowledged state was lost or changed"
+                } else {
+                    "neither the old nor the new state of an unacknowledged write"
+                };
+                return Err(format!(
+                    "{what}: {uk:?} shows {view:?} / {outcome:?}, model has one of {states:?}"
+                ));
+            };
+            let resolved = match (found, view) {
+                // Expired at open: the engine dropped it.
+                (Some(r), _) if !r.live(now) => None,
+                (Some(Rec::Lease { fp, deadline, .. }), Some(v)) => Some(Rec::Lease {
+                    token: Tok::Known(v.token),
+                    fp,
+                    deadline,
+                }),
+                (other, _) => other,
+            };
+            if let Some(v) = view {
+                self.model.max_token = self.model.max_token.max(v.token);
+            }
+            if let Some(rec) = &resolved {
+                self.probe(uk, rec, now)?;
+            }
+            self.trace
+                .push(format!("   {uk:?} recovered as {resolved:?}"));
+            self.model.set(uk, resolved);
+        }
+        // Leases of records that did not survive can never be used again,
+        // but they stay as stale leases to present.
+        self.model.poisoned = None;
+        self.model.maybe_poisoned = None;
+        Ok(())
+    }
+
+    /// A power loss now with `tear`, then the checks.
+    fn power_loss(&mut self, tear: Tear, what: &str) -> Result<(), String> {
+        let image = self.disk.crash(tear);
+        self.crash_into(image)
+            .map_err(|e| format!("{what} ({tear:?}): {e}"))
+    }
+
+    /// Drops the engine, opens one on `image` (the disk a power loss left)
+    /// and checks every key against the model.
+    fn crash_into(&mut self, image: SimDisk) -> Result<(), String> {
+        self.stats.crashes += 1;
+        {
+            let mut s = self.tap.lock();
+            s.pending = None;
+            s.sync_failed = false;
+        }
+        drop(self.engine.take());
+        self.disk = image;
+        self.open()
+            .map_err(|e| format!("reopen after power loss: {e}"))?;
+        self.resolve_all()
+    }
+
+    /// A clean restart on the same disk.
+    fn reopen(&mut self) -> Result<(), String> {
+        if !self.config.restart_after_failed_sync && self.tap.lock().sync_failed {
+            self.trace
+                .push("   a sync failed earlier: power loss instead".into());
+            return self.power_loss(Tear::Clean, "reopen after a failed sync");
+        }
+        self.stats.reopens += 1;
+        self.tap.lock().pending = None;
+        drop(self.engine.take());
+        self.disk.clear_faults();
+        self.open().map_err(|e| format!("clean reopen: {e}"))?;
+        self.resolve_all()
+    }
+}
+
+fn all_keys() -> impl Iterator<Item = Uk> {
+    (0..USERS.len() as u8).flat_map(|u| (0..KEYS.len() as u8).map(move |k| (u, k)))
+}
