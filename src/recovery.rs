@@ -68,7 +68,12 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
     let mut shard = index.shard(&id).lock();
     if record.kind == Kind::Begin {
         if let Some(entry) = state::replay(None, record, pos) {
-            shard.start(&id, user, key, entry, record.time_ms);
+            match shard.locate(&id, user, key) {
+                // The same lease again (a duplicate copy of its begin, from
+                // a segment compaction orphaned): this key's own entry.
+                Some((e, _)) if e.token == record.token => shard.update(&id, user, key, entry),
+                _ => shard.start(&id, user, key, entry, record.time_ms),
+            }
         }
         return Ok(());
     }

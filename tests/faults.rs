@@ -723,10 +723,25 @@ fn reopen_handles_a_half_created_last_segment() {
     );
     acked.push(calibrated);
     assert_io_error(failure, IoOp::SyncDir, io::ErrorKind::Other);
-    let header = sim
-        .disk
-        .read_file("000002.log")
-        .expect("the new segment's file");
+    // The failed roll removes the file it made, so that a restart without a
+    // crash cannot append to it.
+    assert_eq!(
+        sim.disk.read_file("000002.log"),
+        None,
+        "the half-made segment was removed"
+    );
+    // A valid header of segment 2, from an engine whose roll succeeded.
+    let header = {
+        let other = Sim::with(Durability::Sync, |o| o.segment_bytes = SMALL_SEGMENT);
+        let engine = other.open();
+        let mut i = 0;
+        while engine.stats().segments < 2 {
+            write_acked(&engine, &format!("filler-{i}"));
+            i += 1;
+        }
+        let bytes = other.disk.read_file("000002.log").expect("segment 2");
+        bytes[..sizes.header].to_vec()
+    };
     let full = header.len();
     assert_eq!(full, sizes.header, "the new segment holds its whole header");
 

@@ -85,12 +85,24 @@ pub(super) fn create_segment(
     let file = storage
         .create(&name)
         .map_err(|e| Error::io(IoOp::Create, &path, e))?;
-    file.append(&new_header(id, token_floor, clock))
-        .map_err(|e| Error::io(IoOp::Write, &path, e))?;
-    file.sync().map_err(|e| Error::io(IoOp::Sync, &path, e))?;
-    storage
-        .sync_dir()
-        .map_err(|e| Error::io(IoOp::SyncDir, &path, e))?;
+    let finished = file
+        .append(&new_header(id, token_floor, clock))
+        .map_err(|e| Error::io(IoOp::Write, &path, e))
+        .and_then(|()| file.sync().map_err(|e| Error::io(IoOp::Sync, &path, e)))
+        .and_then(|()| {
+            storage
+                .sync_dir()
+                .map_err(|e| Error::io(IoOp::SyncDir, &path, e))
+        });
+    if let Err(e) = finished {
+        // Do not leave a half-made segment behind: a restart without a
+        // crash would append acknowledged records to a file whose header
+        // (or name) may never reach the disk. Best effort; if the removal
+        // fails too, the engine is poisoned and recovery judges the file.
+        let _ = storage.remove(&name);
+        let _ = storage.sync_dir();
+        return Err(e);
+    }
     Ok(file)
 }
 

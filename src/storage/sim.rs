@@ -47,7 +47,8 @@ pub enum SimOp {
 pub struct Fault {
     /// The operation that fails.
     pub op: SimOp,
-    /// How many calls of `op` succeed before the failing one.
+    /// The index, among all calls of `op` since the disk was created
+    /// (counting from 0), of the first call that fails.
     pub after: u64,
     /// The error kind returned (`StorageFull` for ENOSPC, `Other` for EIO).
     pub kind: io::ErrorKind,
@@ -124,7 +125,9 @@ impl SimDisk {
         SimDisk::default()
     }
 
-    /// Arms a fault.
+    /// Arms a fault. `fault.after` is an index among all calls of
+    /// `fault.op` since the disk was created (the first is 0): the first
+    /// call at or past it fails.
     pub fn inject(&self, fault: Fault) {
         self.state.lock().faults.push(fault);
     }

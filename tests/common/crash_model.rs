@@ -166,11 +166,8 @@ pub struct Config {
     /// Whether [`Op::Reopen`] after a failed file sync is a real restart on
     /// the same disk. A restart reads the page cache, which after a failed
     /// fsync may hold bytes that never reach the disk ("fsyncgate"); the
-    /// engine must not show or build on them. One case is still open (a
-    /// roll whose header sync failed: `tests/crash.rs`,
-    /// `restart_after_failed_header_sync_in_a_roll`), so [`decode`] sets
-    /// `false` and such a reopen runs as a power loss; `CRASH_REAL_RESTART=1`
-    /// turns it on for the seeded loop of `tests/crash.rs`.
+    /// engine must not show or build on them. [`decode`] sets it; `false`
+    /// runs such a reopen as a power loss instead.
     pub restart_after_failed_sync: bool,
 }
 
@@ -257,7 +254,7 @@ pub fn decode(data: &[u8]) -> Case {
     let config = Config {
         small_segments: flags & 3 != 0,
         one_shard: flags & 4 != 0,
-        restart_after_failed_sync: false,
+        restart_after_failed_sync: true,
     };
     let mut ops = Vec::new();
     while !r.done() && ops.len() < MAX_OPS {
@@ -396,7 +393,7 @@ pub fn run(ops: &[Op]) -> Result<(), String> {
         config: Config {
             small_segments: true,
             one_shard: false,
-            restart_after_failed_sync: false,
+            restart_after_failed_sync: true,
         },
         ops: ops.to_vec(),
     })
