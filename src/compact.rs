@@ -4,8 +4,9 @@
 //! shard at a time, and counts the live entries of every segment. The
 //! **compactor** rewrites a closed segment whose live fraction fell below
 //! the threshold: it keeps each record the index still points at, and each
-//! complete or release record whose lease could still look live if the
-//! record vanished (its `lease_ms` is in the future), and drops the rest.
+//! other record whose lease has had a deadline that is still ahead (its
+//! `lease_ms`): dropping it could let an older record of that lease look
+//! live again. The rest is dropped.
 //! The rewrite replays where the segment did (`log/rewrite.rs`), so replay
 //! order never changes, and a crash at any step leaves either the old file
 //! or its complete replacement.
@@ -31,7 +32,7 @@ use crate::clock::Clock;
 use crate::error::Result;
 use crate::index::{Index, KeyId};
 use crate::log::reader::scan_segment;
-use crate::log::record::{FRAME_HEADER, Kind, frame_header};
+use crate::log::record::{FRAME_HEADER, frame_header};
 use crate::log::{ClosedSegment, Log, file_of, pos};
 use crate::stats::Counters;
 
@@ -106,10 +107,12 @@ impl Compactor {
         (expired, live)
     }
 
-    /// One pass: sweep, then rewrite closed segments. With `full`, the
-    /// active segment is rolled first and every segment with any dead
-    /// record is rewritten; otherwise only those below the threshold.
-    pub fn run(&self, full: bool) -> Result<CompactionReport> {
+    /// One pass: sweep, then rewrite closed segments. A full pass rolls the
+    /// active segment first and rewrites every segment with a dead record;
+    /// otherwise only segments whose live fraction is below `threshold`
+    /// (`None`: the configured one) are rewritten.
+    pub fn run(&self, full: bool, threshold: Option<f64>) -> Result<CompactionReport> {
+        let threshold = threshold.unwrap_or(self.threshold);
         let _one = self.running.lock();
         // After a failed write or sync the index may show states that never
         // reached the disk; dropping what they superseded could lose data.
@@ -137,7 +140,7 @@ impl Compactor {
             let due = if full {
                 live_here < seg.records || seg.records == 0
             } else {
-                fraction < self.threshold
+                fraction < threshold
             };
             if !due {
                 live_bytes += (seg.bytes as f64 * fraction.min(1.0)) as u64;
@@ -207,8 +210,10 @@ impl Compactor {
                     None => (false, !self.log.is_durable(shard.removed_pos())),
                 }
             };
-            let tombstone =
-                matches!(rec.kind, Kind::Complete | Kind::Release) && rec.lease_ms > now;
+            // A record that is no longer current may still be what stops an
+            // older record of its lease from looking live again: keep it
+            // while any deadline its lease has had is ahead (`lease_ms`).
+            let tombstone = rec.lease_ms > now;
             if !current && !tombstone && !unsettled {
                 dropped += 1;
                 return;
@@ -285,7 +290,7 @@ impl Background {
                     // A failed pass leaves every file as it was; the next
                     // pass tries again (an I/O failure that matters to
                     // foreground writes poisons the log on its own).
-                    let _ = compactor.run(false);
+                    let _ = compactor.run(false, None);
                 }
             })
             .ok();

@@ -465,3 +465,34 @@ fn a_crash_at_any_step_of_compaction_loses_nothing_and_resurrects_nothing() {
     }
     assert_eq!(cases, 72);
 }
+
+#[path = "common/crash_model.rs"]
+#[allow(dead_code)]
+mod crash_model;
+
+/// The `compaction_crash` fuzz target's check, in every test run: seeded
+/// inputs decoded into sequences with a full compaction after every third
+/// operation and a power loss or fault inside it, against the model.
+#[test]
+fn seeded_compactions_survive_power_loss_inside_them() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut crashes = 0;
+    for case_no in 0..3000 {
+        let len = 8 + (case_no % 90);
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let case = crash_model::decode_compaction(&bytes);
+        match crash_model::run_case(&case) {
+            Ok(stats) => crashes += stats.crashes,
+            Err(e) => panic!("case {case_no} ({bytes:?}): {e}\n{case:#?}"),
+        }
+    }
+    eprintln!("{crashes} power losses checked");
+    assert!(crashes > 5_000, "only {crashes} power losses were checked");
+}

@@ -240,13 +240,26 @@ impl Engine {
     /// complete rewrite); [`Error::Poisoned`].
     pub fn compact(&self) -> Result<CompactionReport> {
         self.check_open()?;
-        self.compactor.run(true)
+        self.compactor.run(true, None)
     }
 
-    /// One background pass (only segments below the threshold), for tests.
-    #[cfg(test)]
-    pub(crate) fn compact_below_threshold(&self) -> Result<CompactionReport> {
-        self.compactor.run(false)
+    /// Runs one pass like the background thread's, now: sweeps expired
+    /// records from memory and rewrites the closed segments whose live
+    /// fraction is below `threshold` (0.0 to 1.0; `Options::compaction_threshold`
+    /// is the background's), leaving the active segment alone.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a threshold outside 0.0 to 1.0;
+    /// otherwise as [`Engine::compact`].
+    pub fn compact_below(&self, threshold: f64) -> Result<CompactionReport> {
+        self.check_open()?;
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(Error::InvalidOptions {
+                field: "threshold",
+                problem: "must be 0.0 to 1.0",
+            });
+        }
+        self.compactor.run(false, Some(threshold))
     }
 
     /// Syncs the log, stops background work and releases the directory

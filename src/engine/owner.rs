@@ -120,7 +120,10 @@ impl Engine {
             let (deadline_ms, lease_ms) = match kind {
                 Kind::Release => (entry.deadline_ms, entry.deadline_ms),
                 Kind::Complete => (deadline_ms, entry.deadline_ms),
-                Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms),
+                // An extend may shorten the lease: it records the later of
+                // the old and new deadlines, so that compaction keeps it as
+                // long as the records it overrode could still look live.
+                Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms.max(entry.deadline_ms)),
             };
             let record = Record {
                 kind,

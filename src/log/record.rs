@@ -77,10 +77,12 @@ pub(crate) struct Record<'a> {
     /// The engine clock when the record was written; recovery decides with
     /// it as the live call did.
     pub time_ms: u64,
-    /// The deadline of the lease this record belongs to: for a begin or
-    /// extend, `deadline_ms`; for a complete or release, the deadline the
-    /// lease had when it ended. Compaction keeps an ending record while this
-    /// is in the future, so the lease cannot come back.
+    /// A deadline of the lease this record belongs to, at least as late as
+    /// the deadline the record replaced: for a begin, `deadline_ms`; for an
+    /// extend, the later of the old and new deadlines; for a complete or
+    /// release, the deadline the lease had when it ended. Compaction keeps a
+    /// record that is not current while this is ahead, so no older record
+    /// of the lease can look live again.
     pub lease_ms: u64,
     pub fingerprint: u128,
     pub user: &'a [u8],

@@ -139,6 +139,11 @@ pub enum Op {
     /// `Engine::compact`: a full sweep and rewrite, which changes no
     /// record's state.
     Compact,
+    /// `Engine::compact_below(0.5)`: a pass like the background thread's,
+    /// which rewrites only mostly-dead segments and so must keep the records
+    /// that ended a lease whose begin stays in a segment it leaves alone.
+    /// Only [`decode_compaction`] makes it; [`encode`] writes it as `Compact`.
+    CompactBelow,
     /// Power loss now: the engine is dropped and reopened on the disk a
     /// power loss leaves, which is then checked.
     Crash { tear: TearKind, seed: u8 },
@@ -348,7 +353,7 @@ pub fn encode(case: &Case) -> Vec<u8> {
             Op::Extend { lease, by } => out.extend([8, lease, by % 4]),
             Op::Advance { by } => out.extend([9, by % 8]),
             Op::Check => out.push(10),
-            Op::Compact => out.push(16),
+            Op::Compact | Op::CompactBelow => out.push(16),
             Op::Crash { tear, seed } => out.extend([11, tear_byte(tear), seed]),
             Op::CrashInNext { point, tear, seed } => out.extend([12, point, tear_byte(tear), seed]),
             Op::Reopen => out.push(14),
@@ -381,6 +386,63 @@ pub fn run_bytes(data: &[u8]) {
     let case = decode(data);
     if let Err(e) = run_case(&case) {
         panic!("crash model: {e}\ncase: {case:#?}");
+    }
+}
+
+/// Decodes bytes into a case aimed at compaction: small segments, and after
+/// every third operation a full compaction with a power loss (clean, torn or
+/// garbled) just before one of its storage calls, chosen by the input, or a
+/// fault in one of them. The first input byte is the settings, as for
+/// [`decode`]; the rest alternates operation bytes and compaction-point
+/// bytes.
+pub fn decode_compaction(data: &[u8]) -> Case {
+    let mut case = decode(data);
+    case.config.small_segments = true;
+    let mut points = data.iter().rev().copied().cycle();
+    let mut ops = Vec::with_capacity(case.ops.len() * 2);
+    for (i, op) in case.ops.into_iter().enumerate() {
+        ops.push(op);
+        if i % 3 != 2 {
+            continue;
+        }
+        let point = points.next().unwrap_or(0);
+        let choice = points.next().unwrap_or(0);
+        match choice % 4 {
+            0 => {}
+            1 => ops.push(Op::Fault {
+                op: match point % 5 {
+                    0 => FaultOp::Create,
+                    1 => FaultOp::Sync,
+                    2 => FaultOp::Rename,
+                    3 => FaultOp::SyncDir,
+                    _ => FaultOp::Remove,
+                },
+                kind: if choice & 8 == 0 {
+                    FaultKind::Eio
+                } else {
+                    FaultKind::NoSpace
+                },
+                nth: (choice / 16) % 3,
+            }),
+            _ => ops.push(Op::CrashInNext {
+                point,
+                tear: tear_kind(choice / 4),
+                seed: choice,
+            }),
+        }
+        ops.push(if point % 2 == 0 {
+            Op::Compact
+        } else {
+            Op::CompactBelow
+        });
+        if ops.len() >= MAX_OPS {
+            break;
+        }
+    }
+    ops.push(Op::Check);
+    Case {
+        config: case.config,
+        ops,
     }
 }
 
@@ -435,7 +497,11 @@ pub fn shrink(case: &Case) -> Case {
 pub fn run_case(case: &Case) -> Result<RunStats, String> {
     let mut h = Harness::new(case.config)?;
     let with_trace = |h: &Harness, e: String| {
-        let from = h.trace.len().saturating_sub(60);
+        let keep = std::env::var("CRASH_TRACE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        let from = h.trace.len().saturating_sub(keep);
         let trace = h.trace.get(from..).unwrap_or_default().join("\n  ");
         format!("{e}\ntrace (last answers):\n  {trace}")
     };
@@ -1025,7 +1091,11 @@ impl Harness {
                 None
             }
             Op::Compact => {
-                self.compact()?;
+                self.compact(true)?;
+                None
+            }
+            Op::CompactBelow => {
+                self.compact(false)?;
                 None
             }
             Op::Crash { tear, seed } => {
@@ -1395,8 +1465,13 @@ impl Harness {
     /// The `Compact` operation: a full compaction changes no state. A
     /// failed one must report the failed storage call; whether it poisons
     /// the engine depends on the step, so later writes may be refused.
-    fn compact(&mut self) -> Result<(), String> {
-        let got = self.engine()?.compact();
+    fn compact(&mut self, full: bool) -> Result<(), String> {
+        let engine = self.engine()?;
+        let got = if full {
+            engine.compact()
+        } else {
+            engine.compact_below(0.5)
+        };
         self.trace.push(format!("   -> {got:?}"));
         let failed = self.tap.lock().failed.take();
         match (got, failed) {
