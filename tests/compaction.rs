@@ -467,7 +467,6 @@ fn a_crash_at_any_step_of_compaction_loses_nothing_and_resurrects_nothing() {
 }
 
 #[path = "common/crash_model.rs"]
-#[allow(dead_code)]
 mod crash_model;
 
 /// The `compaction_crash` fuzz target's check, in every test run: seeded
