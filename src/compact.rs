@@ -30,10 +30,10 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::index::{Index, KeyId};
+use crate::index::{Index, KeyId, PARTS};
 use crate::log::reader::scan_segment;
 use crate::log::record::{FRAME_HEADER, frame_header};
-use crate::log::{ClosedSegment, Log, file_of, pos};
+use crate::log::{ClosedSegment, Log, Pin, file_of, pos};
 use crate::stats::Counters;
 
 /// What one [`Engine::compact`](crate::Engine::compact) (or one background
@@ -98,10 +98,14 @@ impl Compactor {
     fn sweep(&self, now: u64) -> (u64, HashMap<u64, u64>) {
         let mut expired = 0;
         let mut live = HashMap::new();
+        // One part of one shard per lock hold, so foreground calls on that
+        // shard wait for at most a sixteenth of it.
         for shard in self.index.shards() {
-            let mut shard = shard.lock();
-            expired += shard.drop_expired(now) as u64;
-            shard.for_each(|e| *live.entry(file_of(e.pos)).or_insert(0) += 1);
+            for part in 0..PARTS {
+                let mut shard = shard.lock();
+                expired += shard.drop_expired_in(part, now) as u64;
+                shard.for_each_in(part, |e| *live.entry(file_of(e.pos)).or_insert(0) += 1);
+            }
         }
         self.counters.swept.fetch_add(expired, Ordering::Relaxed);
         (expired, live)
@@ -130,7 +134,7 @@ impl Compactor {
         report.expired = expired;
         let mut live_bytes = 0u64;
         let mut retired = false;
-        for seg in self.log.closed_segments() {
+        for seg in self.log.closed_segments(now) {
             let live_here = live.get(&seg.file).copied().unwrap_or(0) + seg.pinned;
             let fraction = if seg.records == 0 {
                 0.0
@@ -193,9 +197,11 @@ impl Compactor {
     /// and the bytes of the replacement.
     fn rewrite(&self, seg: &ClosedSegment, now: u64) -> Result<(u64, u64, u64)> {
         let buf = self.log.read_segment(seg.file)?;
+        let (active, _, _) = self.log.active_segment();
         let mut frames = Vec::new();
         let mut moved = Vec::new();
-        let (mut kept, mut dropped, mut tombstones) = (0u64, 0u64, 0u64);
+        let (mut kept, mut dropped) = (0u64, 0u64);
+        let mut pin = Pin::default();
         let scanned = scan_segment(&buf, seg.file, |rec, offset| {
             let at = pos(seg.file, offset);
             let id = KeyId::new(rec.user, rec.key);
@@ -229,7 +235,13 @@ impl Compactor {
             if current {
                 moved.push((at, new_offset, rec.user, rec.key));
             } else {
-                tombstones += 1;
+                pin.count += 1;
+                if tombstone {
+                    pin.until_ms = pin.until_ms.max(rec.lease_ms);
+                }
+                if unsettled {
+                    pin.unsettled_in = Some(active);
+                }
             }
         });
         if let Err((offset, kind)) = scanned {
@@ -241,9 +253,7 @@ impl Compactor {
         }
         let mut bytes = 0;
         if kept > 0 {
-            let out = self
-                .log
-                .publish_rewrite(seg.file, &frames, kept, tombstones)?;
+            let out = self.log.publish_rewrite(seg.file, &frames, kept, pin)?;
             bytes = (crate::log::record::HEADER_LEN + frames.len()) as u64;
             for (from, offset, user, key) in moved {
                 let id = KeyId::new(user, key);

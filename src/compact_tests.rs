@@ -138,3 +138,27 @@ fn an_extend_that_shortened_a_lease_outlives_the_begin_it_overrode() {
         "the shortened lease came back"
     );
 }
+
+/// Regression (a flaky background test): a rewrite that kept only
+/// tombstones counted them as live for good, so it was never compacted
+/// again and the directory did not shrink after the leases expired.
+#[test]
+fn kept_tombstones_stop_counting_once_their_leases_are_over() {
+    let disk = SimDisk::new();
+    let clock = Arc::new(ManualClock::new(0));
+    let engine = open(&disk, &clock);
+    let lease = lease_in_a_live_segment(&engine);
+    engine.release(&lease).unwrap();
+    roll_with_dead_records(&engine);
+    let first = engine.compact_below(0.5).unwrap();
+    assert!(
+        first.records_kept >= 1,
+        "the release is kept as a tombstone: {first:?}"
+    );
+    let segments = engine.stats().segments;
+    // Once every lease involved is over, the tombstones' segment is dead.
+    clock.advance(Duration::from_secs(31));
+    let second = engine.compact_below(0.5).unwrap();
+    assert!(second.segments_compacted >= 1, "{second:?}");
+    assert!(engine.stats().segments < segments, "{second:?}");
+}

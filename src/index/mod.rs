@@ -12,7 +12,7 @@ mod entry;
 mod shard;
 
 pub(crate) use entry::{Entry, MAX_DEADLINE_MS, OFFSET_LIMIT, TOKEN_LIMIT};
-pub(crate) use shard::Shard;
+pub(crate) use shard::{PARTS, Shard};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 

@@ -50,6 +50,15 @@ impl Hasher for DigestHasher {
 
 type Build = BuildHasherDefault<DigestHasher>;
 
+/// Parts per shard's digest table: the sweeper holds a shard's lock for one
+/// part at a time, so a pass over a shard of n entries holds it for about
+/// n / 16 entries at once.
+pub(crate) const PARTS: usize = 16;
+
+fn part_of(digest: u64) -> usize {
+    (digest >> 60) as usize % PARTS
+}
+
 /// A key whose digest is shared with another live key, kept with its full
 /// identity.
 #[derive(Debug)]
@@ -79,7 +88,9 @@ struct Spilled {
 ///   this shard, so an answer of "absent" can wait until that is durable.
 #[derive(Debug, Default)]
 pub(crate) struct ShardMap {
-    map: HashMap<Digest, Packed, Build>,
+    /// The digest table, split by the digest's top bits into parts that
+    /// the sweeper visits one lock hold at a time.
+    map: [HashMap<Digest, Packed, Build>; PARTS],
     spill: HashMap<u64, Vec<Spilled>, Build>,
     removed_pos: u64,
 }
@@ -110,7 +121,10 @@ impl ShardMap {
     pub fn get(&self, id: &KeyId, user: &[u8], key: &[u8]) -> Option<Entry> {
         match self.spilled(id, user, key) {
             Some(s) => Some(s.entry),
-            None => self.map.get(&Digest::new(id.digest)).map(|p| p.unpack()),
+            None => self
+                .table(id.digest)
+                .get(&Digest::new(id.digest))
+                .map(|p| p.unpack()),
         }
     }
 
@@ -122,7 +136,7 @@ impl ShardMap {
         }
         let digest = Digest::new(id.digest);
         let foreign_live = self
-            .map
+            .table(id.digest)
             .get(&digest)
             .is_some_and(|p| p.unpack().is_live(now_ms));
         if foreign_live {
@@ -132,7 +146,8 @@ impl ShardMap {
                 entry,
             });
         } else {
-            self.map.insert(digest, Packed::pack(&entry));
+            self.table_mut(id.digest)
+                .insert(digest, Packed::pack(&entry));
         }
     }
 
@@ -141,7 +156,7 @@ impl ShardMap {
         match self.spilled_mut(id, user, key) {
             Some(s) => s.entry = entry,
             None => {
-                self.map
+                self.table_mut(id.digest)
                     .insert(Digest::new(id.digest), Packed::pack(&entry));
             }
         }
@@ -159,7 +174,7 @@ impl ShardMap {
             }
             return;
         }
-        self.map.remove(&Digest::new(id.digest));
+        self.table_mut(id.digest).remove(&Digest::new(id.digest));
     }
 
     /// Where `(user, key)`'s entry is: the entry, and whether it is in the
@@ -169,7 +184,7 @@ impl ShardMap {
         match self.spilled(id, user, key) {
             Some(s) => Some((s.entry, true)),
             None => self
-                .map
+                .table(id.digest)
                 .get(&Digest::new(id.digest))
                 .map(|p| (p.unpack(), false)),
         }
@@ -190,14 +205,34 @@ impl ShardMap {
 
     /// Calls `f` with every entry, expired or not.
     pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
-        for p in self.map.values() {
+        for part in 0..PARTS {
+            self.for_each_in(part, &mut f);
+        }
+    }
+
+    /// Calls `f` with every entry of one part (the spill table counts as
+    /// part 0).
+    pub fn for_each_in(&self, part: usize, mut f: impl FnMut(&Entry)) {
+        for p in self.map.get(part).into_iter().flat_map(HashMap::values) {
             f(&p.unpack());
         }
-        for list in self.spill.values() {
-            for s in list {
+        if part == 0 {
+            for s in self.spill.values().flatten() {
                 f(&s.entry);
             }
         }
+    }
+
+    fn table(&self, digest: u64) -> &HashMap<Digest, Packed, Build> {
+        // In bounds: `part_of` is below PARTS.
+        #[allow(clippy::indexing_slicing)]
+        &self.map[part_of(digest)]
+    }
+
+    fn table_mut(&mut self, digest: u64) -> &mut HashMap<Digest, Packed, Build> {
+        // In bounds: `part_of` is below PARTS.
+        #[allow(clippy::indexing_slicing)]
+        &mut self.map[part_of(digest)]
     }
 
     /// The position of the latest release in this shard.
@@ -207,18 +242,35 @@ impl ShardMap {
 
     /// Number of entries, expired ones included.
     pub fn len(&self) -> usize {
-        self.map.len() + self.spill.values().map(Vec::len).sum::<usize>()
+        self.map.iter().map(HashMap::len).sum::<usize>()
+            + self.spill.values().map(Vec::len).sum::<usize>()
     }
 
     /// Drops every entry that is expired at `now_ms`; returns how many.
     pub fn drop_expired(&mut self, now_ms: u64) -> usize {
-        let before = self.len();
-        self.map.retain(|_, p| p.unpack().is_live(now_ms));
-        self.spill.retain(|_, list| {
-            list.retain(|s| s.entry.is_live(now_ms));
-            !list.is_empty()
-        });
-        before - self.len()
+        (0..PARTS)
+            .map(|part| self.drop_expired_in(part, now_ms))
+            .sum()
+    }
+
+    /// Drops the expired entries of one part (the spill table counts as
+    /// part 0); returns how many.
+    pub fn drop_expired_in(&mut self, part: usize, now_ms: u64) -> usize {
+        let mut dropped = 0;
+        if let Some(table) = self.map.get_mut(part) {
+            let before = table.len();
+            table.retain(|_, p| p.unpack().is_live(now_ms));
+            dropped += before - table.len();
+        }
+        if part == 0 {
+            self.spill.retain(|_, list| {
+                let before = list.len();
+                list.retain(|s| s.entry.is_live(now_ms));
+                dropped += before - list.len();
+                !list.is_empty()
+            });
+        }
+        dropped
     }
 }
 

@@ -110,9 +110,8 @@ pub(crate) struct Segment {
     order: u64,
     /// Records in the file (the writer counts appends to the active one).
     records: Arc<AtomicU64>,
-    /// Records a rewrite kept only as tombstones; they count as live until
-    /// the file is rewritten again.
-    pinned: u64,
+    /// Records a rewrite kept although the index does not point at them.
+    pinned: Pin,
 }
 
 impl Segment {
@@ -122,8 +121,33 @@ impl Segment {
             file: Arc::clone(file),
             order: id,
             records: Arc::new(AtomicU64::new(0)),
-            pinned: 0,
+            pinned: Pin::default(),
         }
+    }
+}
+
+/// Records a compaction kept although the index does not point at them
+/// (tombstones, and records whose successor was not yet durable): they
+/// count as live, so the rewrite is not rewritten again at once, but only
+/// until the reason to keep them is gone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pin {
+    /// How many records.
+    pub count: u64,
+    /// The latest lease deadline among the tombstones: after it, none is
+    /// needed any more.
+    pub until_ms: u64,
+    /// If some were kept because their successor was not durable: the
+    /// active segment then; once it has rolled, they are settled.
+    pub unsettled_in: Option<u64>,
+}
+
+impl Pin {
+    /// How many of the records still count as live at `now_ms`, with
+    /// `active` the active segment now.
+    fn live(&self, now_ms: u64, active: u64) -> u64 {
+        let held = now_ms < self.until_ms || self.unsettled_in == Some(active);
+        if held { self.count } else { 0 }
     }
 }
 

@@ -11,7 +11,7 @@ use super::group_commit::GroupCommit;
 use super::reader::{Tail, scan_segment};
 use super::record::{HEADER_LEN, Record, SegmentHeader};
 use super::writer::{Writer, create_segment};
-use super::{Log, ReadRecord, Segment, new_header, pos, read_from, segment_name};
+use super::{Log, Pin, ReadRecord, Segment, new_header, pos, read_from, segment_name};
 use crate::error::{CorruptKind, Error, IoOp, Result};
 use crate::options::{Durability, Options};
 use crate::stats::Counters;
@@ -222,7 +222,7 @@ impl Log {
                     file,
                     order: h.map_or(id, |h| h.order),
                     records: Arc::new(AtomicU64::new(0)),
-                    pinned: 0,
+                    pinned: Pin::default(),
                 };
                 (id, segment)
             })

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::record::SegmentHeader;
-use super::{Log, Segment, segment_name, temp_name};
+use super::{Log, Pin, Segment, segment_name, temp_name};
 use crate::error::{Error, IoOp, Result};
 
 /// What the compactor sees of a closed (not active) segment.
@@ -29,8 +29,8 @@ pub(crate) struct ClosedSegment {
 }
 
 impl Log {
-    /// Every segment but the active one, in replay order.
-    pub fn closed_segments(&self) -> Vec<ClosedSegment> {
+    /// Every segment but the active one, in replay order, as of `now_ms`.
+    pub fn closed_segments(&self, now_ms: u64) -> Vec<ClosedSegment> {
         let active = self.writer.lock().id();
         let segments = self.segments.read();
         let mut closed: Vec<(u64, ClosedSegment)> = segments
@@ -40,7 +40,7 @@ impl Log {
                 let info = ClosedSegment {
                     file,
                     records: s.records.load(Ordering::Relaxed),
-                    pinned: s.pinned,
+                    pinned: s.pinned.live(now_ms, active),
                     bytes: s.file.len().unwrap_or(0),
                 };
                 (s.order, info)
@@ -105,14 +105,15 @@ impl Log {
     }
 
     /// Publishes `frames` (whole encoded records, `records` of them, of which
-    /// `pinned` are tombstones) as the replacement of segment `input`, and
+    /// `pinned` were kept although no entry points at them) as the
+    /// replacement of segment `input`, and
     /// returns its file number. Durable and named when this returns.
     pub fn publish_rewrite(
         &self,
         input: u64,
         frames: &[u8],
         records: u64,
-        pinned: u64,
+        pinned: Pin,
     ) -> Result<u64> {
         self.check_poison()?;
         let order = self
