@@ -43,6 +43,14 @@
 //! - Bad input, corrupt files and full disks give a typed [`Error`], never
 //!   a panic.
 //!
+//! ## Cargo features
+//! None is on by default: a service that links only the engine compiles only
+//! the engine.
+//! - `http`: [`http::IdempotencyLayer`], a tower layer for the IETF
+//!   *Idempotency-Key* header (axum, tokio, tower).
+//! - `cli`: the `idemkv` operator binary (clap).
+//! - `tracing`: events at recovery, torn tails, compaction and I/O failures.
+//!
 //! ## Layout
 //! [`Engine`] (`engine.rs`) validates input, asks the transition table
 //! (`state.rs`) what to do with the entry the sharded index (`index/`)
