@@ -54,7 +54,7 @@
 //! the user id, so the same key from two users names two records.
 //!
 //! # How a response is stored
-//! [`Outcome::status`] holds the HTTP status; [`Outcome::body`] holds the
+//! [`Outcome::status`](crate::Outcome::status) holds the HTTP status; [`Outcome::body`](crate::Outcome::body) holds the
 //! kept headers and the body, encoded by [`StoredResponse::encode`] (format
 //! version 1, all integers big-endian):
 //!

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::*;
 
 /// A response as the layer stores it: the kept headers and the body (the
-/// status is [`Outcome::status`]). See the module documentation for the
+/// status is [`Outcome::status`](crate::Outcome::status)). See the module documentation for the
 /// byte format.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -24,7 +24,7 @@ pub struct StoredResponse {
 pub(super) const MAGIC: &[u8; 4] = b"IKH1";
 
 impl StoredResponse {
-    /// Encodes the response into the bytes stored as [`Outcome::body`].
+    /// Encodes the response into the bytes stored as [`Outcome::body`](crate::Outcome::body).
     /// Header fields past the 65 535th, and any whose name or value does
     /// not fit its length field, are left out.
     pub fn encode(&self) -> Bytes {
