@@ -30,21 +30,7 @@ fn key(i: u64) -> String {
 
 fn fill(engine: &Engine, n: u64) {
     for i in 0..n {
-        let Begin::Started(lease) = engine
-            .begin("user", key(i), Fingerprint::of(b"req"))
-            .expect("begin")
-        else {
-            panic!("fresh key not started");
-        };
-        engine
-            .complete(
-                &lease,
-                Outcome {
-                    status: 200,
-                    body: BODY[..].into(),
-                },
-            )
-            .expect("complete");
+        fill_one(engine, i);
     }
 }
 
