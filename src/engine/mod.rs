@@ -24,7 +24,7 @@ use crate::log::Log;
 use crate::log::record::{Kind, Record};
 use crate::notify::Waiters;
 use crate::options::Options;
-use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState};
+use crate::outcome::{Begin, Fingerprint, Lease, RecordState};
 use crate::recovery;
 use crate::state::{self, BeginStep, LiveAnswer};
 use crate::stats::{Counters, Stats, bump};
@@ -201,10 +201,7 @@ impl Engine {
             return Ok(match state::live_answer(&entry, same, now) {
                 LiveAnswer::Replay => {
                     bump(&self.counters.replays);
-                    Begin::Replay(Outcome {
-                        status: record.status,
-                        body: record.body,
-                    })
+                    Begin::Replay(record.into_outcome())
                 }
                 LiveAnswer::InFlight { retry_after } => {
                     bump(&self.counters.in_flight);

@@ -44,10 +44,7 @@ impl Engine {
             return match self.lookup(user, key)? {
                 Some(e) if e.state == RecordState::Completed => {
                     match self.read_record(&e, user, key)? {
-                        Found::Own(record) => Ok(Some(Outcome {
-                            status: record.status,
-                            body: record.body,
-                        })),
+                        Found::Own(record) => Ok(Some(record.into_outcome())),
                         Found::Foreign => Ok(None),
                         Found::Moved => continue,
                     }
@@ -84,10 +81,7 @@ impl Engine {
                 Some(e) if e.state == RecordState::Completed => {
                     match self.read_record(&e, user, key)? {
                         Found::Own(record) => {
-                            return Ok(Some(Outcome {
-                                status: record.status,
-                                body: record.body,
-                            }));
+                            return Ok(Some(record.into_outcome()));
                         }
                         Found::Foreign => return Ok(None),
                         Found::Moved => continue,

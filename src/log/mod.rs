@@ -90,6 +90,14 @@ pub(crate) struct ReadRecord {
 }
 
 impl ReadRecord {
+    /// The stored outcome (status and body) of a complete record.
+    pub fn into_outcome(self) -> crate::outcome::Outcome {
+        crate::outcome::Outcome {
+            status: self.status,
+            body: self.body,
+        }
+    }
+
     fn new(content: &Bytes, rec: &Record<'_>) -> ReadRecord {
         ReadRecord {
             token: rec.token,
