@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use crate::error::{CorruptKind, Error, Result};
 use crate::index::{Index, KeyId, OFFSET_LIMIT, TOKEN_LIMIT};
 use crate::log::record::{Kind, Record};
@@ -27,15 +29,23 @@ pub(crate) fn recover(
 ) -> Result<Arc<Log>> {
     #[cfg(feature = "tracing")]
     let started = std::time::Instant::now();
-    let mut failure: Option<Error> = None;
-    let log = Log::open(storage, options, counters, |record, pos, replayed| {
-        if failure.is_none()
-            && let Err(e) = apply(index, &record, pos, replayed)
-        {
-            failure = Some(e);
-        }
-    })?;
-    if let Some(e) = failure {
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let lanes = lanes(index);
+    let log = Log::open(
+        storage,
+        options,
+        counters,
+        lanes,
+        |lane, record, pos, replayed| {
+            if index.shard_no(record.user) % lanes != lane {
+                return; // another lane's share
+            }
+            if let Err(e) = apply(index, &record, pos, replayed) {
+                failure.lock().get_or_insert(e);
+            }
+        },
+    )?;
+    if let Some(e) = failure.into_inner() {
         return Err(e);
     }
     let now = options.clock.now_ms();
@@ -50,6 +60,23 @@ pub(crate) fn recover(
         "recovered"
     );
     Ok(log)
+}
+
+/// How many lanes replay side by side: one per core, at most 4 (every lane
+/// scans and checks every frame and applies the records of its shards, so
+/// more lanes than cores only add scanning), at most one per shard.
+fn lanes(index: &Index) -> usize {
+    // The collision tests force digests through a thread-local: replay on
+    // the test's own thread so that recovery sees the same digests.
+    #[cfg(test)]
+    if crate::index::FORCED_DIGEST
+        .with(|forced| forced.get())
+        .is_some()
+    {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.clamp(1, 4).min(index.shards().len().max(1))
 }
 
 /// Applies one replayed record to the index.

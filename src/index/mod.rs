@@ -82,10 +82,19 @@ impl Index {
         }
     }
 
+    /// The number of the shard that holds every key of `user`.
+    pub fn shard_no(&self, user: &[u8]) -> usize {
+        self.shard_of(xxh3_64(user))
+    }
+
+    fn shard_of(&self, user_hash: u64) -> usize {
+        let n = self.shards.len() as u64;
+        usize::try_from(user_hash % n).unwrap_or(0)
+    }
+
     /// The shard that holds every key of `id`'s user.
     pub fn shard(&self, id: &KeyId) -> &Shard {
-        let n = self.shards.len() as u64;
-        let i = usize::try_from(id.user_hash % n).unwrap_or(0);
+        let i = self.shard_of(id.user_hash);
         // In bounds: `i < n`, and `new` makes at least one shard.
         #[allow(clippy::indexing_slicing)]
         &self.shards[i]

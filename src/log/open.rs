@@ -39,17 +39,65 @@ fn parse_name(name: &str, suffix: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn read_all(file: &dyn StorageFile, path: &std::path::Path) -> Result<Vec<u8>> {
+/// Reads a whole file into `buf` (reused from segment to segment, so a
+/// long replay does not fault fresh pages in for every segment).
+fn read_all(file: &dyn StorageFile, path: &std::path::Path, buf: &mut Vec<u8>) -> Result<()> {
     let len = file.len().map_err(|e| Error::io(IoOp::Read, path, e))?;
     let len = usize::try_from(len).map_err(|_| Error::Corrupt {
         file: path.to_path_buf(),
         offset: 0,
         kind: CorruptKind::Malformed,
     })?;
-    let mut buf = vec![0u8; len];
-    file.read_at(0, &mut buf)
+    buf.clear();
+    buf.resize(len, 0);
+    file.read_at(0, buf)
         .map_err(|e| Error::io(IoOp::Read, path, e))?;
-    Ok(buf)
+    Ok(())
+}
+
+/// Scans `buf` once per lane, the lanes side by side: lane 0 on this thread,
+/// counting records and the highest token; lane `l` calls
+/// `apply(l, record, pos)` for every valid record, so that each lane can
+/// apply its own share of the records in log order. Every lane sees the
+/// same bytes, so every lane's scan ends the same way; lane 0's result is
+/// returned. A lane whose thread cannot be started runs here afterwards.
+fn scan_lanes<F>(
+    buf: &[u8],
+    id: u64,
+    lanes: usize,
+    apply: &F,
+) -> (
+    std::result::Result<(SegmentHeader, Tail), super::reader::Damage>,
+    u64,
+    u64,
+)
+where
+    F: Fn(usize, Record<'_>, u64) + Sync,
+{
+    let lane = |l: usize| {
+        let _ = scan_segment(buf, id, |rec, offset| apply(l, rec, pos(id, offset)));
+    };
+    std::thread::scope(|s| {
+        let mut inline = Vec::new();
+        for l in 1..lanes {
+            let spawned = std::thread::Builder::new()
+                .name("idemkv-recover".into())
+                .spawn_scoped(s, move || lane(l));
+            if spawned.is_err() {
+                inline.push(l);
+            }
+        }
+        let (mut records, mut max_token) = (0u64, 0u64);
+        let scanned = scan_segment(buf, id, |rec, offset| {
+            records += 1;
+            max_token = max_token.max(rec.token);
+            apply(0, rec, pos(id, offset));
+        });
+        for l in inline {
+            lane(l);
+        }
+        (scanned, records, max_token)
+    })
 }
 
 /// What a data directory holds, found without changing anything.
@@ -153,12 +201,13 @@ pub(crate) fn verify(storage: &dyn Storage) -> Result<Verified> {
     }
     let ordered = replay_order(&found);
     let mut report = Verified::default();
+    let mut buf = Vec::new();
     for (i, &id) in ordered.iter().enumerate() {
         let path = storage.path(&segment_name(id));
         let Some((file, _)) = found.get(&id) else {
             continue;
         };
-        let buf = read_all(&**file, &path)?;
+        read_all(&**file, &path, &mut buf)?;
         let mut records = 0;
         let scanned = scan_segment(&buf, id, |_, _| records += 1);
         let (_, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
@@ -180,14 +229,16 @@ pub(crate) fn verify(storage: &dyn Storage) -> Result<Verified> {
 impl Log {
     /// Opens the log in `storage`: removes unfinished compaction outputs
     /// and segments a finished one replaced, replays every segment in order
-    /// (calling `apply(record, pos, replayed)` for each valid record), cuts a
-    /// torn tail off the last segment and makes it the active one (creating
-    /// the first segment of an empty directory).
+    /// (calling `apply(lane, record, pos, replayed)` for each valid record in
+    /// each of `lanes` lanes, which run in parallel; see [`scan_lanes`]),
+    /// cuts a torn tail off the last segment and makes it the active one
+    /// (creating the first segment of an empty directory).
     pub fn open(
         storage: Arc<dyn Storage>,
         options: &Options,
         counters: Arc<Counters>,
-        mut apply: impl FnMut(Record<'_>, u64, &Replayed<'_>),
+        lanes: usize,
+        apply: impl Fn(usize, Record<'_>, u64, &Replayed<'_>) + Sync,
     ) -> Result<Arc<Log>> {
         let dir = storage.path("");
         let Survey {
@@ -234,21 +285,19 @@ impl Log {
             storage: &*storage,
             segments: &segments,
         };
+        let apply = |lane, rec: Record<'_>, at| apply(lane, rec, at, &replayed);
+        let mut buf = Vec::new();
         for (i, &id) in ordered.iter().enumerate() {
             let path = storage.path(&segment_name(id));
             let Some(segment) = segments.get(&id) else {
                 continue;
             };
             let file = Arc::clone(&segment.file);
-            let buf = read_all(&*file, &path)?;
+            read_all(&*file, &path, &mut buf)?;
             let len = buf.len();
             let is_last = i + 1 == ordered.len();
-            let mut records = 0u64;
-            let scanned = scan_segment(&buf, id, |rec, offset| {
-                max_token = max_token.max(rec.token);
-                records += 1;
-                apply(rec, pos(id, offset), &replayed);
-            });
+            let (scanned, records, top) = scan_lanes(&buf, id, lanes.max(1), &apply);
+            max_token = max_token.max(top);
             let (header, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
                 file: path.clone(),
                 offset: offset as u64,
