@@ -19,7 +19,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use systems::fjall::Fjall;
-use systems::hashmap::Sharded;
+use systems::hashmap::{self as hashmap, Sharded};
 use systems::idemkv::{Idemkv, get_hit};
 use systems::redb::Redb;
 use systems::redis::Redis;
@@ -190,7 +190,12 @@ fn child(c: &Config, system: &str, durable: bool) -> Res<()> {
             let rate = workload::lookups(&s, &work, c.threads, c.secs, get_hit)?;
             row("get", rate, None);
         }
-        "hashmap" => volatile(c, &Sharded::new(), &work)?,
+        "hashmap" => {
+            let s = Sharded::new();
+            volatile(c, &s, &work)?;
+            let rate = workload::lookups(&s, &work, c.threads, c.secs, hashmap::get_hit)?;
+            row("get", rate, None);
+        }
         "redb" => volatile(c, &Redb::open(path, false)?, &work)?,
         "fjall" => volatile(c, &Fjall::open(path, false)?, &work)?,
         "redis" => volatile(c, &Redis::start(path, false)?, &work)?,
@@ -202,13 +207,18 @@ fn child(c: &Config, system: &str, durable: bool) -> Res<()> {
 /// Load (with the memory it takes), then lookups.
 fn volatile<S: System>(c: &Config, system: &S, work: &Workload) -> Res<()> {
     let (rss0, used0) = (workload::rss_bytes(), system.used_memory()?);
-    let rate = workload::load(system, work, c.threads)?;
+    let (rate, begins) = workload::load(system, work, c.threads)?;
     let (rss1, used1) = (workload::rss_bytes(), system.used_memory()?);
     let grown = match (used0, used1) {
         (Some(a), Some(b)) => b as f64 - a as f64,
         _ => rss1 as f64 - rss0 as f64,
     };
     row("load", rate, Some(grown / work.len() as f64));
+    println!(
+        "LAT\tload\t{:.2}\t{:.2}",
+        begins.quantile_us(0.50),
+        begins.quantile_us(0.99)
+    );
     let rate = workload::lookups(system, work, c.threads, c.secs, replay_hit)?;
     row("lookup", rate, None);
     Ok(())
@@ -223,6 +233,8 @@ struct Row {
     setting: String,
     rate: Option<f64>,
     bytes: Option<f64>,
+    /// p50 and p99 (µs) of the phase's timed calls (the load's fresh begins).
+    latency: Option<(f64, f64)>,
     note: String,
 }
 
@@ -253,7 +265,7 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
         }
         let phases: &[&'static str] = match (system, durable) {
             (_, true) => &["durable"],
-            ("idemkv", false) => &["load", "lookup", "get"],
+            ("idemkv" | "hashmap", false) => &["load", "lookup", "get"],
             (_, false) => &["load", "lookup"],
         };
         let system: &'static str = SYSTEMS
@@ -272,12 +284,12 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
             }
         };
         for &phase in phases {
-            let (rate, bytes, note) = match &results {
-                Ok(found) => match found.iter().find(|(p, _, _)| p == phase) {
-                    Some((_, rate, bytes)) => (Some(*rate), *bytes, String::new()),
-                    None => (None, None, "failed: see stderr".to_owned()),
+            let (rate, bytes, latency, note) = match &results {
+                Ok(found) => match found.iter().find(|(p, _, _, _)| p == phase) {
+                    Some((_, rate, bytes, lat)) => (Some(*rate), *bytes, *lat, String::new()),
+                    None => (None, None, None, "failed: see stderr".to_owned()),
                 },
-                Err(why) => (None, None, format!("not run: {why}")),
+                Err(why) => (None, None, None, format!("not run: {why}")),
             };
             rows.push(Row {
                 phase,
@@ -285,6 +297,7 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
                 setting: setting.to_owned(),
                 rate,
                 bytes,
+                latency,
                 note,
             });
         }
@@ -303,13 +316,12 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
     Ok(())
 }
 
-/// Runs a child for one system and mode; returns its rows
-/// `(phase, rate, bytes per record)`.
-fn run_child(
-    c: &Config,
-    system: &str,
-    durable: bool,
-) -> Result<Vec<(String, f64, Option<f64>)>, String> {
+/// A child's row: phase, rate, bytes per record, and the p50 and p99 in
+/// microseconds of the phase's timed calls, if it times them.
+type ChildRow = (String, f64, Option<f64>, Option<(f64, f64)>);
+
+/// Runs a child for one system and mode; returns its rows.
+fn run_child(c: &Config, system: &str, durable: bool) -> Result<Vec<ChildRow>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args(c.child_args(system, durable))
@@ -323,7 +335,12 @@ fn run_child(
             let f: Vec<&str> = line.split('\t').collect();
             if let ["ROW", phase, rate, bytes] = f[..] {
                 let rate = rate.parse().unwrap_or(f64::NAN);
-                rows.push((phase.to_owned(), rate, bytes.parse().ok()));
+                rows.push((phase.to_owned(), rate, bytes.parse().ok(), None));
+            }
+            if let ["LAT", phase, p50, p99] = f[..]
+                && let Some(row) = rows.iter_mut().find(|r| r.0 == phase)
+            {
+                row.3 = p50.parse().ok().zip(p99.parse().ok());
             }
         }
     }
@@ -411,7 +428,7 @@ fn table(c: &Config, rows: &[Row]) -> String {
     let phase_name = |p: &str| match p {
         "durable" => format!("durable begin+complete, {} callers (pairs/s)", c.callers),
         "load" => format!(
-            "load {} records: begin+complete+replay, {} threads (records/s)",
+            "load {} records: begin+complete+replay, {} threads (records/s; p50/p99 of the fresh begin)",
             c.records, c.threads
         ),
         "lookup" => format!(
@@ -419,14 +436,16 @@ fn table(c: &Config, rows: &[Row]) -> String {
             c.threads
         ),
         "get" => format!(
-            "get: index only, no body, {} threads (lookups/s)",
+            "get: state and status, no body, {} threads (lookups/s)",
             c.threads
         ),
         _ => p.to_owned(),
     };
     let mut t = String::new();
-    t.push_str("| phase | system | durability | ops/s | vs idemkv | bytes/record |\n");
-    t.push_str("|---|---|---|---:|---:|---:|\n");
+    t.push_str(
+        "| phase | system | durability | ops/s | vs idemkv | bytes/record | begin p50 / p99 (µs) |\n",
+    );
+    t.push_str("|---|---|---|---:|---:|---:|---:|\n");
     let mut last = "";
     for r in rows {
         let base = rows
@@ -439,6 +458,9 @@ fn table(c: &Config, rows: &[Row]) -> String {
             _ => "-".to_owned(),
         };
         let bytes = r.bytes.map_or("-".to_owned(), |b| format!("{b:.0}"));
+        let latency = r
+            .latency
+            .map_or("-".to_owned(), |(p50, p99)| format!("{p50:.2} / {p99:.2}"));
         let phase = if r.phase == last {
             String::new()
         } else {
@@ -447,7 +469,7 @@ fn table(c: &Config, rows: &[Row]) -> String {
         last = r.phase;
         let _ = writeln!(
             t,
-            "| {phase} | {} | {} | {rate} | {ratio} | {bytes} |",
+            "| {phase} | {} | {} | {rate} | {ratio} | {bytes} | {latency} |",
             r.system, r.setting
         );
     }

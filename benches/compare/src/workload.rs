@@ -225,10 +225,51 @@ pub fn durable<S: System>(system: &S, work: &Workload, callers: usize, secs: f64
     })
 }
 
+/// A latency histogram: 10 ns buckets up to 200 µs, slower calls counted in
+/// the last bucket. The counts are zero-initialised on demand (calloc), so
+/// an untouched bucket costs no resident memory.
+pub struct Hist(Vec<u32>);
+
+impl Hist {
+    const BUCKET_NS: u128 = 10;
+    const BUCKETS: usize = 20_000;
+
+    pub fn new() -> Hist {
+        Hist(vec![0; Self::BUCKETS + 1])
+    }
+
+    pub fn record(&mut self, took: Duration) {
+        let b = (took.as_nanos() / Self::BUCKET_NS).min(Self::BUCKETS as u128) as usize;
+        self.0[b] += 1;
+    }
+
+    pub fn merge(&mut self, other: &Hist) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+
+    /// The `q` quantile (0..=1) in microseconds: the upper edge of the
+    /// bucket that holds it.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        let total: u64 = self.0.iter().map(|&c| u64::from(c)).sum();
+        let want = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, &c) in self.0.iter().enumerate() {
+            seen += u64::from(c);
+            if seen >= want.max(1) {
+                return ((i as u128 + 1) * Self::BUCKET_NS) as f64 / 1000.0;
+            }
+        }
+        f64::NAN
+    }
+}
+
 /// Load phase: every record of the workload goes through begin → complete
 /// → replay (a retry's begin), spread over `threads` threads. Returns
-/// records per second.
-pub fn load<S: System>(system: &S, work: &Workload, threads: usize) -> Res<f64> {
+/// records per second and the latencies of the first `begin` of each record
+/// (a fresh claim), each call timed on its own.
+pub fn load<S: System>(system: &S, work: &Workload, threads: usize) -> Res<(f64, Hist)> {
     let clients = (0..threads)
         .map(|_| system.client())
         .collect::<Res<Vec<_>>>()?;
@@ -239,12 +280,16 @@ pub fn load<S: System>(system: &S, work: &Workload, threads: usize) -> Res<f64> 
             .into_iter()
             .enumerate()
             .map(|(t, mut client)| {
-                s.spawn(move || -> Res<()> {
+                s.spawn(move || -> Res<Hist> {
+                    let mut hist = Hist::new();
                     let mut i = t as u64;
                     while i < n {
                         let (user, key, fp) = (work.user(i), work.key(i), fingerprint(i));
                         let response = body(i);
-                        let Claim::Started(lease) = client.begin(user, key, fp)? else {
+                        let began = Instant::now();
+                        let claim = client.begin(user, key, fp)?;
+                        hist.record(began.elapsed());
+                        let Claim::Started(lease) = claim else {
                             return Err("a fresh key was not started".into());
                         };
                         client.complete(lease, STATUS, &response)?;
@@ -254,17 +299,20 @@ pub fn load<S: System>(system: &S, work: &Workload, threads: usize) -> Res<f64> 
                         }
                         i += threads as u64;
                     }
-                    Ok(())
+                    Ok(hist)
                 })
             })
             .collect();
+        let mut all = Hist::new();
         for h in handles {
-            h.join()
-                .unwrap_or_else(|_| Err("a worker panicked".into()))?;
+            all.merge(
+                &h.join()
+                    .unwrap_or_else(|_| Err("a worker panicked".into()))?,
+            );
         }
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    })?;
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(all)
+    })
+    .map(|hist| (n as f64 / t0.elapsed().as_secs_f64(), hist))
 }
 
 /// Lookup phase: `threads` threads read random loaded records for `secs`
