@@ -6,16 +6,10 @@
 //! outside every lock, and publishes the new durable position. Records
 //! appended while a sync runs are covered by the next leader's sync, so
 //! concurrent callers share syncs instead of queueing one each.
-//!
-//! Waiters park on their own thread handles rather than on a condition
-//! variable: when a sync ends, every waiter is woken at once and checks the
-//! durable position without taking a lock, so a batch of 64 callers does not
-//! wake up one after another through a mutex hand-off (on two cores that
-//! chain cost as much as the fdatasync itself).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{JoinHandle, Thread};
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -33,9 +27,9 @@ pub(super) struct GroupCommit {
     /// cover the data the failed one dropped.
     serial: Mutex<()>,
     /// Whether a leader is syncing now.
-    leading: AtomicBool,
-    /// The callers parked until the current leader finishes.
-    waiters: Mutex<Vec<Thread>>,
+    leading: Mutex<bool>,
+    /// Signalled when a leader finishes.
+    done: Condvar,
     /// The periodic flusher, if the mode has one.
     flusher: Mutex<Option<JoinHandle<()>>>,
     /// Set to stop the flusher; signalled through `stop_cv`.
@@ -71,38 +65,6 @@ impl GroupCommit {
             });
         if let Ok(handle) = handle {
             *log.commit.flusher.lock() = Some(handle);
-        }
-    }
-
-    /// Parks the calling thread until the current leader finishes, unless
-    /// no leader is syncing. May return early (a stray unpark); callers
-    /// re-check their condition in a loop.
-    fn wait_for_leader(&self) {
-        {
-            let mut waiters = self.waiters.lock();
-            // Checked under the lock the leader takes to wake everyone
-            // after clearing the flag: either the leader sees this waiter,
-            // or this waiter sees the flag cleared.
-            if !self.leading.load(Ordering::Acquire) {
-                return;
-            }
-            waiters.push(std::thread::current());
-        }
-        std::thread::park();
-    }
-
-    /// Ends a leader's turn and wakes every parked waiter.
-    fn finish_leading(&self) {
-        self.leading.store(false, Ordering::Release);
-        let mut woken = std::mem::take(&mut *self.waiters.lock());
-        for thread in woken.drain(..) {
-            thread.unpark();
-        }
-        // Hand the (now empty) buffer back so the next round does not
-        // allocate again.
-        let mut waiters = self.waiters.lock();
-        if waiters.is_empty() {
-            *waiters = woken;
         }
     }
 
@@ -172,19 +134,18 @@ impl Log {
                 return Ok(());
             }
             self.check_poison()?;
-            let lead = self.commit.leading.compare_exchange(
-                false,
-                true,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-            if lead.is_err() {
-                self.commit.wait_for_leader();
-                continue;
+            {
+                let mut leading = self.commit.leading.lock();
+                if *leading {
+                    self.commit.done.wait(&mut leading);
+                    continue;
+                }
+                *leading = true;
             }
             let (file, id, end) = self.writer.lock().tail();
             let result = self.sync_segment(&file, id, end);
-            self.commit.finish_leading();
+            *self.commit.leading.lock() = false;
+            self.commit.done.notify_all();
             if result.is_err() {
                 let mut w = self.writer.lock();
                 self.drop_unsynced(&mut w);
