@@ -1,11 +1,20 @@
 //! Group commit: one leader fdatasyncs for everyone waiting.
 //!
-//! A caller that needs its record durable becomes the leader if nobody is
-//! syncing; otherwise it waits for the current leader, then checks again.
-//! The leader reads the end of what was appended, syncs the active file
-//! outside every lock, and publishes the new durable position. Records
-//! appended while a sync runs are covered by the next leader's sync, so
-//! concurrent callers share syncs instead of queueing one each.
+//! Syncs run in numbered rounds, one at a time. A caller that needs its
+//! record durable leads a round if none is in flight: it reads the end of
+//! what was appended (the round's target), syncs the active file outside
+//! every lock, and publishes the new durable position. Otherwise:
+//! - if its record is below the in-flight round's target, it sleeps until
+//!   that round ends (one wake-up, and it returns);
+//! - if not, the first such caller claims the next round and sleeps until
+//!   the in-flight round ends, then leads at once; the others sleep until
+//!   the next round ends.
+//!
+//! So a caller is woken once per record in the common case, instead of at
+//! the end of every round, and the next sync starts as soon as the previous
+//! one ends. Every wait re-checks `is_durable` before returning: a wake-up
+//! is only a hint, and waits that depend on another caller's promise are
+//! bounded (`RECHECK`), so a lost wake-up costs time, never an answer.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,7 +24,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use super::writer::Writer;
-use super::{Log, segment_name};
+use super::{Log, file_of, segment_name};
 use crate::error::{Error, IoOp, Result};
 use crate::storage::StorageFile;
 
@@ -26,16 +35,37 @@ pub(super) struct GroupCommit {
     /// that a sync that succeeds after another one failed is never taken to
     /// cover the data the failed one dropped.
     serial: Mutex<()>,
-    /// Whether a leader is syncing now.
-    leading: Mutex<bool>,
-    /// Signalled when a leader finishes.
-    done: Condvar,
+    /// The rounds: what is in flight, what has ended.
+    rounds: Mutex<Rounds>,
+    /// `ended[r % 2]` is signalled when round `r` ends.
+    ended: [Condvar; 2],
+    /// Signalled when a round ends and a caller claimed the next one.
+    next: Condvar,
     /// The periodic flusher, if the mode has one.
     flusher: Mutex<Option<JoinHandle<()>>>,
     /// Set to stop the flusher; signalled through `stop_cv`.
     stop: Mutex<bool>,
     stop_cv: Condvar,
 }
+
+/// The numbered sync rounds (see the module docs).
+#[derive(Debug, Default)]
+struct Rounds {
+    /// Whether a round is in flight (its number is `started`).
+    leading: bool,
+    /// Rounds started so far.
+    started: u64,
+    /// Rounds ended so far (`finished == started` unless one is in flight).
+    finished: u64,
+    /// The log position the in-flight round makes durable (exclusive).
+    target: u64,
+    /// A caller waits to lead the round after the in-flight one.
+    next_claimed: bool,
+}
+
+/// Longest sleep on a promise made by another caller (that it will lead
+/// the next round) before checking again.
+const RECHECK: Duration = Duration::from_millis(2);
 
 impl GroupCommit {
     /// Starts the background thread of `Durability::Periodic`.
@@ -123,29 +153,91 @@ impl Log {
     }
 
     /// Returns once the byte at position `at` is durable, leading or joining
-    /// a group commit as needed.
+    /// a group commit round as needed (see the module docs).
     ///
     /// # Errors
     /// The leader's sync error for the leader; [`Error::Poisoned`] for every
     /// caller after a failed sync.
     pub(super) fn sync_past(&self, at: u64) -> Result<()> {
+        let mut claimed = false;
+        let result = self.sync_past_inner(at, &mut claimed);
+        if claimed {
+            // Leaving without leading the round this caller claimed: let
+            // the callers that counted on it re-check (and one lead).
+            let mut r = self.commit.rounds.lock();
+            r.next_claimed = false;
+            drop(r);
+            for cv in &self.commit.ended {
+                cv.notify_all();
+            }
+        }
+        result
+    }
+
+    fn sync_past_inner(&self, at: u64, claimed: &mut bool) -> Result<()> {
         loop {
             if self.is_durable(at) {
                 return Ok(());
             }
             self.check_poison()?;
-            {
-                let mut leading = self.commit.leading.lock();
-                if *leading {
-                    self.commit.done.wait(&mut leading);
+            let mut r = self.commit.rounds.lock();
+            if self.is_durable(at) {
+                return Ok(());
+            }
+            if r.leading {
+                let in_flight = r.started;
+                if file_of(at) == file_of(r.target) && at < r.target {
+                    // Covered: the in-flight leader always ends its round
+                    // and signals.
+                    while r.finished < in_flight {
+                        self.commit.ended[(in_flight % 2) as usize].wait(&mut r);
+                    }
                     continue;
                 }
-                *leading = true;
+                if r.next_claimed && !*claimed {
+                    // The claimer leads the next round, whose target is
+                    // past this record (appended before that round starts).
+                    let round = in_flight + 1;
+                    while r.finished < round && (r.next_claimed || r.started >= round) {
+                        let cv = &self.commit.ended[(round % 2) as usize];
+                        if cv.wait_for(&mut r, RECHECK).timed_out() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                r.next_claimed = true;
+                *claimed = true;
+                while r.finished < in_flight {
+                    self.commit.next.wait(&mut r);
+                }
+                if r.leading {
+                    // Another caller started the next round first (which
+                    // took over the claim): it covers this record, or the
+                    // loop claims again.
+                    *claimed = false;
+                    continue;
+                }
             }
+            // Lead a round.
+            r.leading = true;
+            r.started += 1;
+            r.next_claimed = false;
+            *claimed = false;
+            let round = r.started;
             let (file, id, end) = self.writer.lock().tail();
+            r.target = end;
+            drop(r);
             let result = self.sync_segment(&file, id, end);
-            *self.commit.leading.lock() = false;
-            self.commit.done.notify_all();
+            let mut r = self.commit.rounds.lock();
+            r.leading = false;
+            r.finished = round;
+            let wake_next = r.next_claimed;
+            drop(r);
+            self.commit.ended[(round % 2) as usize].notify_all();
+            if wake_next {
+                self.commit.next.notify_all();
+            }
             if result.is_err() {
                 let mut w = self.writer.lock();
                 self.drop_unsynced(&mut w);
