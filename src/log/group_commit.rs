@@ -68,6 +68,12 @@ struct Rounds {
 const RECHECK: Duration = Duration::from_millis(2);
 
 impl GroupCommit {
+    /// The condition variable signalled when round `round` ends.
+    fn ended(&self, round: u64) -> &Condvar {
+        let [even, odd] = &self.ended;
+        if round % 2 == 0 { even } else { odd }
+    }
+
     /// Starts the background thread of `Durability::Periodic`.
     pub fn start_flusher(log: &Arc<Log>, every: Duration) {
         let weak = Arc::downgrade(log);
@@ -190,7 +196,7 @@ impl Log {
                     // Covered: the in-flight leader always ends its round
                     // and signals.
                     while r.finished < in_flight {
-                        self.commit.ended[(in_flight % 2) as usize].wait(&mut r);
+                        self.commit.ended(in_flight).wait(&mut r);
                     }
                     continue;
                 }
@@ -199,7 +205,7 @@ impl Log {
                     // past this record (appended before that round starts).
                     let round = in_flight + 1;
                     while r.finished < round && (r.next_claimed || r.started >= round) {
-                        let cv = &self.commit.ended[(round % 2) as usize];
+                        let cv = &self.commit.ended(round);
                         if cv.wait_for(&mut r, RECHECK).timed_out() {
                             break;
                         }
@@ -234,7 +240,7 @@ impl Log {
             r.finished = round;
             let wake_next = r.next_claimed;
             drop(r);
-            self.commit.ended[(round % 2) as usize].notify_all();
+            self.commit.ended(round).notify_all();
             if wake_next {
                 self.commit.next.notify_all();
             }
