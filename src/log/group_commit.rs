@@ -71,7 +71,7 @@ impl GroupCommit {
     /// The condition variable signalled when round `round` ends.
     fn ended(&self, round: u64) -> &Condvar {
         let [even, odd] = &self.ended;
-        if round % 2 == 0 { even } else { odd }
+        if round.is_multiple_of(2) { even } else { odd }
     }
 
     /// Starts the background thread of `Durability::Periodic`.
