@@ -30,7 +30,7 @@ mod writer;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -202,6 +202,8 @@ pub(crate) struct Log {
     counters: Arc<Counters>,
     /// The active segment, appended under this lock.
     writer: Mutex<Writer>,
+    /// Set while an appender spins on a taken writer lock (at most one).
+    spinning: AtomicBool,
     /// Every segment on disk by file number, for reads and compaction.
     segments: RwLock<BTreeMap<u64, Segment>>,
     /// The next file number to create.

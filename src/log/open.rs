@@ -2,7 +2,7 @@
 //! left behind, and replay the rest in order.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
@@ -354,6 +354,7 @@ impl Log {
             clock: Arc::clone(&options.clock),
             counters,
             writer: Mutex::new(Writer::new(id, file, offset, records)),
+            spinning: AtomicBool::new(false),
             segments: RwLock::new(segments),
             next_file: AtomicU64::new(next_file),
             written: AtomicU64::new(end),

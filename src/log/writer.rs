@@ -10,6 +10,7 @@ use super::record::{HEADER_LEN, Record};
 use super::{Log, MAX_SEGMENT_ID, Segment, new_header, pos, segment_name};
 use crate::clock::Clock;
 use crate::error::{Error, IoOp, Result};
+use crate::options::Durability;
 use crate::storage::{Storage, StorageFile};
 
 /// The active segment, owned by whoever holds the writer lock.
@@ -106,6 +107,9 @@ pub(super) fn create_segment(
     Ok(file)
 }
 
+/// How long an appender spins on a taken writer lock before sleeping.
+const SPIN_FOR: std::time::Duration = std::time::Duration::from_micros(20);
+
 impl Log {
     /// Takes the next file number.
     pub(super) fn new_file_number(&self) -> Result<u64> {
@@ -127,7 +131,7 @@ impl Log {
     /// [`Log::make_room`] (which may fsync) and tries again, so that no
     /// shard lock is ever held across an fsync.
     pub fn append(&self, record: &Record<'_>) -> Result<Option<u64>> {
-        let mut w = self.writer.lock();
+        let mut w = self.lock_writer_spinning();
         if w.closed {
             return Err(Error::Closed);
         }
@@ -163,6 +167,48 @@ impl Log {
             .records_written
             .fetch_add(1, Ordering::Relaxed);
         Ok(Some(at))
+    }
+
+    /// Takes the writer lock for an append. The lock is held for one short
+    /// positional write, so without `Durability::Sync` a caller that finds
+    /// it taken spins for a few microseconds before sleeping: sleeping and
+    /// being woken costs tens of microseconds on a virtual machine, many
+    /// times the wait and the whole call (2 threads: p99 of a `begin` 31 µs
+    /// without the spin, 4.5 µs with it). Under `Sync` the call waits for
+    /// an fdatasync anyway and spinning only takes CPU from the group
+    /// commit (measured: 5-10 % fewer durable pairs/s with 64 callers).
+    /// Only one caller spins at a time; the others sleep at once, so a
+    /// crowd of callers on few cores does not burn the cores the holder
+    /// needs.
+    fn lock_writer_spinning(&self) -> parking_lot::MutexGuard<'_, Writer> {
+        if let Some(w) = self.writer.try_lock() {
+            return w;
+        }
+        if self.durability != Durability::Sync
+            && self
+                .spinning
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            let started = std::time::Instant::now();
+            let mut got = None;
+            'spin: while started.elapsed() < SPIN_FOR {
+                for _ in 0..32 {
+                    std::hint::spin_loop();
+                    if !self.writer.is_locked()
+                        && let Some(w) = self.writer.try_lock()
+                    {
+                        got = Some(w);
+                        break 'spin;
+                    }
+                }
+            }
+            self.spinning.store(false, Ordering::Release);
+            if let Some(w) = got {
+                return w;
+            }
+        }
+        self.writer.lock()
     }
 
     /// Whether a record of `len` bytes must go into a new segment.
