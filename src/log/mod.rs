@@ -159,6 +159,10 @@ impl Pin {
     }
 }
 
+/// Bytes read at once when a record is read back: the whole of a record with
+/// a body of up to about 400 bytes.
+const FIRST_READ: usize = 512;
+
 /// Reads the record at `at` from `segments`, checking its CRC.
 fn read_from(
     storage: &dyn Storage,
@@ -176,13 +180,34 @@ fn read_from(
         .get(&id)
         .map(|s| Arc::clone(&s.file))
         .ok_or_else(dangling)?;
-    let mut head = [0u8; FRAME_HEADER];
-    file.read_at(offset, &mut head)
-        .map_err(|e| Error::io(IoOp::Read, path(), e))?;
-    let (len, _) = frame_header(&head).ok_or_else(dangling)?;
-    let mut frame = vec![0u8; FRAME_HEADER + len];
-    file.read_at(offset, &mut frame)
-        .map_err(|e| Error::io(IoOp::Read, path(), e))?;
+    // One read covers a typical record (header, ids, a body of a few
+    // hundred bytes); a longer one takes a second read for the rest. The
+    // frame's length is checked against the file before anything is
+    // allocated for it.
+    let read = |at: u64, buf: &mut [u8]| {
+        file.read_at(at, buf)
+            .map_err(|e| Error::io(IoOp::Read, path(), e))
+    };
+    let available = file
+        .len()
+        .map_err(|e| Error::io(IoOp::Read, path(), e))?
+        .saturating_sub(offset);
+    let first = usize::try_from(available.min(FIRST_READ as u64)).unwrap_or(FIRST_READ);
+    let mut frame = vec![0u8; first];
+    read(offset, &mut frame)?;
+    let (len, _) = frame_header(&frame).ok_or_else(dangling)?;
+    let total = FRAME_HEADER.saturating_add(len);
+    if total as u64 > available {
+        return Err(dangling());
+    }
+    if total > first {
+        frame.resize(total, 0);
+        if let Some(rest) = frame.get_mut(first..) {
+            read(offset + first as u64, rest)?;
+        }
+    } else {
+        frame.truncate(total);
+    }
     let frame = Bytes::from(frame);
     let (rec, _) = check_frame(&frame).map_err(|kind| Error::Corrupt {
         file: path(),
