@@ -407,3 +407,30 @@ fn records_of_many_users_recover_in_every_state() {
         fresh.token()
     );
 }
+
+/// A record damaged on disk while the engine runs (its frame length now
+/// says 4 GiB) reads back as `Corrupt` naming the file and offset: the
+/// engine checks the length against the file before reading or
+/// allocating that much, and never panics.
+#[test]
+fn a_damaged_length_under_a_running_engine_reads_back_as_corruption() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    let _lease = started(&engine, "u", "k", b"req");
+    // The first record starts right after the 56-byte segment header; its
+    // first 4 bytes are the frame length.
+    let file = OpenOptions::new()
+        .write(true)
+        .open(last_segment(dir.path()))
+        .unwrap();
+    file.write_all_at(&[0xff, 0xff, 0xff, 0xf0], 56).unwrap();
+    match engine.begin("u", "k", Fingerprint::of(b"req")) {
+        Err(Error::Corrupt { file, offset, .. }) => {
+            assert_eq!(offset, 56);
+            assert!(file.ends_with(last_segment(dir.path()).file_name().unwrap()));
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
