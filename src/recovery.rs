@@ -99,7 +99,8 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
                 // The same lease again (a duplicate copy of its begin, from
                 // a segment compaction orphaned): this key's own entry.
                 Some((e, _)) if e.token == record.token => shard.update(&id, user, key, entry),
-                _ => shard.start(&id, user, key, entry, record.time_ms),
+                Some(_) => shard.start(&id, user, key, entry, record.time_ms),
+                None => shard.insert_located_absent(&id, entry),
             }
         }
         return Ok(());
@@ -108,7 +109,8 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
     // digest table may hold a colliding key's. Tokens grow per key, so a
     // newer token than the record's is another key's, the same token is
     // this key's, and an older one is told apart by reading its record.
-    let own = match shard.locate(&id, user, key) {
+    let located = shard.locate(&id, user, key);
+    let own = match located {
         Some((e, true)) => Some(e),
         Some((e, false)) if e.token == record.token => Some(e),
         Some((e, false)) if e.token < record.token => {
@@ -119,6 +121,7 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
     };
     match (own, state::replay(own, record, pos)) {
         (Some(_), Some(entry)) => shard.update(&id, user, key, entry),
+        (None, Some(entry)) if located.is_none() => shard.insert_located_absent(&id, entry),
         (None, Some(entry)) => shard.start(&id, user, key, entry, record.time_ms),
         (Some(_), None) => shard.remove(&id, user, key, 0),
         (None, None) => {}

@@ -151,6 +151,14 @@ impl ShardMap {
         }
     }
 
+    /// Installs an entry for a key that `locate` just found in neither
+    /// table (so no colliding key holds its digest either): one insert,
+    /// without `start`'s second look. For recovery's hot path.
+    pub fn insert_located_absent(&mut self, id: &KeyId, entry: Entry) {
+        self.table_mut(id.digest)
+            .insert(Digest::new(id.digest), Packed::pack(&entry));
+    }
+
     /// Replaces the entry of a key that has one (where it lives).
     pub fn update(&mut self, id: &KeyId, user: &[u8], key: &[u8], entry: Entry) {
         match self.spilled_mut(id, user, key) {
