@@ -30,8 +30,9 @@
 //! gets a fresh engine in a fresh temporary directory, no background
 //! thread, other options at their defaults. Every answer is checked.
 
+mod common;
+
 use std::cell::OnceCell;
-use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -100,39 +101,10 @@ impl Scratch {
     }
 }
 
-/// Runs `work(caller)` on `callers` threads started together (on this
-/// thread when `callers` is 1); returns the wall time from the first
-/// caller's start to the last one's end. Thread start-up is not timed.
+/// Runs `work(caller)` on `callers` threads started together; see
+/// [`common::timed_threads`].
 fn timed_callers(callers: usize, work: impl Fn(usize) + Sync) -> Duration {
-    if callers == 1 {
-        let start = Instant::now();
-        work(0);
-        return start.elapsed();
-    }
-    // Every caller waits until all are started, then times its own run:
-    // the result spans the first start to the last finish.
-    let barrier = Barrier::new(callers);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..callers)
-            .map(|caller| {
-                let (barrier, work) = (&barrier, &work);
-                s.spawn(move || {
-                    barrier.wait();
-                    let start = Instant::now();
-                    work(caller);
-                    (start, Instant::now())
-                })
-            })
-            .collect();
-        let spans: Vec<(Instant, Instant)> = handles
-            .into_iter()
-            .map(|handle| handle.join().expect("caller thread panicked"))
-            .collect();
-        let first = spans.iter().map(|span| span.0).min();
-        let last = spans.iter().map(|span| span.1).max();
-        last.zip(first)
-            .map_or(Duration::ZERO, |(last, first)| last - first)
-    })
+    common::timed_threads(callers, work)
 }
 
 /// One begin → complete cycle on the fresh record `i`.

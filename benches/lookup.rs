@@ -33,9 +33,10 @@
 //! - Each thread counts the hits it got and the benchmark fails if a hit
 //!   probe missed or a miss probe hit.
 
+mod common;
+
 use std::cell::OnceCell;
 use std::hint::black_box;
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -259,35 +260,7 @@ fn timed_lookups(
         let expected = if hit { iters } else { 0 };
         assert_eq!(found, expected, "{iters} lookups found {found} records");
     };
-    if threads == 1 {
-        let start = Instant::now();
-        work(0);
-        return start.elapsed();
-    }
-    // Every thread waits until all are started, then times its own run:
-    // the result spans the first start to the last finish.
-    let barrier = Barrier::new(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (barrier, work) = (&barrier, &work);
-                s.spawn(move || {
-                    barrier.wait();
-                    let start = Instant::now();
-                    work(t);
-                    (start, Instant::now())
-                })
-            })
-            .collect();
-        let spans: Vec<(Instant, Instant)> = handles
-            .into_iter()
-            .map(|handle| handle.join().expect("lookup thread panicked"))
-            .collect();
-        let first = spans.iter().map(|span| span.0).min();
-        let last = spans.iter().map(|span| span.1).max();
-        last.zip(first)
-            .map_or(Duration::ZERO, |(last, first)| last - first)
-    })
+    common::timed_threads(threads, work)
 }
 
 fn lookup(c: &mut Criterion) {
