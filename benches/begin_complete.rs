@@ -32,6 +32,8 @@
 
 mod common;
 
+use common::{KEY_LEN, key};
+
 use std::cell::OnceCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,25 +49,6 @@ const BODY: &[u8] = &[b'x'; 160];
 const PERIODIC: Duration = Duration::from_millis(100);
 /// Completed keys the replay benchmark cycles through.
 const REPLAY_KEYS: u64 = 100_000;
-const KEY_LEN: usize = 25;
-
-/// The key of record `i`: the bytes of
-/// `format!("{:016x}-{:08x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i)`,
-/// built without allocating (`i < 2^32`).
-fn key(i: u64) -> [u8; KEY_LEN] {
-    fn hex(out: &mut [u8], mut v: u64) {
-        for b in out.iter_mut().rev() {
-            *b = b"0123456789abcdef"[(v & 15) as usize];
-            v >>= 4;
-        }
-    }
-    assert!(i < 1 << 32, "key index {i} too large");
-    let mut out = [0u8; KEY_LEN];
-    hex(&mut out[..16], i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    out[16] = b'-';
-    hex(&mut out[17..], i);
-    out
-}
 
 /// The `USERS` user ids, formatted once.
 fn users() -> Vec<String> {
@@ -129,15 +112,7 @@ fn callers_id(callers: usize) -> String {
 }
 
 fn begin_complete(c: &mut Criterion) {
-    assert_eq!(
-        &key(0x1234_5678)[..],
-        format!(
-            "{:016x}-{:08x}",
-            0x1234_5678u64.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            0x1234_5678
-        )
-        .as_bytes()
-    );
+    common::check_key();
     let users = users();
     let fingerprint = Fingerprint::of(b"req");
     let mut group = c.benchmark_group("begin_complete");

@@ -35,6 +35,8 @@
 
 mod common;
 
+use common::{KEY_LEN, key};
+
 use std::cell::OnceCell;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -48,26 +50,7 @@ const USERS: u64 = 10_000;
 const PROBES: usize = 1 << 20;
 /// Body of every stored outcome; `get` never reads it.
 const BODY: &[u8] = &[b'x'; 32];
-const KEY_LEN: usize = 25;
 const USER_MAX: usize = 9; // "user-9999"
-
-/// The key of record `i`: the bytes of
-/// `format!("{:016x}-{:08x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i)`,
-/// built without allocating (`i < 2^32`).
-fn key(i: u64) -> [u8; KEY_LEN] {
-    fn hex(out: &mut [u8], mut v: u64) {
-        for b in out.iter_mut().rev() {
-            *b = b"0123456789abcdef"[(v & 15) as usize];
-            v >>= 4;
-        }
-    }
-    assert!(i < 1 << 32, "key index {i} too large");
-    let mut out = [0u8; KEY_LEN];
-    hex(&mut out[..16], i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    out[16] = b'-';
-    hex(&mut out[17..], i);
-    out
-}
 
 /// One `(user, key)` to look up, stored inline so that reading it costs no
 /// pointer chase.
@@ -264,15 +247,7 @@ fn timed_lookups(
 }
 
 fn lookup(c: &mut Criterion) {
-    assert_eq!(
-        &key(0x1234_5678)[..],
-        format!(
-            "{:016x}-{:08x}",
-            0x1234_5678u64.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            0x1234_5678
-        )
-        .as_bytes()
-    );
+    common::check_key();
     let big = std::env::var("IDEMKV_BENCH_BIG").map_or(true, |v| v != "0");
     let mut sizes = vec![("1M", 1_000_000u64)];
     if big {
