@@ -2,11 +2,11 @@
 //! locked table of 28-byte slots (a 64-bit digest of `(user, key)` and a
 //! packed [`Entry`]).
 //!
-//! The digest is xxh3-64 of the length-prefixed user id followed by the
-//! key. The full user id and key stay in the log: every read of a record
-//! compares them, so a digest collision never replays one key's outcome for
-//! another; colliding live keys are kept apart in a spill table (see
-//! `shard.rs`).
+//! The digest is xxh3-64 of the key, seeded with the xxh3-64 hash of the
+//! user id (which also picks the shard). The full user id and key stay in
+//! the log: every read of a record compares them, so a digest collision
+//! never replays one key's outcome for another; colliding live keys are
+//! kept apart in a spill table (see `shard.rs`).
 
 mod entry;
 mod shard;
@@ -14,10 +14,7 @@ mod shard;
 pub(crate) use entry::{Entry, MAX_DEADLINE_MS, OFFSET_LIMIT, TOKEN_LIMIT};
 pub(crate) use shard::{PARTS, Shard};
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
-
-/// Identities up to this size are hashed from a stack buffer.
-const STACK_IDENTITY: usize = 512;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 #[cfg(test)]
 thread_local! {
@@ -36,35 +33,15 @@ pub(crate) struct KeyId {
 }
 
 impl KeyId {
-    /// Hashes a `(user, key)` pair. `user` is at most 65 535 bytes (checked
-    /// by the engine), so its length fits the 2-byte prefix.
+    /// Hashes a `(user, key)` pair: the user id once (which picks the
+    /// shard), then the key seeded with the user's hash (the digest), so
+    /// neither is hashed twice or copied.
     pub fn new(user: &[u8], key: &[u8]) -> KeyId {
-        let prefix = (user.len() as u16).to_le_bytes();
-        let total = 2 + user.len() + key.len();
-        let digest = if total <= STACK_IDENTITY {
-            let mut buf = [0u8; STACK_IDENTITY];
-            let parts = [&prefix[..], user, key];
-            let mut at = 0;
-            for part in parts {
-                if let Some(dst) = buf.get_mut(at..at + part.len()) {
-                    dst.copy_from_slice(part);
-                }
-                at += part.len();
-            }
-            xxh3_64(buf.get(..total).unwrap_or_default())
-        } else {
-            let mut h = Xxh3::new();
-            h.update(&prefix);
-            h.update(user);
-            h.update(key);
-            h.digest()
-        };
+        let user_hash = xxh3_64(user);
+        let digest = xxh3_64_with_seed(key, user_hash);
         #[cfg(test)]
         let digest = FORCED_DIGEST.with(|forced| forced.get()).unwrap_or(digest);
-        KeyId {
-            user_hash: xxh3_64(user),
-            digest,
-        }
+        KeyId { user_hash, digest }
     }
 }
 
