@@ -434,3 +434,46 @@ fn a_damaged_length_under_a_running_engine_reads_back_as_corruption() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+/// The same with one large segment (over 1 MiB), whose lanes replay on
+/// threads side by side rather than one after another.
+#[test]
+fn a_large_segment_of_many_users_recovers_with_parallel_lanes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let opts = || Options {
+        durability: Durability::None,
+        ..options(&clock)
+    };
+    let (users, keys) = (64, 400);
+    {
+        let engine = Engine::open(dir.path(), opts()).unwrap();
+        for u in 0..users {
+            for k in 0..keys {
+                let (user, key) = (format!("user-{u}"), format!("k{k}"));
+                let lease = started(&engine, &user, &key, b"req");
+                if k % 5 != 0 {
+                    engine.complete(&lease, outcome(200, &key)).unwrap();
+                }
+            }
+        }
+        assert_eq!(engine.stats().segments, 1);
+        assert!(engine.stats().disk_bytes > 1 << 20, "{:?}", engine.stats());
+    }
+    let engine = Engine::open(dir.path(), opts()).unwrap();
+    assert_eq!(engine.stats().live_records, (users * keys) as u64);
+    for u in 0..users {
+        for k in 0..keys {
+            let (user, key) = (format!("user-{u}"), format!("k{k}"));
+            if k % 5 != 0 {
+                assert_eq!(replay(&engine, &user, &key, b"req"), outcome(200, &key));
+            } else {
+                let view = engine
+                    .get(user.as_str(), &key)
+                    .unwrap()
+                    .expect("in progress");
+                assert_eq!(view.state, idemkv::RecordState::InProgress);
+            }
+        }
+    }
+}

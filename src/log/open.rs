@@ -55,12 +55,18 @@ fn read_all(file: &dyn StorageFile, path: &std::path::Path, buf: &mut Vec<u8>) -
     Ok(())
 }
 
+/// Segments smaller than this replay their lanes one after another on the
+/// opening thread.
+const PARALLEL_MIN: usize = 256 << 10;
+
 /// Scans `buf` once per lane, the lanes side by side: lane 0 on this thread,
 /// counting records and the highest token; lane `l` calls
 /// `apply(l, record, pos)` for every valid record, so that each lane can
 /// apply its own share of the records in log order. Every lane sees the
 /// same bytes, so every lane's scan ends the same way; lane 0's result is
-/// returned. A lane whose thread cannot be started runs here afterwards.
+/// returned. A lane whose thread cannot be started runs here afterwards,
+/// and so do all lanes of a segment under [`PARALLEL_MIN`] bytes, whose
+/// replay takes less time than starting a thread.
 fn scan_lanes<F>(
     buf: &[u8],
     id: u64,
@@ -80,6 +86,10 @@ where
     std::thread::scope(|s| {
         let mut inline = Vec::new();
         for l in 1..lanes {
+            if buf.len() < PARALLEL_MIN {
+                inline.push(l);
+                continue;
+            }
             let spawned = std::thread::Builder::new()
                 .name("idemkv-recover".into())
                 .spawn_scoped(s, move || lane(l));

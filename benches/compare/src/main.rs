@@ -256,7 +256,7 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
         ("hashmap", false, "memory only"),
         ("redb", false, "Durability::None"),
         ("fjall", false, "PersistMode::Buffer"),
-        ("redis", false, "no AOF, no RDB"),
+        ("redis", false, "appendonly yes, appendfsync no"),
     ];
     let mut rows = Vec::new();
     for (system, durable, setting) in plan {

@@ -24,8 +24,10 @@ pub struct Redis {
 
 impl Redis {
     /// Starts `redis-server` with its files in `dir`: with `durable`,
-    /// `appendonly yes` + `appendfsync always`; otherwise no AOF and no
-    /// RDB snapshots.
+    /// `appendonly yes` + `appendfsync always`; otherwise `appendonly yes` +
+    /// `appendfsync no` (every write goes to the OS, which decides when it
+    /// reaches the disk: what idemkv's `Durability::None` does). No RDB
+    /// snapshots either way.
     pub fn start(dir: &Path, durable: bool) -> Res<Redis> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = Command::new("redis-server");
@@ -40,7 +42,7 @@ impl Redis {
         if durable {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
-            cmd.args(["--appendonly", "no", "--appendfsync", "no"]);
+            cmd.args(["--appendonly", "yes", "--appendfsync", "no"]);
         }
         let server = cmd
             .stdin(Stdio::null())
