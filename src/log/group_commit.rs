@@ -51,8 +51,6 @@ pub(super) struct GroupCommit {
 /// The numbered sync rounds (see the module docs).
 #[derive(Debug, Default)]
 struct Rounds {
-    /// Whether a round is in flight (its number is `started`).
-    leading: bool,
     /// Rounds started so far.
     started: u64,
     /// Rounds ended so far (`finished == started` unless one is in flight).
@@ -61,6 +59,13 @@ struct Rounds {
     target: u64,
     /// A caller waits to lead the round after the in-flight one.
     next_claimed: bool,
+}
+
+impl Rounds {
+    /// Whether a round is in flight (its number is `started`).
+    fn leading(&self) -> bool {
+        self.started > self.finished
+    }
 }
 
 /// Longest sleep on a promise made by another caller (that it will lead
@@ -165,22 +170,6 @@ impl Log {
     /// The leader's sync error for the leader; [`Error::Poisoned`] for every
     /// caller after a failed sync.
     pub(super) fn sync_past(&self, at: u64) -> Result<()> {
-        let mut claimed = false;
-        let result = self.sync_past_inner(at, &mut claimed);
-        if claimed {
-            // Leaving without leading the round this caller claimed: let
-            // the callers that counted on it re-check (and one lead).
-            let mut r = self.commit.rounds.lock();
-            r.next_claimed = false;
-            drop(r);
-            for cv in &self.commit.ended {
-                cv.notify_all();
-            }
-        }
-        result
-    }
-
-    fn sync_past_inner(&self, at: u64, claimed: &mut bool) -> Result<()> {
         loop {
             if self.is_durable(at) {
                 return Ok(());
@@ -190,7 +179,7 @@ impl Log {
             if self.is_durable(at) {
                 return Ok(());
             }
-            if r.leading {
+            if r.leading() {
                 let in_flight = r.started;
                 if file_of(at) == file_of(r.target) && at < r.target {
                     // Covered: the in-flight leader always ends its round
@@ -200,43 +189,42 @@ impl Log {
                     }
                     continue;
                 }
-                if r.next_claimed && !*claimed {
+                if r.next_claimed {
                     // The claimer leads the next round, whose target is
                     // past this record (appended before that round starts).
                     let round = in_flight + 1;
                     while r.finished < round && (r.next_claimed || r.started >= round) {
-                        let cv = &self.commit.ended(round);
-                        if cv.wait_for(&mut r, RECHECK).timed_out() {
+                        if self
+                            .commit
+                            .ended(round)
+                            .wait_for(&mut r, RECHECK)
+                            .timed_out()
+                        {
                             break;
                         }
                     }
                     continue;
                 }
                 r.next_claimed = true;
-                *claimed = true;
                 while r.finished < in_flight {
                     self.commit.next.wait(&mut r);
                 }
-                if r.leading {
+                if r.leading() {
                     // Another caller started the next round first (which
                     // took over the claim): it covers this record, or the
                     // loop claims again.
-                    *claimed = false;
                     continue;
                 }
             }
             // Lead a round.
-            r.leading = true;
             r.started += 1;
             r.next_claimed = false;
-            *claimed = false;
             let round = r.started;
             let (file, id, end) = self.writer.lock().tail();
             r.target = end;
             drop(r);
             let result = self.sync_segment(&file, id, end);
             let mut r = self.commit.rounds.lock();
-            r.leading = false;
             r.finished = round;
             let wake_next = r.next_claimed;
             drop(r);
