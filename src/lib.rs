@@ -89,7 +89,7 @@ pub use engine::{
     Engine, Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage,
 };
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
-pub use once::{Delivery, Done, RunContext, RunError, RunOptions, WorkError};
+pub use once::{BODY_NOT_KEPT, Delivery, Done, RunContext, RunError, RunOptions, WorkError};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
 pub use stats::Stats;

@@ -93,6 +93,25 @@ impl RunContext<'_> {
     }
 }
 
+/// The body stored in place of an outcome's body that is larger than the
+/// engine's `Options::max_response_len`: [`Engine::run_once`] stores the
+/// work's status with this body, so a retry is replayed that status and
+/// this text (and the work does not run again), while the first caller gets
+/// the full outcome. (An engine whose limit is below this text's length
+/// stores an empty body instead.)
+pub const BODY_NOT_KEPT: &[u8] = b"idemkv: the original response body was too large to store";
+
+/// Ends a heartbeat when dropped: on return or while a panic unwinds.
+struct StopOnDrop<'a>(&'a (Mutex<bool>, Condvar));
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let (flag, cv) = self.0;
+        *flag.lock() = true;
+        cv.notify_all();
+    }
+}
+
 /// Whether [`Engine::consume_once`] handled the message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
@@ -122,7 +141,12 @@ impl Engine {
     /// assert_eq!(first.outcome, retry.outcome);
     /// ```
     ///
-    /// If `work` panics the key stays claimed until its lease expires.
+    /// If `work` panics, the panic propagates (a heartbeat stops at once) and
+    /// the key stays claimed until its lease expires: the work may have had
+    /// effects. If the outcome's body is larger than the engine keeps, the
+    /// status is stored with [`BODY_NOT_KEPT`] as its body: this caller gets
+    /// the full outcome, retries get the status and that text, and the work
+    /// never runs twice.
     ///
     /// # Errors
     /// [`RunError::InFlight`], [`RunError::Mismatch`], [`RunError::Work`],
@@ -152,44 +176,38 @@ impl Engine {
     ) -> Result<Done, RunError<E>> {
         let (user, key) = (user.as_ref(), key.as_ref());
         let fingerprint = Fingerprint::of(request);
-        let mut waited = false;
-        let lease = loop {
-            match self.begin(user, key, fingerprint)? {
-                Begin::Started(lease) => break lease,
-                Begin::Replay(outcome) => {
-                    return Ok(Done {
-                        outcome,
-                        replayed: true,
-                    });
-                }
-                Begin::Mismatch => return Err(RunError::Mismatch),
-                Begin::InFlight { retry_after } => {
-                    if waited || options.wait.is_zero() {
-                        return Err(RunError::InFlight { retry_after });
-                    }
-                    // Wait for the other caller, then ask again: its outcome
-                    // is replayed only through begin, which checks the
-                    // fingerprint; if it released or expired, this caller
-                    // takes over.
-                    waited = true;
-                    self.wait(user, key, options.wait)?;
-                }
+        // A zero wait is a plain begin; otherwise, while another caller
+        // holds the key, wait for its lease to end and answer as begin
+        // would then (its outcome is replayed only for the same
+        // fingerprint; if it released or expired, this caller takes over).
+        let lease = match self.begin_wait(user, key, fingerprint, options.wait)? {
+            Begin::Started(lease) => lease,
+            Begin::Replay(outcome) => {
+                return Ok(Done {
+                    outcome,
+                    replayed: true,
+                });
             }
+            Begin::Mismatch => return Err(RunError::Mismatch),
+            Begin::InFlight { retry_after } => return Err(RunError::InFlight { retry_after }),
         };
         let result = match options.heartbeat {
             Some(every) if !every.is_zero() => self.with_heartbeat(&lease, every, work),
             _ => work(&RunContext { lease: &lease }),
         };
+        // Once the work has run, its key is never released because of its
+        // result's size: an outcome too large to keep is stored with its
+        // status and `BODY_NOT_KEPT` as its body (see `store`).
         match result {
             Ok(outcome) => {
-                self.complete(&lease, outcome.clone())?;
+                self.store(&lease, &outcome)?;
                 Ok(Done {
                     outcome,
                     replayed: false,
                 })
             }
             Err(WorkError::Final(error, outcome)) => {
-                self.complete(&lease, outcome)?;
+                self.store(&lease, &outcome)?;
                 Err(RunError::Work {
                     error,
                     stored: true,
@@ -205,7 +223,34 @@ impl Engine {
         }
     }
 
-    /// Runs `work` while a scoped thread extends `lease` every `every`.
+    /// Completes `lease` with `outcome`; if the body is larger than the
+    /// engine keeps, completes it with the same status and
+    /// [`BODY_NOT_KEPT`] as the body instead, so that retries get a
+    /// defined answer and the work never runs again.
+    fn store(&self, lease: &Lease, outcome: &Outcome) -> crate::Result<()> {
+        match self.complete(lease, outcome.clone()) {
+            Err(Error::ResponseTooLarge { max, .. }) => {
+                let note = if BODY_NOT_KEPT.len() <= max {
+                    BODY_NOT_KEPT
+                } else {
+                    b""
+                };
+                self.complete(
+                    lease,
+                    Outcome {
+                        status: outcome.status,
+                        body: bytes::Bytes::from_static(note),
+                    },
+                )
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `work` while a scoped thread extends `lease` every `every`. The
+    /// heartbeat stops as soon as `work` returns or panics (a guard ends it
+    /// while the panic unwinds, so the scope's join does not wait forever);
+    /// after a panic the lease is left to expire.
     fn with_heartbeat<T>(
         &self,
         lease: &Lease,
@@ -228,11 +273,8 @@ impl Engine {
                     }
                 }
             });
-            let out = work(&RunContext { lease });
-            let (flag, cv) = &*done;
-            *flag.lock() = true;
-            cv.notify_all();
-            out
+            let _stop = StopOnDrop(&done);
+            work(&RunContext { lease })
         })
     }
 

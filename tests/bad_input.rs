@@ -24,7 +24,7 @@ fn rejected_everywhere(h: &Harness, user: &[u8], key: &[u8], part: KeyPart, prob
     assert_eq!(invalid_key(h.get(user, key)), (part, problem));
     assert_eq!(invalid_key(h.outcome(user, key)), (part, problem));
     assert_eq!(
-        invalid_key(h.wait(user, key, Duration::from_secs(5))),
+        invalid_key(h.wait(user, key, fp("a"), Duration::from_secs(5))),
         (part, problem)
     );
     assert_eq!(h.stats(), before, "a rejected call changes nothing");
@@ -310,7 +310,7 @@ fn every_call_after_close_fails_with_closed() {
     closed(h.extend(&lease, Duration::from_secs(1)));
     closed(h.get(U, K));
     closed(h.outcome(U, "done"));
-    closed(h.wait(U, "done", Duration::from_secs(1)));
+    closed(h.wait(U, "done", fp("a"), Duration::from_secs(1)));
     // Closing twice is fine; stats still answer.
     h.close().unwrap();
     assert_eq!(h.stats().completions, 1);
@@ -321,7 +321,7 @@ fn wait_fails_with_closed_when_the_engine_closes_while_waiting() {
     let h = Harness::new();
     let _lease = h.start(U, K, fp("a"));
     thread::scope(|s| {
-        let waiter = s.spawn(|| h.wait(U, K, Duration::from_secs(30)));
+        let waiter = s.spawn(|| h.wait(U, K, fp("a"), Duration::from_secs(30)));
         thread::sleep(Duration::from_millis(50));
         h.close().unwrap();
         closed(waiter.join().unwrap());

@@ -294,7 +294,7 @@ fn waiters_on_one_key_all_get_the_outcome() {
     let lease = h.start(U, K, fp("a"));
     thread::scope(|s| {
         let waiters: Vec<_> = (0..8)
-            .map(|_| s.spawn(|| h.wait(U, K, Duration::from_secs(30))))
+            .map(|_| s.spawn(|| h.wait(U, K, fp("a"), Duration::from_secs(30))))
             .collect();
         thread::sleep(Duration::from_millis(50));
         h.complete(&lease, outcome(200, "for all")).unwrap();

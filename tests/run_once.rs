@@ -202,3 +202,99 @@ fn consume_once_runs_a_handler_once_per_message_id() {
         Delivery::Processed
     );
 }
+
+#[test]
+fn an_outcome_too_large_to_store_never_makes_the_work_run_twice() {
+    // Regression (issue 11, item 7): run_once released the key when complete
+    // failed with ResponseTooLarge, so the retry charged again.
+    let clock = Arc::new(ManualClock::new(0));
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(
+        dir.path(),
+        Options {
+            durability: Durability::None,
+            background: false,
+            max_response_len: 64,
+            clock: clock.clone(),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let runs = AtomicU32::new(0);
+    let work = |_: &idemkv::RunContext<'_>| -> Result<Outcome, WorkError<String>> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(created(&"x".repeat(100)))
+    };
+    let first = engine.run_once("u", "k", b"req", work).unwrap();
+    assert!(!first.replayed);
+    assert_eq!(first.outcome, created(&"x".repeat(100)));
+    let retry = engine.run_once("u", "k", b"req", work).unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.outcome.status, 201, "the original status is kept");
+    assert_eq!(&retry.outcome.body[..], idemkv::BODY_NOT_KEPT);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran twice");
+
+    // A final outcome too large to keep is stored the same way.
+    let failing = |_: &idemkv::RunContext<'_>| -> Result<Outcome, WorkError<String>> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Err(WorkError::Final(
+            "declined".into(),
+            Outcome {
+                status: 402,
+                body: "declined: ".repeat(10).into(),
+            },
+        ))
+    };
+    assert!(matches!(
+        engine.run_once("u", "k2", b"req", failing),
+        Err(RunError::Work { stored: true, .. })
+    ));
+    let retry = engine.run_once("u", "k2", b"req", failing).unwrap();
+    assert_eq!(retry.outcome.status, 402);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_panic_in_the_work_propagates_and_stops_the_heartbeat() {
+    // Regression (issue 11, item 8): with a heartbeat, a panicking work never
+    // returned and extended its lease forever.
+    let clock = Arc::new(ManualClock::new(0));
+    let (_dir, engine) = engine(&clock);
+    let engine = Arc::new(engine);
+    let options = RunOptions {
+        heartbeat: Some(Duration::from_millis(5)),
+        ..RunOptions::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A detached thread: if run_once_with hangs, the test fails instead of
+    // hanging with it.
+    let runner = Arc::clone(&engine);
+    std::thread::spawn(move || {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runner.run_once_with(
+                "u",
+                "k",
+                b"req",
+                options,
+                |_| -> Result<Outcome, WorkError<()>> {
+                    std::thread::sleep(Duration::from_millis(30));
+                    panic!("the work failed")
+                },
+            )
+        }));
+        let _ = tx.send(result.is_err());
+    });
+    let panicked = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("run_once_with did not return after the work panicked");
+    assert!(panicked, "the panic did not propagate");
+    // The heartbeat stopped: no extends once it returned, and the lease is
+    // left to expire (not released: the work may have had effects).
+    let before = engine.stats().records_written;
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(engine.stats().records_written, before, "still extending");
+    let view = engine.get("u", "k").unwrap().expect("still claimed");
+    assert_eq!(view.state, idemkv::RecordState::InProgress);
+    clock.advance(Duration::from_secs(31));
+    assert!(engine.get("u", "k").unwrap().is_none());
+}

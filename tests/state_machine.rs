@@ -320,7 +320,7 @@ fn wait_returns_the_outcome_to_another_thread_when_the_owner_completes() {
     thread::scope(|s| {
         let waiter = s.spawn(|| {
             let t = Instant::now();
-            (h.wait(U, K, Duration::from_secs(30)), t.elapsed())
+            (h.wait(U, K, fp("a"), Duration::from_secs(30)), t.elapsed())
         });
         thread::sleep(Duration::from_millis(50));
         h.complete(&lease, outcome(201, "made")).unwrap();
@@ -337,7 +337,7 @@ fn wait_returns_none_when_the_owner_releases() {
     thread::scope(|s| {
         let waiter = s.spawn(|| {
             let t = Instant::now();
-            (h.wait(U, K, Duration::from_secs(30)), t.elapsed())
+            (h.wait(U, K, fp("a"), Duration::from_secs(30)), t.elapsed())
         });
         thread::sleep(Duration::from_millis(50));
         h.release(&lease).unwrap();
@@ -354,7 +354,7 @@ fn wait_returns_none_when_the_lease_expires_on_the_engine_clock() {
     thread::scope(|s| {
         let waiter = s.spawn(|| {
             let t = Instant::now();
-            (h.wait(U, K, Duration::from_secs(30)), t.elapsed())
+            (h.wait(U, K, fp("a"), Duration::from_secs(30)), t.elapsed())
         });
         thread::sleep(Duration::from_millis(50));
         h.advance(LEASE_TTL);
@@ -370,7 +370,7 @@ fn wait_times_out_with_none_while_the_lease_is_held() {
     let _lease = h.start(U, K, fp("a"));
     let timeout = Duration::from_millis(150);
     let t = Instant::now();
-    assert_eq!(h.wait(U, K, timeout).unwrap(), None);
+    assert_eq!(h.wait(U, K, fp("a"), timeout).unwrap(), None);
     let took = t.elapsed();
     assert!(
         took >= timeout,
@@ -389,14 +389,17 @@ fn wait_times_out_with_none_while_the_lease_is_held() {
 fn wait_returns_at_once_for_absent_and_completed_keys() {
     let h = Harness::new();
     let t = Instant::now();
-    assert_eq!(h.wait(U, K, Duration::from_secs(60)).unwrap(), None);
+    assert_eq!(
+        h.wait(U, K, fp("a"), Duration::from_secs(60)).unwrap(),
+        None
+    );
     assert!(t.elapsed() < GENEROUS);
 
     let lease = h.start(U, K, fp("a"));
     h.complete(&lease, outcome(200, "here")).unwrap();
     let t = Instant::now();
     assert_eq!(
-        h.wait(U, K, Duration::from_secs(60)).unwrap(),
+        h.wait(U, K, fp("a"), Duration::from_secs(60)).unwrap(),
         Some(outcome(200, "here"))
     );
     assert!(t.elapsed() < GENEROUS);
@@ -408,7 +411,7 @@ fn wait_ignores_changes_to_other_keys() {
     let _mine = h.start(U, K, fp("a"));
     let other = h.start(U, "other", fp("a"));
     thread::scope(|s| {
-        let waiter = s.spawn(|| h.wait(U, K, Duration::from_millis(300)));
+        let waiter = s.spawn(|| h.wait(U, K, fp("a"), Duration::from_millis(300)));
         thread::sleep(Duration::from_millis(50));
         h.complete(&other, outcome(200, "not yours")).unwrap();
         assert_eq!(waiter.join().unwrap().unwrap(), None);
@@ -470,7 +473,7 @@ fn stats_do_not_count_reads() {
     let before = h.stats();
     h.get(U, K).unwrap();
     h.outcome(U, K).unwrap();
-    h.wait(U, K, Duration::from_secs(1)).unwrap();
+    h.wait(U, K, fp("a"), Duration::from_secs(1)).unwrap();
     assert_eq!(h.stats(), before);
 }
 
@@ -544,4 +547,87 @@ fn the_contract_shapes_compile_and_work() {
     }
     let stats: idemkv::Stats = engine.stats();
     assert_eq!((stats.started, stats.replays), (1, 1));
+}
+
+// ---- wait and begin_wait check the fingerprint (issue 11, item 6) -------
+
+#[test]
+fn wait_never_returns_another_requests_outcome() {
+    // Regression: a retry of request A waiting on the key was handed request
+    // B's stored body.
+    let h = Harness::new();
+    let lease = h.start(U, K, fp("b"));
+    thread::scope(|s| {
+        let waiter = s.spawn(|| h.wait(U, K, fp("a"), Duration::from_secs(30)));
+        thread::sleep(Duration::from_millis(50));
+        h.complete(&lease, outcome(200, "b's body")).unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap(), None);
+    });
+    // Completed for B: A's wait answers None at once, B's gets the body.
+    assert_eq!(h.wait(U, K, fp("a"), GENEROUS).unwrap(), None);
+    assert_eq!(
+        h.wait(U, K, fp("b"), GENEROUS).unwrap(),
+        Some(outcome(200, "b's body"))
+    );
+}
+
+#[test]
+fn begin_wait_replays_the_holders_outcome_for_the_same_request() {
+    let h = Harness::new();
+    let lease = h.start(U, K, fp("a"));
+    thread::scope(|s| {
+        let waiter = s.spawn(|| h.begin_wait(U, K, fp("a"), Duration::from_secs(30)));
+        thread::sleep(Duration::from_millis(50));
+        h.complete(&lease, outcome(201, "made")).unwrap();
+        assert_eq!(
+            replayed(waiter.join().unwrap().unwrap()),
+            outcome(201, "made")
+        );
+    });
+}
+
+#[test]
+fn begin_wait_answers_mismatch_for_another_request() {
+    let h = Harness::new();
+    let lease = h.start(U, K, fp("b"));
+    thread::scope(|s| {
+        let waiter = s.spawn(|| h.begin_wait(U, K, fp("a"), Duration::from_secs(30)));
+        mismatch(waiter.join().unwrap().unwrap());
+        h.complete(&lease, outcome(201, "b")).unwrap();
+    });
+    mismatch(h.begin_wait(U, K, fp("a"), GENEROUS).unwrap());
+}
+
+#[test]
+fn begin_wait_starts_when_the_holder_releases_or_its_lease_expires() {
+    let h = Harness::new();
+    let first = h.start(U, K, fp("a"));
+    thread::scope(|s| {
+        let waiter = s.spawn(|| h.begin_wait(U, K, fp("a"), Duration::from_secs(30)));
+        thread::sleep(Duration::from_millis(50));
+        h.release(&first).unwrap();
+        let lease = started(waiter.join().unwrap().unwrap());
+        assert!(lease.token() > first.token());
+    });
+    let h = Harness::new();
+    let first = h.start(U, K, fp("a"));
+    thread::scope(|s| {
+        let waiter = s.spawn(|| h.begin_wait(U, K, fp("a"), Duration::from_secs(30)));
+        thread::sleep(Duration::from_millis(50));
+        h.advance(LEASE_TTL);
+        let lease = started(waiter.join().unwrap().unwrap());
+        assert!(lease.token() > first.token());
+    });
+}
+
+#[test]
+fn begin_wait_answers_in_flight_only_after_its_timeout() {
+    let h = Harness::new();
+    let _lease = h.start(U, K, fp("a"));
+    let timeout = Duration::from_millis(150);
+    let t = Instant::now();
+    in_flight(h.begin_wait(U, K, fp("a"), timeout).unwrap());
+    assert!(t.elapsed() >= timeout, "answered before the timeout");
+    // A zero timeout is begin.
+    in_flight(h.begin_wait(U, K, fp("a"), Duration::ZERO).unwrap());
 }

@@ -7,7 +7,7 @@ use super::Engine;
 use crate::error::{CorruptKind, Error, Result};
 use crate::index::{Entry, KeyId};
 use crate::log::ReadRecord;
-use crate::outcome::{Outcome, RecordState, RecordView};
+use crate::outcome::{Begin, Fingerprint, Outcome, RecordState, RecordView};
 
 /// How often `wait` looks again at a lease whose expiry only the engine's
 /// clock can tell.
@@ -54,18 +54,28 @@ impl Engine {
         }
     }
 
-    /// Blocks until the record of `(user, key)` is completed (returns its
-    /// outcome), released or expired (returns `None`), or `timeout` of wall
-    /// time passes (returns `None`). The timeout does not follow the
-    /// engine's clock. Returns at once if the record is absent or completed.
+    /// Blocks until the record of `(user, key)` is completed for the request
+    /// with `fingerprint` (returns its outcome), or ends otherwise (released,
+    /// expired, or completed or started by a request with another
+    /// fingerprint: returns `None`), or `timeout` of wall time passes
+    /// (returns `None`). `Some` is only ever the outcome stored by a request
+    /// with this fingerprint, so a retry of one request never receives
+    /// another request's body. The timeout does not follow the engine's
+    /// clock. Returns at once if the record is absent, completed, or held
+    /// for another fingerprint.
+    ///
+    /// To claim the key when its holder gives up, use
+    /// [`Engine::begin_wait`] instead.
     ///
     /// # Errors
     /// [`Error::InvalidKey`]; [`Error::Closed`] (also if the engine is
-    /// closed while waiting); [`Error::Io`] or [`Error::Corrupt`].
+    /// closed while waiting); [`Error::Poisoned`]; [`Error::Io`] or
+    /// [`Error::Corrupt`].
     pub fn wait(
         &self,
         user: impl AsRef<[u8]>,
         key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
         timeout: Duration,
     ) -> Result<Option<Outcome>> {
         let (user, key) = (user.as_ref(), key.as_ref());
@@ -76,25 +86,64 @@ impl Engine {
         loop {
             let seen = self.waiters.generation();
             self.check_open()?;
-            match self.lookup(user, key)? {
-                None => return Ok(None),
-                Some(e) if e.state == RecordState::Completed => {
-                    match self.read_record(&e, user, key)? {
-                        Found::Own(record) => {
-                            return Ok(Some(record.into_outcome()));
-                        }
-                        Found::Foreign => return Ok(None),
-                        Found::Moved => continue,
-                    }
-                }
-                Some(_) => {
-                    let left = timeout.saturating_sub(start.elapsed());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    self.waiters.wait(seen, left.min(WAIT_POLL));
-                }
+            let Some(e) = self.lookup(user, key)? else {
+                return Ok(None);
+            };
+            let record = match self.read_record(&e, user, key)? {
+                Found::Own(record) => record,
+                Found::Foreign => return Ok(None),
+                Found::Moved => continue,
+            };
+            if record.fingerprint != fingerprint.0 {
+                return Ok(None);
             }
+            if e.state == RecordState::Completed {
+                return Ok(Some(record.into_outcome()));
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.waiters.wait(seen, left.min(WAIT_POLL));
+        }
+    }
+
+    /// [`Engine::begin`], except that while another live lease holds the
+    /// key it waits up to `timeout` (wall time) for that lease to end, then
+    /// answers as `begin` would at that moment: [`Begin::Replay`] if the
+    /// holder completed it for the same fingerprint, [`Begin::Mismatch`]
+    /// for another fingerprint, [`Begin::Started`] if the holder released
+    /// the key or its lease expired. [`Begin::InFlight`] only once
+    /// `timeout` has passed with the lease still live. A zero `timeout` is
+    /// `begin`.
+    ///
+    /// This is the answer to a retry that arrives while the first request
+    /// is still being worked on: it subscribes to the first request's
+    /// result instead of failing with a conflict.
+    ///
+    /// # Errors
+    /// As [`Engine::begin`].
+    pub fn begin_wait(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<Begin> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        let start = Instant::now();
+        let _waiting = self.waiters.enter();
+        loop {
+            let seen = self.waiters.generation();
+            let answer = self.begin(user, key, fingerprint)?;
+            let Begin::InFlight { retry_after } = answer else {
+                return Ok(answer);
+            };
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Ok(Begin::InFlight { retry_after });
+            }
+            self.waiters.wait(seen, left.min(WAIT_POLL));
         }
     }
 

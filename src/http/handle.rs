@@ -208,7 +208,8 @@ impl Call {
 
     async fn wait(&self, timeout: Duration) -> Result<Option<Outcome>, Failure> {
         let (engine, user, key) = self.parts();
-        blocking(move || engine.wait(user, key, timeout)).await
+        let fingerprint = self.fingerprint;
+        blocking(move || engine.wait(user, key, fingerprint, timeout)).await
     }
 
     fn parts(&self) -> (Arc<Engine>, Bytes, Bytes) {
