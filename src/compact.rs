@@ -22,14 +22,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::clock::Clock;
-use crate::error::Result;
+use crate::clock::{EngineClock, Now};
+use crate::error::{Error, Result};
 use crate::index::{Index, KeyId, PARTS};
 use crate::log::reader::scan_segment;
 use crate::log::record::{FRAME_HEADER, frame_header};
@@ -62,19 +62,48 @@ pub struct CompactionReport {
 pub(crate) struct Compactor {
     pub log: Arc<Log>,
     pub index: Arc<Index>,
-    pub clock: Arc<dyn Clock>,
+    pub clock: Arc<EngineClock>,
     pub counters: Arc<Counters>,
     /// Rewrite segments whose live fraction is below this.
     pub threshold: f64,
-    /// One pass at a time.
+    /// One pass (or one pause) at a time.
     running: Mutex<()>,
+    /// The thread that holds `running` (see [`thread_no`]), 0 for none: a
+    /// call that would wait for its own thread gets an error instead.
+    holder: AtomicU64,
+    /// Set by [`Compactor::shut`]: no pass starts, and a running pass stops
+    /// at the next segment.
+    shut: AtomicBool,
+    /// Set while `shut` waits for a pass, so the pass stops early.
+    stopping: AtomicBool,
+}
+
+/// A number for the calling thread, unique in the process and never 0.
+fn thread_no() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static NO: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NO.with(|n| *n)
+}
+
+/// Holds the compactor's `running` lock; clears the holder when dropped.
+pub(crate) struct Exclusive<'a> {
+    compactor: &'a Compactor,
+    _guard: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        self.compactor.holder.store(0, Ordering::Release);
+    }
 }
 
 impl Compactor {
     pub fn new(
         log: Arc<Log>,
         index: Arc<Index>,
-        clock: Arc<dyn Clock>,
+        clock: Arc<EngineClock>,
         counters: Arc<Counters>,
         threshold: f64,
     ) -> Compactor {
@@ -85,17 +114,61 @@ impl Compactor {
             counters,
             threshold,
             running: Mutex::new(()),
+            holder: AtomicU64::new(0),
+            shut: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
+    /// Takes the `running` lock for `call`.
+    ///
+    /// # Errors
+    /// [`Error::Reentrant`] if this thread already holds it (a `compact` or
+    /// `close` from inside a `for_each_record` callback would wait for
+    /// itself); [`Error::Closed`] once [`Compactor::shut`] ran.
+    fn exclusive(&self, call: &'static str) -> Result<Exclusive<'_>> {
+        let me = thread_no();
+        if self.holder.load(Ordering::Acquire) == me {
+            return Err(Error::Reentrant { call });
+        }
+        let guard = self.running.lock();
+        if self.shut.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        self.holder.store(me, Ordering::Release);
+        Ok(Exclusive {
+            compactor: self,
+            _guard: guard,
+        })
+    }
+
     /// Holds off compaction until the guard is dropped.
-    pub fn pause(&self) -> parking_lot::MutexGuard<'_, ()> {
-        self.running.lock()
+    ///
+    /// # Errors
+    /// As [`Compactor::exclusive`].
+    pub fn pause(&self, call: &'static str) -> Result<Exclusive<'_>> {
+        self.exclusive(call)
+    }
+
+    /// Whether this thread holds the `running` lock (so `shut` would wait
+    /// for itself).
+    pub fn held_here(&self) -> bool {
+        self.holder.load(Ordering::Acquire) == thread_no()
+    }
+
+    /// Stops compaction for good: asks a running pass to stop at its next
+    /// segment, waits for it, and refuses every later pass. After this
+    /// returns no compaction touches the directory. The caller checks
+    /// [`Compactor::held_here`] first.
+    pub fn shut(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let _guard = self.running.lock();
+        self.shut.store(true, Ordering::Release);
     }
 
     /// Sweeps every shard; returns how many entries expired and the live
     /// entries per segment file.
-    fn sweep(&self, now: u64) -> (u64, HashMap<u64, u64>) {
+    fn sweep(&self, now: Now) -> (u64, HashMap<u64, u64>) {
         let mut expired = 0;
         let mut live = HashMap::new();
         // One part of one shard per lock hold, so foreground calls on that
@@ -117,7 +190,7 @@ impl Compactor {
     /// (`None`: the configured one) are rewritten.
     pub fn run(&self, full: bool, threshold: Option<f64>) -> Result<CompactionReport> {
         let threshold = threshold.unwrap_or(self.threshold);
-        let _one = self.running.lock();
+        let _one = self.exclusive("compact")?;
         // After a failed write or sync the index may show states that never
         // reached the disk; dropping what they superseded could lose data.
         self.log.check_poison()?;
@@ -129,12 +202,12 @@ impl Compactor {
         if full {
             self.log.roll_if_used()?;
         }
-        let now = self.clock.now_ms();
+        let now = self.clock.read();
         let (expired, live) = self.sweep(now);
         report.expired = expired;
         let mut live_bytes = 0u64;
         let mut retired = false;
-        for seg in self.log.closed_segments(now) {
+        for seg in self.log.closed_segments(now.lease) {
             let live_here = live.get(&seg.file).copied().unwrap_or(0) + seg.pinned;
             let fraction = if seg.records == 0 {
                 0.0
@@ -149,6 +222,14 @@ impl Compactor {
             if !due {
                 live_bytes += (seg.bytes as f64 * fraction.min(1.0)) as u64;
                 continue;
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                // The engine is closing: stop between two segments (every
+                // file is as it was, or replaced by its complete rewrite).
+                if retired {
+                    self.log.sync_dir()?;
+                }
+                return Err(Error::Closed);
             }
             let (kept, dropped, bytes) = self.rewrite(&seg, now)?;
             report.segments_compacted += 1;
@@ -195,7 +276,7 @@ impl Compactor {
 
     /// Rewrites one closed segment; returns records kept, records dropped,
     /// and the bytes of the replacement.
-    fn rewrite(&self, seg: &ClosedSegment, now: u64) -> Result<(u64, u64, u64)> {
+    fn rewrite(&self, seg: &ClosedSegment, now: Now) -> Result<(u64, u64, u64)> {
         let buf = self.log.read_segment(seg.file)?;
         let (active, _, _) = self.log.active_segment();
         let mut frames = Vec::new();
@@ -219,7 +300,7 @@ impl Compactor {
             // A record that is no longer current may still be what stops an
             // older record of its lease from looking live again: keep it
             // while any deadline its lease has had is ahead (`lease_ms`).
-            let tombstone = rec.lease_ms > now;
+            let tombstone = rec.lease_ms > now.lease;
             if !current && !tombstone && !unsettled {
                 dropped += 1;
                 return;
@@ -245,7 +326,7 @@ impl Compactor {
             }
         });
         if let Err((offset, kind)) = scanned {
-            return Err(crate::error::Error::Corrupt {
+            return Err(Error::Corrupt {
                 file: self.log.path_of(pos(seg.file, 0)),
                 offset: offset as u64,
                 kind,
@@ -297,10 +378,21 @@ impl Background {
                     if compactor.log.is_poisoned() {
                         continue;
                     }
-                    // A failed pass leaves every file as it was; the next
-                    // pass tries again (an I/O failure that matters to
-                    // foreground writes poisons the log on its own).
-                    let _ = compactor.run(false, None);
+                    // A failed pass leaves every file as it was (or replaced
+                    // by its complete rewrite) and removes its unfinished
+                    // output; the next pass tries again (an I/O failure that
+                    // matters to foreground writes poisons the log on its
+                    // own). It is counted and traced.
+                    match compactor.run(false, None) {
+                        Ok(_) | Err(Error::Closed) => {}
+                        Err(_e) => {
+                            compactor
+                                .counters
+                                .compaction_errors
+                                .fetch_add(1, Ordering::Relaxed);
+                            crate::trace::event!(error, error = %_e, "background compaction pass failed");
+                        }
+                    }
                 }
             })
             .ok();

@@ -123,8 +123,9 @@ fn an_extend_that_shortened_a_lease_outlives_the_begin_it_overrode() {
     let clock = Arc::new(ManualClock::new(0));
     let engine = open(&disk, &clock);
     let lease = lease_in_a_live_segment(&engine);
-    // Shorten the lease to end now: the key is absent from here on.
-    engine.extend(&lease, Duration::ZERO).unwrap();
+    // Shorten the lease to end in 1 ms: the key is absent from then on.
+    engine.extend(&lease, Duration::from_millis(1)).unwrap();
+    clock.advance(Duration::from_millis(1));
     assert_eq!(engine.get("u", "k").unwrap(), None);
     roll_with_dead_records(&engine);
     clock.advance(Duration::from_secs(1));

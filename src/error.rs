@@ -101,12 +101,52 @@ pub enum Error {
     #[error("engine is closed")]
     Closed,
 
+    /// The call would wait for the calling thread itself: `compact`,
+    /// `compact_below`, `close` or `for_each_record` called from inside a
+    /// `for_each_record` callback (which holds compaction off). Nothing was
+    /// changed; call it after the callback returns.
+    #[error("{call} called from inside a for_each_record callback")]
+    Reentrant {
+        /// The call that was refused.
+        call: &'static str,
+    },
+
     /// A counter that has a fixed width on disk or in memory ran out (fencing
     /// tokens past 2^48, segment ids past 2^24); nothing was changed.
     #[error("{what} are exhausted")]
     Exhausted {
         /// What ran out.
         what: &'static str,
+    },
+
+    /// An argument is accepted by the type but would make the call
+    /// meaningless (a zero TTL, a zero extension); nothing was changed.
+    #[error("invalid argument {name}: {problem}")]
+    InvalidArgument {
+        /// The argument.
+        name: &'static str,
+        /// The accepted range.
+        problem: &'static str,
+    },
+
+    /// The engine's clock reads a time the index cannot represent (at or
+    /// past 2^43 - 1 ms since the Unix epoch, the year 2248): every deadline
+    /// would be clamped to it and nothing would ever be live. Nothing was
+    /// changed; fix the clock.
+    #[error("clock reads {now_ms} ms, past the latest representable time {max_ms} ms")]
+    ClockOutOfRange {
+        /// What the clock read (the later of wall and lease time).
+        now_ms: u64,
+        /// The latest time the engine accepts.
+        max_ms: u64,
+    },
+
+    /// The lease was issued by another engine: one on another directory, or
+    /// an earlier open of this one. Nothing was changed.
+    #[error("the lease with token {token} was issued by another engine")]
+    ForeignLease {
+        /// The token of the rejected lease.
+        token: u64,
     },
 
     /// An `Options` field is out of range.

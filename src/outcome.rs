@@ -45,10 +45,15 @@ impl Fingerprint {
 /// [`Begin::Started`], presented to `complete`, `extend` and `release`.
 ///
 /// An owned value; dropping it does nothing (an abandoned lease expires).
+/// It is valid only with the engine that issued it: another engine (on
+/// another directory, or a later open of the same one) refuses it with
+/// [`Error::ForeignLease`](crate::Error::ForeignLease).
 /// Its fencing [`token`](Lease::token) is strictly greater than every token
 /// issued before it for any key, across restarts.
 #[derive(Clone, Debug)]
 pub struct Lease {
+    /// The open of the engine that issued it (see `Engine::instance`).
+    pub(crate) engine: u64,
     pub(crate) user: Bytes,
     pub(crate) key: Bytes,
     pub(crate) fingerprint: Fingerprint,
@@ -79,8 +84,10 @@ impl Lease {
         self.fingerprint
     }
 
-    /// When the lease expires, in the engine clock's milliseconds since the
-    /// Unix epoch. `Engine::extend` returns a lease with a later deadline.
+    /// When the lease expires, in the engine's lease time: milliseconds since
+    /// the Unix epoch as the wall clock read when the engine opened, moved
+    /// on by the monotonic clock since (so a step of the wall clock does not
+    /// move it). `Engine::extend` returns a lease with a later deadline.
     pub fn expires_at_ms(&self) -> u64 {
         self.expires_at_ms
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::clock::{EngineClock, Now};
 use crate::error::{CorruptKind, Error, Result};
 use crate::index::{Index, KeyId, OFFSET_LIMIT, TOKEN_LIMIT};
 use crate::log::record::{Kind, Record};
@@ -24,6 +25,7 @@ use crate::storage::Storage;
 pub(crate) fn recover(
     storage: Arc<dyn Storage>,
     options: &Options,
+    clock: &EngineClock,
     counters: Arc<Counters>,
     index: &Index,
 ) -> Result<Arc<Log>> {
@@ -48,7 +50,7 @@ pub(crate) fn recover(
     if let Some(e) = failure.into_inner() {
         return Err(e);
     }
-    let now = options.clock.now_ms();
+    let now = clock.read();
     for shard in index.shards() {
         shard.lock().drop_expired(now);
     }
@@ -99,7 +101,7 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
                 // The same lease again (a duplicate copy of its begin, from
                 // a segment compaction orphaned): this key's own entry.
                 Some((e, _)) if e.token == record.token => shard.update(&id, user, key, entry),
-                Some(_) => shard.start(&id, user, key, entry, record.time_ms),
+                Some(_) => shard.start(&id, user, key, entry, Now::at(record.time_ms)),
                 None => shard.insert_located_absent(&id, entry),
             }
         }
@@ -122,7 +124,7 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
     match (own, state::replay(own, record, pos)) {
         (Some(_), Some(entry)) => shard.update(&id, user, key, entry),
         (None, Some(entry)) if located.is_none() => shard.insert_located_absent(&id, entry),
-        (None, Some(entry)) => shard.start(&id, user, key, entry, record.time_ms),
+        (None, Some(entry)) => shard.start(&id, user, key, entry, Now::at(record.time_ms)),
         (Some(_), None) => shard.remove(&id, user, key, 0),
         (None, None) => {}
     }

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use crate::clock::Now;
 use crate::error::LostReason;
 use crate::index::Entry;
 use crate::log::record::{Kind, Record};
@@ -32,13 +33,13 @@ pub(crate) enum BeginStep {
 }
 
 /// Decides `begin` on the current entry.
-pub(crate) fn begin_step(current: Option<Entry>, now_ms: u64) -> BeginStep {
+pub(crate) fn begin_step(current: Option<Entry>, now: Now) -> BeginStep {
     match current {
         None => BeginStep::Start {
             expired: false,
             takeover: false,
         },
-        Some(e) if !e.is_live(now_ms) => BeginStep::Start {
+        Some(e) if !e.is_live(now) => BeginStep::Start {
             expired: true,
             takeover: e.state == RecordState::InProgress,
         },
@@ -58,34 +59,48 @@ pub(crate) enum LiveAnswer {
 }
 
 /// Decides `begin` on a live record, once its fingerprint was read.
-pub(crate) fn live_answer(entry: &Entry, same_fingerprint: bool, now_ms: u64) -> LiveAnswer {
+pub(crate) fn live_answer(entry: &Entry, same_fingerprint: bool, now: Now) -> LiveAnswer {
     match (same_fingerprint, entry.state) {
         (false, _) => LiveAnswer::Mismatch,
         (true, RecordState::Completed) => LiveAnswer::Replay,
         (true, RecordState::InProgress) => LiveAnswer::InFlight {
-            retry_after: Duration::from_millis(entry.deadline_ms.saturating_sub(now_ms)),
+            retry_after: Duration::from_millis(entry.deadline_ms.saturating_sub(now.lease)),
         },
     }
 }
 
-/// Checks that `token` owns the record now: the precondition of `complete`,
-/// `extend` and `release`.
+/// Checks that the lease with `token`, whose deadline as its holder knows
+/// it is `lease_deadline_ms`, owns the record now: the precondition of
+/// `complete`, `extend` and `release`.
+///
+/// The reason for a refusal does not depend on whether the sweeper has run:
+/// an expired entry counts exactly as an absent one, and an absent record
+/// is `Expired` once the lease's own deadline has passed, `Gone` before
+/// (released, or its record expired early).
 pub(crate) fn check_owner(
     current: Option<Entry>,
     token: u64,
-    now_ms: u64,
+    lease_deadline_ms: u64,
+    now: Now,
 ) -> Result<Entry, LostReason> {
-    let e = current.ok_or(LostReason::Gone)?;
+    let absent = if now.lease >= lease_deadline_ms {
+        LostReason::Expired
+    } else {
+        LostReason::Gone
+    };
+    let e = match current {
+        Some(e) if e.is_live(now) => e,
+        _ => return Err(absent),
+    };
     if e.token != token {
-        return Err(if e.token > token && e.is_live(now_ms) {
+        return Err(if e.token > token {
             LostReason::Superseded { current: e.token }
         } else {
-            LostReason::Gone
+            absent
         });
     }
     match e.state {
         RecordState::Completed => Err(LostReason::Completed),
-        RecordState::InProgress if !e.is_live(now_ms) => Err(LostReason::Expired),
         RecordState::InProgress => Ok(e),
     }
 }
@@ -135,10 +150,14 @@ mod tests {
         }
     }
 
+    fn at(ms: u64) -> Now {
+        Now::at(ms)
+    }
+
     #[test]
     fn begin_on_nothing_or_expired_starts() {
         assert_eq!(
-            begin_step(None, 5),
+            begin_step(None, at(5)),
             BeginStep::Start {
                 expired: false,
                 takeover: false
@@ -146,7 +165,7 @@ mod tests {
         );
         let lease = entry(RecordState::InProgress, 1, 10);
         assert_eq!(
-            begin_step(Some(lease), 10),
+            begin_step(Some(lease), at(10)),
             BeginStep::Start {
                 expired: true,
                 takeover: true
@@ -154,24 +173,24 @@ mod tests {
         );
         let done = entry(RecordState::Completed, 1, 10);
         assert_eq!(
-            begin_step(Some(done), 11),
+            begin_step(Some(done), at(11)),
             BeginStep::Start {
                 expired: true,
                 takeover: false
             }
         );
-        assert_eq!(begin_step(Some(done), 9), BeginStep::Live(done));
+        assert_eq!(begin_step(Some(done), at(9)), BeginStep::Live(done));
     }
 
     #[test]
     fn live_answers_follow_the_design_table() {
         let lease = entry(RecordState::InProgress, 1, 10);
         let done = entry(RecordState::Completed, 1, 10);
-        assert_eq!(live_answer(&done, true, 3), LiveAnswer::Replay);
-        assert_eq!(live_answer(&done, false, 3), LiveAnswer::Mismatch);
-        assert_eq!(live_answer(&lease, false, 3), LiveAnswer::Mismatch);
+        assert_eq!(live_answer(&done, true, at(3)), LiveAnswer::Replay);
+        assert_eq!(live_answer(&done, false, at(3)), LiveAnswer::Mismatch);
+        assert_eq!(live_answer(&lease, false, at(3)), LiveAnswer::Mismatch);
         assert_eq!(
-            live_answer(&lease, true, 3),
+            live_answer(&lease, true, at(3)),
             LiveAnswer::InFlight {
                 retry_after: Duration::from_millis(7)
             }
@@ -181,15 +200,45 @@ mod tests {
     #[test]
     fn only_the_live_current_token_owns_the_record() {
         let lease = entry(RecordState::InProgress, 5, 10);
-        assert_eq!(check_owner(Some(lease), 5, 9), Ok(lease));
-        assert_eq!(check_owner(Some(lease), 5, 10), Err(LostReason::Expired));
+        assert_eq!(check_owner(Some(lease), 5, 10, at(9)), Ok(lease));
         assert_eq!(
-            check_owner(Some(lease), 4, 9),
+            check_owner(Some(lease), 5, 10, at(10)),
+            Err(LostReason::Expired)
+        );
+        assert_eq!(
+            check_owner(Some(lease), 4, 8, at(9)),
             Err(LostReason::Superseded { current: 5 })
         );
-        assert_eq!(check_owner(None, 5, 0), Err(LostReason::Gone));
+        assert_eq!(check_owner(None, 5, 10, at(0)), Err(LostReason::Gone));
         let done = entry(RecordState::Completed, 5, 10);
-        assert_eq!(check_owner(Some(done), 5, 0), Err(LostReason::Completed));
+        assert_eq!(
+            check_owner(Some(done), 5, 10, at(0)),
+            Err(LostReason::Completed)
+        );
+    }
+
+    #[test]
+    fn the_reason_a_lease_was_lost_does_not_depend_on_the_sweep() {
+        // An expired entry still in the index answers as a swept one.
+        let lease = entry(RecordState::InProgress, 5, 10);
+        for now in [10, 11, 500] {
+            assert_eq!(
+                check_owner(Some(lease), 5, 10, at(now)),
+                check_owner(None, 5, 10, at(now))
+            );
+        }
+        // A completed record that expired before the lease's deadline.
+        let done = entry(RecordState::Completed, 5, 3);
+        assert_eq!(
+            check_owner(Some(done), 5, 10, at(4)),
+            check_owner(None, 5, 10, at(4))
+        );
+        // A successor that expired in turn.
+        let next = entry(RecordState::InProgress, 6, 20);
+        assert_eq!(
+            check_owner(Some(next), 5, 10, at(25)),
+            check_owner(None, 5, 10, at(25))
+        );
     }
 
     fn record(kind: Kind, token: u64, deadline_ms: u64) -> Record<'static> {

@@ -50,6 +50,11 @@ pub struct Stats {
     /// Estimated bytes of live records on disk, as of the last compaction
     /// pass (each segment's size times its live fraction).
     pub live_bytes: u64,
+    /// Background compaction passes that failed (each one left every file as
+    /// it was, or replaced by its complete rewrite, and removed its
+    /// unfinished output; the next pass tries again). With the `tracing`
+    /// feature each failure is also an error event.
+    pub compaction_errors: u64,
 }
 
 /// The live counters behind [`Stats`].
@@ -73,6 +78,7 @@ pub(crate) struct Counters {
     pub bytes_reclaimed: AtomicU64,
     pub last_compaction_us: AtomicU64,
     pub live_bytes: AtomicU64,
+    pub compaction_errors: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -106,6 +112,7 @@ impl Counters {
             last_compaction_us: get(&self.last_compaction_us),
             disk_bytes: 0,
             live_bytes: get(&self.live_bytes),
+            compaction_errors: get(&self.compaction_errors),
         }
     }
 }

@@ -561,3 +561,48 @@ fn binary_keys_are_accepted_when_ascii_keys_is_false() {
     assert_eq!(replayed(h.begin(U, a, fp("a")).unwrap()).body, "a");
     assert_eq!(replayed(h.begin(U, b, fp("a")).unwrap()).body, "b");
 }
+
+// ---- arguments that would make a call meaningless (issue 11, item 9) -------
+
+#[test]
+fn a_zero_record_ttl_or_extension_is_refused_and_changes_nothing() {
+    let h = Harness::new();
+    let lease = started(h.begin(U, K, fp("a")).unwrap());
+    let before = h.get(U, K).unwrap();
+    assert!(matches!(
+        h.complete_with_ttl(&lease, outcome(200, "x"), Duration::ZERO),
+        Err(Error::InvalidArgument { name: "ttl", .. })
+    ));
+    assert!(matches!(
+        h.extend(&lease, Duration::ZERO),
+        Err(Error::InvalidArgument { name: "by", .. })
+    ));
+    assert_eq!(
+        h.get(U, K).unwrap(),
+        before,
+        "a refused call changed the record"
+    );
+    h.complete_with_ttl(&lease, outcome(200, "x"), Duration::from_millis(1))
+        .unwrap();
+}
+
+#[test]
+fn a_clock_past_what_the_index_can_hold_is_a_typed_error_not_a_fresh_start() {
+    // Regression: at or above 2^43 ms every begin silently answered Started.
+    let h = Harness::new();
+    let lease = started(h.begin(U, K, fp("a")).unwrap());
+    h.clock.set(1 << 43);
+    let out_of_range = |r: idemkv::Result<()>| match r {
+        Err(Error::ClockOutOfRange { now_ms, max_ms }) => {
+            assert_eq!(now_ms, 1 << 43);
+            assert!(max_ms < now_ms);
+        }
+        other => panic!("expected ClockOutOfRange, got {other:?}"),
+    };
+    out_of_range(h.begin(U, K, fp("a")).map(|_| ()));
+    out_of_range(h.begin(U, "other", fp("a")).map(|_| ()));
+    out_of_range(h.get(U, K).map(|_| ()));
+    out_of_range(h.complete(&lease, outcome(200, "x")));
+    out_of_range(h.extend(&lease, Duration::from_secs(1)).map(|_| ()));
+    out_of_range(h.release(&lease));
+}

@@ -245,6 +245,14 @@ fn assert_replays(engine: &Engine, key: &str, expected: &Outcome) {
     assert_eq!(view.status, Some(expected.status), "status of {key}");
 }
 
+/// The call was refused because another open of the engine issued the lease.
+fn assert_foreign<T: Debug>(result: idemkv::Result<T>) {
+    assert!(
+        matches!(result, Err(idemkv::Error::ForeignLease { .. })),
+        "expected ForeignLease, got {result:?}"
+    );
+}
+
 /// `key` is in progress under `lease`'s token.
 fn assert_in_progress(engine: &Engine, key: &str, lease: &Lease) {
     let view = engine.get(USER, key).expect("get").expect("present");
@@ -363,13 +371,14 @@ fn complete_hits_a_fault(op: SimOp, kind: io::ErrorKind, sticky: bool) {
     assert_in_progress(&engine, "victim", &victim);
     assert_eq!(engine.get(USER, "new-after-failure").expect("get"), None);
 
-    // The reopened engine accepts writes, old leases included.
-    engine
-        .complete(&victim, outcome_of("victim"))
-        .expect("complete the victim after reopen");
-    engine
-        .complete(&held, outcome_of("held"))
-        .expect("complete the held lease after reopen");
+    // The reopened engine accepts writes. Leases of the engine before it
+    // are refused (another open issued them); once they expire, their keys
+    // start again.
+    assert_foreign(engine.complete(&victim, outcome_of("victim")));
+    assert_foreign(engine.complete(&held, outcome_of("held")));
+    sim.clock.advance(common::LEASE_TTL);
+    write_acked(&engine, "victim");
+    write_acked(&engine, "held");
     let later = write_acked(&engine, "after-reopen");
     let engine = sim.crash_and_reopen(Tear::Clean);
     for (key, out) in keys.iter().zip(&stored) {
@@ -654,10 +663,8 @@ fn roll_hits_a_fault(fault: RollFault, kind: io::ErrorKind) {
     assert_in_progress(&engine, "held", &held);
     if let Some((key, lease)) = &pending {
         assert_in_progress(&engine, key, lease);
-        engine
-            .complete(lease, outcome_of(key))
-            .expect("complete the pending lease after reopen");
-        acked.push((key.clone(), outcome_of(key)));
+        // A lease of the engine before the crash: refused by this one.
+        assert_foreign(engine.complete(lease, outcome_of(key)));
     }
     // Write through several more rolls.
     for i in 0..120 {
@@ -1241,4 +1248,52 @@ fn a_roll_racing_a_failed_fsync_does_not_acknowledge_the_dropped_records() {
     assert_io_error(leader, IoOp::Sync, io::ErrorKind::Other);
     assert_eq!(poisoned(follower), io::ErrorKind::Other, "follower");
     assert_eq!(poisoned(rolling), io::ErrorKind::Other, "rolling complete");
+}
+
+/// Regression (issue 11, item 5): under `Durability::Periodic`, after the
+/// background fsync failed, reads answered `Io { Read, UnexpectedEof }` and
+/// `get` still showed the lost record as completed. Every call must answer
+/// `Poisoned` until the engine is reopened.
+#[test]
+fn every_call_answers_poisoned_after_a_failed_background_fsync() {
+    let sim = Sim::new(Durability::Periodic(Duration::from_millis(5)));
+    let engine = sim.open();
+    let held = start(&engine, "held");
+    sim.arm(SimOp::Sync, io::ErrorKind::Other, false);
+    write_acked(&engine, "lost-in-the-failed-sync");
+    // The flusher hits the fault within a few intervals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while engine.get(USER, "held").is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher never synced"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kind = io::ErrorKind::Other;
+    for key in ["lost-in-the-failed-sync", "held", "never-written"] {
+        assert_eq!(poisoned(engine.get(USER, key)), kind, "get {key}");
+        assert_eq!(poisoned(engine.outcome(USER, key)), kind, "outcome {key}");
+        assert_eq!(
+            poisoned(engine.begin(USER, key, fp(key))),
+            kind,
+            "begin {key}"
+        );
+        assert_eq!(
+            poisoned(engine.wait(USER, key, fp(key), Duration::from_millis(1))),
+            kind,
+            "wait {key}"
+        );
+        assert_eq!(
+            poisoned(engine.begin_wait(USER, key, fp(key), Duration::from_millis(1))),
+            kind,
+            "begin_wait {key}"
+        );
+    }
+    assert_every_write_poisoned(&engine, &held, kind);
+    assert!(matches!(engine.compact(), Err(Error::Poisoned { .. })));
+    drop(engine);
+    // A reopen decides from the files alone and serves again.
+    let engine = sim.open();
+    write_acked(&engine, "after-reopen");
 }

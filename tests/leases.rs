@@ -10,7 +10,7 @@ use common::{
     Harness, LEASE_TTL, START_MS, fp, in_flight, lease_lost, mismatch, ms, outcome, replayed,
     started,
 };
-use idemkv::{LostReason, RecordState};
+use idemkv::{Error, LostReason, RecordState};
 
 const U: &str = "user-1";
 const K: &str = "order-7";
@@ -115,7 +115,8 @@ fn stale_lease_cannot_complete_after_the_new_owner_released() {
     h.release(&new).unwrap();
     let (token, reason) = lease_lost(h.complete(&old, outcome(200, "late")));
     assert_eq!(token, old.token());
-    assert_eq!(reason, LostReason::Gone);
+    // Its own deadline has passed: expired, whatever happened since.
+    assert_eq!(reason, LostReason::Expired);
     assert_eq!(h.get(U, K).unwrap(), None);
 }
 
@@ -421,19 +422,49 @@ fn in_progress_leases_and_completed_records_survive_reopen() {
     assert_eq!(h.get(U, "running").unwrap().unwrap().token, running.token());
 }
 
+/// Regression (issue 11, item 3): an engine accepted a lease it did not
+/// issue (from another directory, or from its own earlier open) and stored
+/// that lease's fingerprint and body.
 #[test]
-fn old_lease_can_still_complete_after_reopen_if_not_expired() {
+fn a_lease_from_an_earlier_open_is_refused_and_changes_nothing() {
     let h = Harness::new();
     let lease = h.start(U, K, fp("a"));
     let h = h.reopen();
     h.advance(Duration::from_secs(10));
-    h.complete(&lease, outcome(200, "finished across a restart"))
-        .unwrap();
-    let h = h.reopen();
+    let foreign = |r: idemkv::Result<()>| match r {
+        Err(Error::ForeignLease { token }) => assert_eq!(token, lease.token()),
+        other => panic!("expected ForeignLease, got {other:?}"),
+    };
+    foreign(h.complete(&lease, outcome(200, "finished across a restart")));
+    foreign(h.release(&lease));
+    foreign(h.extend(&lease, LEASE_TTL).map(|_| ()));
+    // The key is still held by the lease (which expires on its own).
+    let view = h.get(U, K).unwrap().expect("still in progress");
+    assert_eq!(view.state, RecordState::InProgress);
+    assert_eq!(view.token, lease.token());
+    h.advance(LEASE_TTL);
+    let new = started(h.begin(U, K, fp("a")).unwrap());
+    assert!(new.token() > lease.token());
+}
+
+#[test]
+fn a_lease_from_another_directory_is_refused_and_changes_nothing() {
+    let a = Harness::new();
+    let b = Harness::new();
+    let from_a = a.start(U, K, fp("a"));
+    let from_b = b.start(U, K, fp("b"));
+    // Same user and key, maybe even the same token: still refused.
+    assert!(matches!(
+        b.complete(&from_a, outcome(200, "a's body")),
+        Err(Error::ForeignLease { .. })
+    ));
+    b.complete(&from_b, outcome(201, "b's body")).unwrap();
     assert_eq!(
-        replayed(h.begin(U, K, fp("a")).unwrap()).body,
-        "finished across a restart"
+        replayed(b.begin(U, K, fp("b")).unwrap()),
+        outcome(201, "b's body")
     );
+    mismatch(b.begin(U, K, fp("a")).unwrap());
+    a.complete(&from_a, outcome(200, "a's body")).unwrap();
 }
 
 #[test]
@@ -442,8 +473,10 @@ fn old_lease_expired_across_reopen_cannot_complete_and_is_taken_over() {
     let lease = h.start(U, K, fp("a"));
     h.advance(LEASE_TTL);
     let h = h.reopen();
-    let (token, _) = lease_lost(h.complete(&lease, outcome(200, "late")));
-    assert_eq!(token, lease.token());
+    assert!(matches!(
+        h.complete(&lease, outcome(200, "late")),
+        Err(Error::ForeignLease { .. })
+    ));
     let new = started(h.begin(U, K, fp("a")).unwrap());
     assert!(new.token() > lease.token());
 }
@@ -456,17 +489,109 @@ fn lease_taken_over_after_reopen_fences_the_pre_restart_owner() {
     h.advance(LEASE_TTL);
     let new = started(h.begin(U, K, fp("a")).unwrap());
     assert!(new.token() > old.token());
-    assert_eq!(
-        lease_lost(h.complete(&old, outcome(200, "stale"))),
-        (
-            old.token(),
-            LostReason::Superseded {
-                current: new.token()
-            }
-        )
-    );
+    assert!(matches!(
+        h.complete(&old, outcome(200, "stale")),
+        Err(Error::ForeignLease { .. })
+    ));
     h.complete(&new, outcome(200, "new")).unwrap();
     let h = h.reopen();
     assert_eq!(replayed(h.begin(U, K, fp("a")).unwrap()).body, "new");
     assert_eq!(h.get(U, K).unwrap().unwrap().token, new.token());
+}
+
+// ---- the reason a lease was lost does not depend on the sweeper -----------
+
+/// Regression (issue 11, item 10): an expired lease got `Expired` before the
+/// sweeper ran and `Gone` after.
+#[test]
+fn the_reason_of_a_lost_lease_is_the_same_before_and_after_the_sweep() {
+    type Then = fn(&Harness, &idemkv::Lease);
+    let cases: [(&str, Then); 3] = [
+        ("expired", |h, _| h.advance(LEASE_TTL)),
+        (
+            "expired and taken over, the successor expired too",
+            |h, _| {
+                h.advance(LEASE_TTL);
+                let next = h.start(U, K, fp("a"));
+                h.complete_with_ttl(&next, outcome(200, "x"), Duration::from_secs(1))
+                    .unwrap();
+                h.advance(Duration::from_secs(2));
+            },
+        ),
+        (
+            "completed, and the record expired before the lease would have",
+            |h, l| {
+                h.complete_with_ttl(l, outcome(200, "x"), Duration::from_secs(1))
+                    .unwrap();
+                h.advance(Duration::from_secs(2));
+            },
+        ),
+    ];
+    for (what, then) in cases {
+        let h = Harness::new();
+        let lease = h.start(U, K, fp("a"));
+        then(&h, &lease);
+        let before = lease_lost(h.complete(&lease, outcome(200, "late")));
+        let swept = h.compact().unwrap().expired;
+        assert!(swept > 0, "{what}: nothing was swept");
+        let after = lease_lost(h.complete(&lease, outcome(200, "late")));
+        assert_eq!(before, after, "{what}");
+        assert_eq!(
+            lease_lost(h.extend(&lease, LEASE_TTL)),
+            after,
+            "{what}: extend"
+        );
+        assert_eq!(lease_lost(h.release(&lease)), after, "{what}: release");
+    }
+}
+
+// ---- lease deadlines follow a monotonic clock (issue 11, item 22) ---------
+
+/// Regression: lease expiry followed wall time, so an NTP step forward
+/// larger than `lease_ttl` let a retry take over work still running.
+#[test]
+fn a_wall_clock_step_forward_does_not_hand_a_running_lease_to_a_retry() {
+    let h = Harness::new();
+    let lease = h.start(U, K, fp("a"));
+    h.clock.jump_wall_forward(LEASE_TTL * 10);
+    in_flight(h.begin(U, K, fp("a")).unwrap());
+    assert_eq!(
+        h.get(U, K).unwrap().map(|v| v.state),
+        Some(RecordState::InProgress)
+    );
+    // The holder still owns the key and stores its outcome; the record's
+    // TTL runs from the (stepped) wall time.
+    let lease = h.extend(&lease, LEASE_TTL).unwrap();
+    h.complete(&lease, outcome(201, "once")).unwrap();
+    assert_eq!(
+        replayed(h.begin(U, K, fp("a")).unwrap()),
+        outcome(201, "once")
+    );
+}
+
+#[test]
+fn a_wall_clock_step_back_does_not_keep_an_expired_lease_alive() {
+    let h = Harness::new();
+    let old = h.start(U, K, fp("a"));
+    h.clock.jump_wall_back(LEASE_TTL * 10);
+    h.advance(LEASE_TTL);
+    let new = started(h.begin(U, K, fp("a")).unwrap());
+    assert!(new.token() > old.token());
+    assert_eq!(
+        lease_lost(h.complete(&old, outcome(200, "late"))).1,
+        LostReason::Superseded {
+            current: new.token()
+        }
+    );
+}
+
+#[test]
+fn record_ttls_follow_wall_time() {
+    let h = Harness::new();
+    let lease = h.start(U, K, fp("a"));
+    h.complete_with_ttl(&lease, outcome(200, "x"), Duration::from_secs(60))
+        .unwrap();
+    h.clock.jump_wall_forward(Duration::from_secs(61));
+    // The stored outcome expired with wall time: the key starts afresh.
+    started(h.begin(U, K, fp("a")).unwrap());
 }

@@ -116,7 +116,7 @@ impl Engine {
     /// index (each shard's lock in turn): an operator's call, not a hot
     /// path.
     pub fn inspect(&self) -> Inspection {
-        let now = self.clock.now_ms();
+        let now = self.clock.read();
         let mut out = Inspection::default();
         let mut live_by_file: HashMap<u64, u64> = HashMap::new();
         for shard in self.index.shards() {
@@ -147,19 +147,23 @@ impl Engine {
 
     /// Calls `f` with every live record, optionally only those of `user`,
     /// reading each record's key and body back from the log. Compaction
-    /// waits while this runs, so no record moves under it.
+    /// (and `close`) waits while this runs, so no record moves under it;
+    /// `compact`, `compact_below`, `close` or `for_each_record` called from
+    /// inside `f` fail with [`Error::Reentrant`] instead of waiting for
+    /// themselves.
     ///
     /// # Errors
-    /// [`Error::Closed`]; [`Error::Io`] or [`Error::Corrupt`] if a record
-    /// cannot be read back.
+    /// [`Error::Closed`]; [`Error::Reentrant`] if called from inside
+    /// another `for_each_record` callback; [`Error::Io`] or
+    /// [`Error::Corrupt`] if a record cannot be read back.
     pub fn for_each_record(
         &self,
         user: Option<&[u8]>,
         mut f: impl FnMut(&RecordDump),
     ) -> Result<()> {
         self.check_open()?;
-        let _no_compaction = self.compactor.pause();
-        let now = self.clock.now_ms();
+        let _no_compaction = self.compactor.pause("for_each_record")?;
+        let now = self.clock.read();
         for shard in self.index.shards() {
             let mut entries = Vec::new();
             shard.lock().for_each(|e| {

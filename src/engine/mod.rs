@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::clock::{Clock, millis};
+use crate::clock::{EngineClock, millis};
 use crate::compact::{Background, CompactionReport, Compactor};
 use crate::error::{Error, KeyPart, KeyProblem, Result};
 use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
@@ -38,7 +38,10 @@ use crate::storage::{FsStorage, Storage};
 #[derive(Debug)]
 pub struct Engine {
     options: Options,
-    clock: Arc<dyn Clock>,
+    clock: Arc<EngineClock>,
+    /// A number that tells this open of this engine from every other:
+    /// leases carry it, and owner calls refuse a lease without it.
+    instance: u64,
     index: Arc<Index>,
     log: Arc<Log>,
     compactor: Arc<Compactor>,
@@ -72,9 +75,11 @@ impl Engine {
         options.validate()?;
         let counters = Arc::new(Counters::default());
         let index = Arc::new(Index::new(options.shards));
+        let clock = Arc::new(EngineClock::new(Arc::clone(&options.clock)));
         let log = match recovery::recover(
             Arc::clone(&storage),
             &options,
+            &clock,
             Arc::clone(&counters),
             &index,
         ) {
@@ -87,7 +92,7 @@ impl Engine {
         let compactor = Arc::new(Compactor::new(
             Arc::clone(&log),
             Arc::clone(&index),
-            Arc::clone(&options.clock),
+            Arc::clone(&clock),
             Arc::clone(&counters),
             options.compaction_threshold,
         ));
@@ -95,7 +100,8 @@ impl Engine {
             .background
             .then(|| Background::start(Arc::clone(&compactor), options.sweep_interval));
         Ok(Engine {
-            clock: Arc::clone(&options.clock),
+            clock,
+            instance: instance_id(),
             options,
             index,
             log,
@@ -133,7 +139,7 @@ impl Engine {
         self.validate(user, key)?;
         bump(&self.counters.begins);
         let id = KeyId::new(user, key);
-        let now = self.clock.now_ms();
+        let now = self.clock.now()?;
         // The position of an entry found to belong to another key with the
         // same digest: it counts as absent for this key.
         let mut foreign = None;
@@ -144,12 +150,12 @@ impl Engine {
                 BeginStep::Live(entry) => entry,
                 BeginStep::Start { expired, takeover } => {
                     let token = self.log.next_token()?;
-                    let deadline_ms = deadline(now, self.options.lease_ttl);
+                    let deadline_ms = deadline(now.lease, self.options.lease_ttl);
                     let record = Record {
                         kind: Kind::Begin,
                         token,
                         deadline_ms,
-                        time_ms: now,
+                        time_ms: now.wall,
                         lease_ms: deadline_ms,
                         fingerprint: fingerprint.0,
                         user,
@@ -180,6 +186,7 @@ impl Engine {
                         bump(&self.counters.takeovers);
                     }
                     return Ok(Begin::Started(Lease {
+                        engine: self.instance,
                         user: Bytes::copy_from_slice(user),
                         key: Bytes::copy_from_slice(key),
                         fingerprint,
@@ -259,19 +266,31 @@ impl Engine {
         self.compactor.run(false, Some(threshold))
     }
 
-    /// Syncs the log, stops background work and releases the directory
-    /// lock. Later calls fail with [`Error::Closed`]. Closing twice is fine.
+    /// Syncs the log, stops background work, waits for a `compact` running
+    /// on another thread (it stops at its next segment, leaving every file
+    /// as it was or replaced by its complete rewrite) and releases the
+    /// directory lock. Once it returns, no call that started before it
+    /// touches the directory, so the directory can be reopened at once.
+    /// Later calls fail with [`Error::Closed`]. Closing twice is fine.
     ///
     /// # Errors
     /// The final sync's error ([`Error::Io`]), or [`Error::Poisoned`]; the
-    /// lock is released either way.
+    /// lock is released either way. [`Error::Reentrant`] (and the engine
+    /// stays open) when called from inside a `for_each_record` callback.
     pub fn close(&self) -> Result<()> {
+        if self.compactor.held_here() && !self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Reentrant { call: "close" });
+        }
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         if let Some(background) = &self.background {
             background.stop();
         }
+        // Wait for a compaction another thread runs (it stops at its next
+        // segment) and refuse later ones: after close returns, nothing this
+        // engine started renames or removes a file in the directory.
+        self.compactor.shut();
         let result = self.log.close();
         self.storage.close();
         self.waiters.notify();
@@ -283,12 +302,22 @@ impl Engine {
         self.options.lease_ttl
     }
 
+    /// Fails once the engine is closed; and, without `Durability::Sync`,
+    /// once a failed write or sync poisoned the log: the index may then show
+    /// acknowledged states that never reached the disk (and the active
+    /// segment was cut back to what was synced), so every call, reads
+    /// included, answers [`Error::Poisoned`] until the engine is reopened.
+    /// Under `Sync` every state the index shows is durable or waited for
+    /// (which then fails with `Poisoned`), so reads of durable records keep
+    /// being served and only writes are refused.
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed)
-        } else {
-            Ok(())
+            return Err(Error::Closed);
         }
+        if self.options.durability != crate::options::Durability::Sync {
+            self.log.check_poison()?;
+        }
+        Ok(())
     }
 
     /// Checks a user id and key against the options.
@@ -323,6 +352,17 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// A number for one open of one engine: random (std's per-process hash
+/// keys) mixed with a process-wide counter, so that no two opens share it.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static OPENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(OPENS.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// `now + by` in ms, clamped to the latest deadline an entry can hold.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{Engine, deadline};
+use crate::clock::Now;
 use crate::error::{Error, Result};
 use crate::index::{Entry, KeyId};
 use crate::log::record::{Kind, Record};
@@ -21,7 +22,9 @@ impl Engine {
     /// # Errors
     /// [`Error::ResponseTooLarge`] (nothing changes; the lease can still
     /// complete); [`Error::LeaseLost`] if the lease expired, was released or
-    /// taken over; [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
+    /// taken over; [`Error::ForeignLease`] for a lease another engine (or an
+    /// earlier open of this one) issued; [`Error::ClockOutOfRange`];
+    /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<()> {
         self.complete_with_ttl(lease, outcome, self.options.record_ttl)
     }
@@ -29,7 +32,8 @@ impl Engine {
     /// [`Engine::complete`] with a record TTL for this record only.
     ///
     /// # Errors
-    /// As [`Engine::complete`].
+    /// As [`Engine::complete`]; [`Error::InvalidArgument`] for a zero `ttl`
+    /// (nothing changes).
     pub fn complete_with_ttl(&self, lease: &Lease, outcome: Outcome, ttl: Duration) -> Result<()> {
         self.check_open()?;
         if outcome.body.len() > self.options.max_response_len {
@@ -38,8 +42,14 @@ impl Engine {
                 max: self.options.max_response_len,
             });
         }
-        let now = self.clock.now_ms();
-        let deadline_ms = deadline(now, ttl);
+        if ttl.is_zero() {
+            return Err(Error::InvalidArgument {
+                name: "ttl",
+                problem: "must be more than zero (the record would be expired when stored)",
+            });
+        }
+        let now = self.clock.now()?;
+        let deadline_ms = deadline(now.wall, ttl);
         let pos = self.owner_write(lease, now, Kind::Complete, deadline_ms, &outcome)?;
         bump(&self.counters.completions);
         self.waiters.notify();
@@ -54,7 +64,7 @@ impl Engine {
     /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn release(&self, lease: &Lease) -> Result<()> {
         self.check_open()?;
-        let now = self.clock.now_ms();
+        let now = self.clock.now()?;
         let none = Outcome {
             status: 0,
             body: Bytes::new(),
@@ -69,12 +79,19 @@ impl Engine {
     /// updated lease (same token).
     ///
     /// # Errors
+    /// [`Error::InvalidArgument`] for a zero `by` (nothing changes);
     /// [`Error::LeaseLost`] if the lease already expired or was taken over;
     /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
         self.check_open()?;
-        let now = self.clock.now_ms();
-        let deadline_ms = deadline(now, by);
+        if by.is_zero() {
+            return Err(Error::InvalidArgument {
+                name: "by",
+                problem: "must be more than zero (the lease would end at once; use release)",
+            });
+        }
+        let now = self.clock.now()?;
+        let deadline_ms = deadline(now.lease, by);
         let none = Outcome {
             status: 0,
             body: Bytes::new(),
@@ -93,7 +110,7 @@ impl Engine {
     pub(super) fn owner_write(
         &self,
         lease: &Lease,
-        now: u64,
+        now: Now,
         kind: Kind,
         deadline_ms: u64,
         outcome: &Outcome,
@@ -101,11 +118,15 @@ impl Engine {
         // A poisoned log refuses writes before anything else is judged: the
         // index may show a state that never reached the disk.
         self.log.check_poison()?;
+        if lease.engine != self.instance {
+            return Err(Error::ForeignLease { token: lease.token });
+        }
         let id = KeyId::new(&lease.user, &lease.key);
         let (user, key) = (&lease.user[..], &lease.key[..]);
         loop {
             let mut shard = self.index.shard(&id).lock();
-            let entry = match state::check_owner(shard.get(&id, user, key), lease.token, now) {
+            let current = shard.get(&id, user, key);
+            let entry = match state::check_owner(current, lease.token, lease.expires_at_ms, now) {
                 Ok(entry) => entry,
                 Err(reason) => {
                     bump(&self.counters.lease_lost);
@@ -129,7 +150,7 @@ impl Engine {
                 kind,
                 token: lease.token,
                 deadline_ms,
-                time_ms: now,
+                time_ms: now.wall,
                 lease_ms,
                 fingerprint: lease.fingerprint.0,
                 user,

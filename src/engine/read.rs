@@ -150,7 +150,7 @@ impl Engine {
     /// The live entry of `(user, key)`, once the state it shows is durable.
     pub(super) fn lookup(&self, user: &[u8], key: &[u8]) -> Result<Option<Entry>> {
         let id = KeyId::new(user, key);
-        let now = self.clock.now_ms();
+        let now = self.clock.now()?;
         let (entry, pos) = {
             let shard = self.index.shard(&id).lock();
             match shard.get(&id, user, key) {

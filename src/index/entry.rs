@@ -1,5 +1,6 @@
 //! The per-record entry the index keeps in memory, and its packed form.
 
+use crate::clock::Now;
 use crate::outcome::{RecordState, RecordView};
 
 /// The latest deadline an entry can hold: 2^43 - 1 ms after the Unix epoch
@@ -28,10 +29,15 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// Whether the record still exists at `now_ms`; an expired lease or
-    /// record is absent.
-    pub fn is_live(&self, now_ms: u64) -> bool {
-        now_ms < self.deadline_ms
+    /// Whether the record still exists at `now`; an expired lease or
+    /// record is absent. A lease's deadline is judged in lease time, a
+    /// completed record's expiry in wall time (see `clock.rs`).
+    pub fn is_live(&self, now: Now) -> bool {
+        let t = match self.state {
+            RecordState::InProgress => now.lease,
+            RecordState::Completed => now.wall,
+        };
+        t < self.deadline_ms
     }
 
     /// The public view of the entry.

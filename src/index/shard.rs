@@ -9,6 +9,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::KeyId;
 use super::entry::{Entry, Packed};
+use crate::clock::Now;
 
 /// A 64-bit digest of `(user, key)`, stored as two `u32` so a table slot
 /// needs only 4-byte alignment.
@@ -128,8 +129,8 @@ impl ShardMap {
         }
     }
 
-    /// Installs a new lease's entry for a key `begin` found absent at `now_ms`.
-    pub fn start(&mut self, id: &KeyId, user: &[u8], key: &[u8], entry: Entry, now_ms: u64) {
+    /// Installs a new lease's entry for a key `begin` found absent at `now`.
+    pub fn start(&mut self, id: &KeyId, user: &[u8], key: &[u8], entry: Entry, now: Now) {
         if let Some(s) = self.spilled_mut(id, user, key) {
             s.entry = entry;
             return;
@@ -138,7 +139,7 @@ impl ShardMap {
         let foreign_live = self
             .table(id.digest)
             .get(&digest)
-            .is_some_and(|p| p.unpack().is_live(now_ms));
+            .is_some_and(|p| p.unpack().is_live(now));
         if foreign_live {
             self.spill.entry(id.digest).or_default().push(Spilled {
                 user: user.into(),
@@ -254,26 +255,24 @@ impl ShardMap {
             + self.spill.values().map(Vec::len).sum::<usize>()
     }
 
-    /// Drops every entry that is expired at `now_ms`; returns how many.
-    pub fn drop_expired(&mut self, now_ms: u64) -> usize {
-        (0..PARTS)
-            .map(|part| self.drop_expired_in(part, now_ms))
-            .sum()
+    /// Drops every entry that is expired at `now`; returns how many.
+    pub fn drop_expired(&mut self, now: Now) -> usize {
+        (0..PARTS).map(|part| self.drop_expired_in(part, now)).sum()
     }
 
     /// Drops the expired entries of one part (the spill table counts as
     /// part 0); returns how many.
-    pub fn drop_expired_in(&mut self, part: usize, now_ms: u64) -> usize {
+    pub fn drop_expired_in(&mut self, part: usize, now: Now) -> usize {
         let mut dropped = 0;
         if let Some(table) = self.map.get_mut(part) {
             let before = table.len();
-            table.retain(|_, p| p.unpack().is_live(now_ms));
+            table.retain(|_, p| p.unpack().is_live(now));
             dropped += before - table.len();
         }
         if part == 0 {
             self.spill.retain(|_, list| {
                 let before = list.len();
-                list.retain(|s| s.entry.is_live(now_ms));
+                list.retain(|s| s.entry.is_live(now));
                 dropped += before - list.len();
                 !list.is_empty()
             });
@@ -300,6 +299,10 @@ mod tests {
     use super::*;
     use crate::outcome::RecordState;
 
+    fn at(ms: u64) -> Now {
+        Now::at(ms)
+    }
+
     fn entry(token: u64, deadline_ms: u64) -> Entry {
         Entry {
             token,
@@ -323,8 +326,8 @@ mod tests {
     fn a_key_colliding_with_a_live_key_spills_and_both_stay_apart() {
         let (a, b) = colliding();
         let mut m = ShardMap::default();
-        m.start(&a, b"u", b"a", entry(1, 100), 0);
-        m.start(&b, b"u", b"b", entry(2, 100), 0);
+        m.start(&a, b"u", b"a", entry(1, 100), at(0));
+        m.start(&b, b"u", b"b", entry(2, 100), at(0));
         assert_eq!(m.get(&a, b"u", b"a"), Some(entry(1, 100)));
         assert_eq!(m.get(&b, b"u", b"b"), Some(entry(2, 100)));
         assert_eq!(m.len(), 2);
@@ -341,8 +344,8 @@ mod tests {
     fn a_key_colliding_with_an_expired_key_takes_its_slot() {
         let (a, b) = colliding();
         let mut m = ShardMap::default();
-        m.start(&a, b"u", b"a", entry(1, 10), 0);
-        m.start(&b, b"u", b"b", entry(2, 100), 10);
+        m.start(&a, b"u", b"a", entry(1, 10), at(0));
+        m.start(&b, b"u", b"b", entry(2, 100), at(10));
         assert_eq!(m.len(), 1);
         assert_eq!(m.get(&b, b"u", b"b"), Some(entry(2, 100)));
     }
@@ -351,10 +354,10 @@ mod tests {
     fn dropping_expired_entries_cleans_both_tables() {
         let (a, b) = colliding();
         let mut m = ShardMap::default();
-        m.start(&a, b"u", b"a", entry(1, 10), 0);
-        m.start(&b, b"u", b"b", entry(2, 20), 0);
-        assert_eq!(m.drop_expired(15), 1);
-        assert_eq!(m.drop_expired(25), 1);
+        m.start(&a, b"u", b"a", entry(1, 10), at(0));
+        m.start(&b, b"u", b"b", entry(2, 20), at(0));
+        assert_eq!(m.drop_expired(at(15)), 1);
+        assert_eq!(m.drop_expired(at(25)), 1);
         assert_eq!(m.len(), 0);
     }
 }

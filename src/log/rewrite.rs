@@ -143,18 +143,30 @@ impl Log {
             .storage
             .create(&tmp)
             .map_err(|e| Error::io(IoOp::Create, &tmp_path, e))?;
-        file.append(&header)
-            .and_then(|()| file.append(frames))
-            .map_err(|e| Error::io(IoOp::Write, &tmp_path, e))?;
-        // A failed sync here loses nothing acknowledged (the input still
-        // holds every record), but the file's state is unknown: fail-stop.
-        if let Err(e) = file.sync() {
-            self.set_poison(e.kind());
-            return Err(Error::io(IoOp::Sync, &tmp_path, e));
-        }
-        self.storage
-            .rename(&tmp, &name)
-            .map_err(|e| Error::io(IoOp::Rename, &tmp_path, e))?;
+        let written = (|| {
+            file.append(&header)
+                .and_then(|()| file.append(frames))
+                .map_err(|e| Error::io(IoOp::Write, &tmp_path, e))?;
+            // A failed sync here loses nothing acknowledged (the input still
+            // holds every record), but the file's state is unknown: fail-stop.
+            if let Err(e) = file.sync() {
+                self.set_poison(e.kind());
+                return Err(Error::io(IoOp::Sync, &tmp_path, e));
+            }
+            self.storage
+                .rename(&tmp, &name)
+                .map_err(|e| Error::io(IoOp::Rename, &tmp_path, e))?;
+            Ok(file)
+        })();
+        let file = match written {
+            Ok(file) => file,
+            Err(e) => {
+                // Do not leave the unfinished output behind until the next
+                // open (best effort: recovery removes it otherwise).
+                let _ = self.storage.remove(&tmp);
+                return Err(e);
+            }
+        };
         self.sync_dir()?;
         self.segments.write().insert(
             id,

@@ -62,9 +62,10 @@ pub const SMALL_SEGMENT: u64 = 4_096;
 pub const BODY_LENS: [usize; 5] = [0, 3, 200, 1_500, 5_000];
 /// Stored statuses.
 pub const STATUSES: [u16; 4] = [200, 201, 422, 0];
-/// Per-record TTLs of `complete_with_ttl` (0 expires at once).
+/// Per-record TTLs of `complete_with_ttl` (0 is refused with
+/// `InvalidArgument`).
 pub const COMPLETE_TTLS_MS: [u64; 3] = [RECORD_TTL_MS, 1, 0];
-/// Extend amounts.
+/// Extend amounts (0 is refused with `InvalidArgument`).
 pub const EXTEND_MS: [u64; 4] = [0, 500, LEASE_TTL_MS, 3 * LEASE_TTL_MS];
 /// Clock moves.
 pub const ADVANCE_MS: [u64; 8] = [
@@ -821,9 +822,24 @@ enum ExpectOwner {
     Lost(Vec<LostReason>),
 }
 
-fn expect_owner(state: &Option<Rec>, token: u64, now: u64) -> Result<ExpectOwner, String> {
-    let Some(r) = state else {
-        return Ok(ExpectOwner::Lost(vec![LostReason::Gone]));
+/// The answer of an owner call of a lease with `token` whose deadline (as
+/// the presented lease says) is `lease_deadline`. The reason of a refusal
+/// does not depend on whether the sweeper ran: an expired record counts as
+/// an absent one, which is `Expired` once the lease's deadline passed and
+/// `Gone` before.
+fn expect_owner(
+    state: &Option<Rec>,
+    token: u64,
+    lease_deadline: u64,
+    now: u64,
+) -> Result<ExpectOwner, String> {
+    let absent = if now >= lease_deadline {
+        LostReason::Expired
+    } else {
+        LostReason::Gone
+    };
+    let Some(r) = state.as_ref().filter(|r| r.live(now)) else {
+        return Ok(ExpectOwner::Lost(vec![absent]));
     };
     let (rtoken, in_progress) = match r {
         Rec::Lease {
@@ -833,18 +849,6 @@ fn expect_owner(state: &Option<Rec>, token: u64, now: u64) -> Result<ExpectOwner
         Rec::Done { token, .. } => (*token, false),
         Rec::Lease { token, .. } => return Err(format!("model: unresolved token {token:?}")),
     };
-    if !r.live(now) {
-        // Expired: whether the engine still holds the entry is not part of
-        // the contract, so "gone" is right too.
-        let held = if rtoken > token {
-            LostReason::Gone
-        } else if in_progress {
-            LostReason::Expired
-        } else {
-            LostReason::Completed
-        };
-        return Ok(ExpectOwner::Lost(vec![LostReason::Gone, held]));
-    }
     Ok(if rtoken > token {
         ExpectOwner::Lost(vec![LostReason::Superseded { current: rtoken }])
     } else if rtoken < token {
@@ -911,6 +915,9 @@ struct Slot {
     lease: Lease,
     uk: Uk,
     fp: u8,
+    /// The open of the engine that issued it: a later open refuses it
+    /// with `ForeignLease`.
+    epoch: u64,
 }
 
 /// What an operation did to the model, so that an interruption can turn
@@ -961,6 +968,8 @@ struct Harness {
     disk: SimDisk,
     tap: TapHandle,
     engine: Option<Engine>,
+    /// Opens so far; the current engine's leases carry this epoch.
+    epoch: u64,
     model: Model,
     slots: Vec<Slot>,
     /// A power loss armed for inside the next operation that writes.
@@ -995,6 +1004,7 @@ impl Harness {
             disk: SimDisk::new(),
             tap: TapHandle::default(),
             engine: None,
+            epoch: 0,
             model: Model::default(),
             slots: Vec::new(),
             armed: None,
@@ -1013,6 +1023,7 @@ impl Harness {
         let engine = Engine::open_with_storage(storage, self.options.clone())
             .map_err(|e| format!("open failed: {e:?}"))?;
         self.engine = Some(engine);
+        self.epoch += 1;
         Ok(())
     }
 
@@ -1242,7 +1253,12 @@ impl Harness {
                 });
                 self.model.max_token = token;
                 self.model.set(uk, after.clone());
-                self.slots.push(Slot { lease, uk, fp });
+                self.slots.push(Slot {
+                    lease,
+                    uk,
+                    fp,
+                    epoch: self.epoch,
+                });
                 Ok(Some(Effect {
                     uk,
                     before: state,
@@ -1295,16 +1311,38 @@ impl Harness {
         got: Result<(), Error>,
         after: Option<Rec>,
         now: u64,
+        zero_duration: bool,
     ) -> Result<(Option<Effect>, bool), String> {
         self.trace
             .push(format!("   {what} token {} -> {got:?}", slot.lease.token()));
+        // Refused before the lease is judged, changing nothing: a zero TTL
+        // or extension, then a lease of an earlier open of the engine.
+        if zero_duration || slot.epoch != self.epoch {
+            return match got {
+                Err(Error::InvalidArgument { .. }) if zero_duration => Ok((None, false)),
+                Err(Error::ForeignLease { token })
+                    if !zero_duration && token == slot.lease.token() =>
+                {
+                    Ok((None, false))
+                }
+                Err(Error::Poisoned { .. }) if self.model.may_refuse() => Ok((None, false)),
+                got => Err(format!(
+                    "{what} answered {got:?} for a {} lease",
+                    if zero_duration {
+                        "zero-duration"
+                    } else {
+                        "foreign (earlier open)"
+                    }
+                )),
+            };
+        }
         let Some(state) = self.model.sure(slot.uk).cloned() else {
             return match got {
                 Ok(()) => Err(format!("{what} acknowledged while poisoned")),
                 Err(_) => Ok((None, false)),
             };
         };
-        let expect = expect_owner(&state, slot.lease.token(), now)?;
+        let expect = expect_owner(&state, slot.lease.token(), slot.lease.expires_at_ms(), now)?;
         let effect = |before: Option<Rec>, after: Option<Rec>, model: &Model| Effect {
             uk: slot.uk,
             before,
@@ -1370,7 +1408,9 @@ impl Harness {
             status,
             body: Body(body),
         });
-        Ok(self.owner_call(&slot, "complete", got, after, now)?.0)
+        Ok(self
+            .owner_call(&slot, "complete", got, after, now, ttl == 0)?
+            .0)
     }
 
     fn release(&mut self, lease: u8) -> Result<Option<Effect>, String> {
@@ -1379,7 +1419,7 @@ impl Harness {
         };
         let now = self.now();
         let got = self.engine()?.release(&slot.lease);
-        Ok(self.owner_call(&slot, "release", got, None, now)?.0)
+        Ok(self.owner_call(&slot, "release", got, None, now, false)?.0)
     }
 
     fn extend(&mut self, lease: u8, by: u8) -> Result<Option<Effect>, String> {
@@ -1401,7 +1441,7 @@ impl Harness {
             fp: slot.fp,
             deadline,
         });
-        let (effect, ok) = self.owner_call(&slot, "extend", got, after, now)?;
+        let (effect, ok) = self.owner_call(&slot, "extend", got, after, now, by == 0)?;
         if ok && let Some(l) = new_lease {
             if l.token() != slot.lease.token()
                 || l.expires_at_ms() != deadline

@@ -5,6 +5,8 @@
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod gate;
+
 use std::fmt::Debug;
 use std::ops::Deref;
 use std::sync::Arc;

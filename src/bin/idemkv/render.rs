@@ -126,7 +126,7 @@ pub(crate) fn byte_totals(inspection: &Inspection) -> (u64, u64, u64) {
 }
 
 /// Every [`Stats`] counter with its name.
-pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 21] {
+pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 22] {
     [
         ("begins", s.begins),
         ("started", s.started),
@@ -149,6 +149,7 @@ pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 21] {
         ("last_compaction_us", s.last_compaction_us),
         ("disk_bytes", s.disk_bytes),
         ("live_bytes", s.live_bytes),
+        ("compaction_errors", s.compaction_errors),
     ]
 }
 
