@@ -20,6 +20,7 @@
 //!   segment (by order) can have a torn tail, and every position outside
 //!   the active segment is durable.
 
+mod crc;
 mod group_commit;
 mod open;
 pub(crate) mod reader;

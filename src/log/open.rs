@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::{Mutex, RwLock};
 
 use super::group_commit::GroupCommit;
-use super::reader::{Tail, scan_segment};
+use super::reader::{Tail, replay_segment, scan_segment};
 use super::record::{HEADER_LEN, Record, SegmentHeader};
 use super::writer::{Writer, create_segment};
 use super::{Log, Pin, ReadRecord, Segment, new_header, pos, read_from, segment_name};
@@ -63,7 +63,8 @@ const PARALLEL_MIN: usize = 256 << 10;
 /// counting records and the highest token; lane `l` calls
 /// `apply(l, record, pos)` for every valid record, so that each lane can
 /// apply its own share of the records in log order. Every lane sees the
-/// same bytes, so every lane's scan ends the same way; lane 0's result is
+/// same bytes, so every lane's scan ends the same way: only lane 0 decides
+/// how the bytes end (torn tail or corruption), and its result is
 /// returned. A lane whose thread cannot be started runs here afterwards,
 /// and so do all lanes of a segment under [`PARALLEL_MIN`] bytes, whose
 /// replay takes less time than starting a thread.
@@ -80,9 +81,8 @@ fn scan_lanes<F>(
 where
     F: Fn(usize, Record<'_>, u64) + Sync,
 {
-    let lane = |l: usize| {
-        let _ = scan_segment(buf, id, |rec, offset| apply(l, rec, pos(id, offset)));
-    };
+    // Lane 0 decides how the bytes end; the other lanes only apply records.
+    let lane = |l: usize| replay_segment(buf, id, |rec, offset| apply(l, rec, pos(id, offset)));
     std::thread::scope(|s| {
         let mut inline = Vec::new();
         for l in 1..lanes {

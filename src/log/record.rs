@@ -29,6 +29,7 @@
 //! `token_floor: u64` (every token issued before this segment was created is
 //! below it), `created_ms: u64`.
 
+use super::crc;
 use crate::error::CorruptKind;
 
 /// Bytes of the frame header (`len`, `crc`).
@@ -117,7 +118,7 @@ impl Record<'_> {
         }
         let content = out.get(start + FRAME_HEADER..).unwrap_or_default();
         let len = u32::try_from(content.len()).unwrap_or(u32::MAX);
-        let crc = crc32fast::hash(content);
+        let crc = crc::hash(content);
         let mut header = [0u8; FRAME_HEADER];
         let (len_bytes, crc_bytes) = header.split_at_mut(4);
         len_bytes.copy_from_slice(&len.to_le_bytes());
@@ -221,21 +222,36 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
     })
 }
 
+/// The stored CRC and the content of a frame at the start of `buf`, if its
+/// length is at least a record's fixed part and its content is all there.
+fn frame_parts(buf: &[u8]) -> Option<(u32, &[u8])> {
+    let (len, crc) = frame_header(buf)?;
+    if len < FIXED {
+        return None;
+    }
+    let content = buf.get(FRAME_HEADER..)?.get(..len)?;
+    Some((crc, content))
+}
+
 /// Checks a frame at the start of `buf`: returns its decoded record and its
 /// total length, or why it is bad.
 pub(crate) fn check_frame(buf: &[u8]) -> Result<(Record<'_>, usize), CorruptKind> {
-    let (len, crc) = frame_header(buf).ok_or(CorruptKind::Malformed)?;
-    if len < FIXED {
-        return Err(CorruptKind::Malformed);
-    }
-    let content = buf
-        .get(FRAME_HEADER..)
-        .and_then(|rest| rest.get(..len))
-        .ok_or(CorruptKind::Malformed)?;
-    if crc32fast::hash(content) != crc {
+    let (crc, content) = frame_parts(buf).ok_or(CorruptKind::Malformed)?;
+    if crc::hash(content) != crc {
         return Err(CorruptKind::Checksum);
     }
-    Ok((decode(content)?, FRAME_HEADER + len))
+    Ok((decode(content)?, FRAME_HEADER + content.len()))
+}
+
+/// Every check of [`check_frame`] but the CRC, in O(1) (the content's
+/// fields are parsed, its bytes not hashed): the stored CRC and the
+/// content's length, if the length fits `buf` and the content decodes.
+/// [`check_frame`] accepts the frame exactly when this is `Some((crc, len))`
+/// and the CRC-32 of `buf[FRAME_HEADER..FRAME_HEADER + len]` is `crc`.
+pub(crate) fn frame_shape(buf: &[u8]) -> Option<(u32, usize)> {
+    let (crc, content) = frame_parts(buf)?;
+    decode_inner(content)?;
+    Some((crc, content.len()))
 }
 
 /// The fields of a segment header.
@@ -270,7 +286,7 @@ impl SegmentHeader {
         let mut head = Vec::with_capacity(HEADER_LEN);
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&VERSION.to_le_bytes());
-        head.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        head.extend_from_slice(&crc::hash(&body).to_le_bytes());
         head.extend_from_slice(&body);
         let mut out = [0u8; HEADER_LEN];
         out.copy_from_slice(&head);
@@ -289,7 +305,7 @@ impl SegmentHeader {
         }
         let crc = c.u32().ok_or(CorruptKind::BadHeader)?;
         let body = c.take(HEADER_BODY).ok_or(CorruptKind::BadHeader)?;
-        if crc32fast::hash(body) != crc {
+        if crc::hash(body) != crc {
             return Err(CorruptKind::BadHeader);
         }
         let mut b = Cursor { buf: body };
@@ -357,6 +373,35 @@ mod tests {
         sample(Kind::Complete).encode(&mut buf);
         for n in 0..buf.len() {
             assert!(check_frame(&buf[..n]).is_err(), "prefix {n} accepted");
+        }
+    }
+
+    proptest::proptest! {
+        /// `frame_shape` and a CRC decide exactly as `check_frame` does, for
+        /// frames with any bytes changed, cut short or extended.
+        #[test]
+        fn the_shape_and_a_crc_accept_exactly_what_check_frame_accepts(
+            kind in 0..4usize,
+            edits in proptest::collection::vec((0..200usize, proptest::prelude::any::<u8>()), 0..4),
+            cut in 0..300usize,
+            repair in proptest::prelude::any::<bool>(),
+        ) {
+            let kinds = [Kind::Begin, Kind::Complete, Kind::Release, Kind::Extend];
+            let mut buf = Vec::new();
+            sample(kinds[kind]).encode(&mut buf);
+            buf.extend_from_slice(&[2; 40]);
+            for (at, byte) in edits {
+                let at = at % buf.len();
+                buf[at] = byte;
+            }
+            buf.truncate(cut);
+            if repair && let Some((len, _)) = frame_header(&buf) && let Some(content) = buf.get(8..8 + len) {
+                let crc = crc32fast::hash(content).to_le_bytes();
+                buf[4..8].copy_from_slice(&crc);
+            }
+            let shaped = frame_shape(&buf)
+                .is_some_and(|(crc, len)| crc32fast::hash(&buf[8..8 + len]) == crc);
+            proptest::prop_assert_eq!(check_frame(&buf).is_ok(), shaped);
         }
     }
 
