@@ -92,6 +92,10 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
             kind: CorruptKind::Malformed,
         }));
     }
+    if record.kind == Kind::Reserve {
+        // Belongs to no key; the log counts its token into the floor.
+        return Ok(());
+    }
     let (user, key) = (record.user, record.key);
     let id = KeyId::new(user, key);
     let mut shard = index.shard(&id).lock();

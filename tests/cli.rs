@@ -35,17 +35,18 @@ const COMPLETED: [(&[u8], &str, u16, &[u8]); 5] = [
 
 /// The `dump` line of every live record `populate` leaves, sorted.
 const DUMP: [&str; 6] = [
-    r#"{"user":"a","key":"k1","state":"completed","token":2,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":201,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"charged"}"#,
-    r#"{"user":"a","key":"k2","state":"completed","token":3,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"a1a457543d344da1d432ac1f4882e181","body":"say \"hi\"\n\ttab\\ end"}"#,
-    r#"{"user":"a","key":"pending","state":"in_progress","token":7,"lease_expires_at_ms":4102444830000,"expires_at_ms":null,"status":null,"fingerprint":"456aa137600852292bde81750deadbfd","body":null}"#,
-    r#"{"user":"b","key":"bin","state":"completed","token":5,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"b824dd863159c42be55f229e1ff2dc15","body_hex":"ff0041"}"#,
-    r#"{"user":"b","key":"k1","state":"completed","token":4,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"b's body"}"#,
-    r#"{"user_hex":"ff75","key":"k","state":"completed","token":6,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":204,"fingerprint":"04c37d9993e28be6a921e3704fda881d","body":""}"#,
+    r#"{"user":"a","key":"k1","state":"completed","token":1048577,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":201,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"charged"}"#,
+    r#"{"user":"a","key":"k2","state":"completed","token":1048578,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"a1a457543d344da1d432ac1f4882e181","body":"say \"hi\"\n\ttab\\ end"}"#,
+    r#"{"user":"a","key":"pending","state":"in_progress","token":1048582,"lease_expires_at_ms":4102444830000,"expires_at_ms":null,"status":null,"fingerprint":"456aa137600852292bde81750deadbfd","body":null}"#,
+    r#"{"user":"b","key":"bin","state":"completed","token":1048580,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"b824dd863159c42be55f229e1ff2dc15","body_hex":"ff0041"}"#,
+    r#"{"user":"b","key":"k1","state":"completed","token":1048579,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"b's body"}"#,
+    r#"{"user_hex":"ff75","key":"k","state":"completed","token":1048581,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":204,"fingerprint":"04c37d9993e28be6a921e3704fda881d","body":""}"#,
 ];
 
 /// Records in the segment after `populate`: a begin and a complete per
-/// completed key (the expired one included), and one begin.
-const RECORDS: u64 = 2 * 6 + 1;
+/// completed key (the expired one included), one begin, and the token
+/// reservation each of the two engines wrote before its first lease.
+const RECORDS: u64 = 2 * 6 + 1 + 2;
 
 fn options(clock_ms: u64) -> Options {
     Options {
@@ -88,7 +89,11 @@ fn populate(dir: &Path) {
         engine.complete(&lease, Outcome { status, body }).unwrap();
     }
     let pending = started(&engine, b"a", "pending");
-    assert_eq!((pending.token(), pending.expires_at_ms()), (7, T0 + 30_000));
+    // Tokens resume above the first engine's reservation (1 + 2^20).
+    assert_eq!(
+        (pending.token(), pending.expires_at_ms()),
+        (1_048_582, T0 + 30_000)
+    );
     engine.close().unwrap();
 }
 
@@ -271,7 +276,7 @@ fn get_prints_state_deadlines_and_the_exact_body() {
         "user:          a\n\
          key:           k2\n\
          state:         completed\n\
-         token:         3\n\
+         token:         1048578\n\
          lease expires: -\n\
          expires:       4102531200000 ms (2100-01-02T00:00:00.000Z)\n\
          status:        200\n\
@@ -297,7 +302,7 @@ fn get_prints_state_deadlines_and_the_exact_body() {
         "user:          a\n\
          key:           pending\n\
          state:         in_progress\n\
-         token:         7\n\
+         token:         1048582\n\
          lease expires: 4102444830000 ms (2100-01-01T00:00:30.000Z)\n\
          expires:       -\n\
          status:        -\n\
@@ -441,7 +446,7 @@ fn stats_reports_records_by_state_segments_and_bytes() {
     let _serial = serial();
     let dir = populated();
     let seg_bytes = fs::metadata(segment(dir.path())).unwrap().len();
-    // Six index entries (five completed, one in progress) of 13 records.
+    // Six index entries (five completed, one in progress) of 15 records.
     let live = seg_bytes * 6 / RECORDS;
 
     let run = idemkv(["stats", arg(dir.path())]);
@@ -512,9 +517,10 @@ fn compact_rewrites_the_segment_and_keeps_every_live_record() {
     assert_eq!(field(text, "segments compacted"), 1);
     // The six live records stay, and so do the five begins they superseded:
     // their leases' deadlines (written in 2100) are still ahead, so each is
-    // kept as a tombstone. Both records of the key that expired in 2001 go.
+    // kept as a tombstone. Both records of the key that expired in 2001 go,
+    // and so do the two token reservations (the segment headers carry them).
     assert_eq!(field(text, "records kept"), 11);
-    assert_eq!(field(text, "records dropped"), 2);
+    assert_eq!(field(text, "records dropped"), 4);
     assert_eq!(field(text, "bytes before"), before);
     let on_disk: u64 = fs::read_dir(dir.path())
         .unwrap()

@@ -866,3 +866,57 @@ fn compaction_after_failed_fsync_keeps_the_acknowledged_lease() {
         ]);
     }
 }
+
+/// Regression (issue 11, item 2): under `Durability::Periodic` and
+/// `Durability::None` a power loss took back the begin records, and the
+/// restarted engine handed out the same fencing tokens again (token 1
+/// before the crash, 1 again after). A token handed out after a restart
+/// must be above every token handed out before, crash or not, in every mode.
+#[test]
+fn fencing_tokens_are_never_reissued_after_a_crash_in_any_durability_mode() {
+    use idemkv::storage::{SimDisk, Storage, Tear};
+    use idemkv::{Begin, Durability, Engine, Fingerprint, ManualClock, Options};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    for durability in [
+        Durability::Sync,
+        Durability::Periodic(Duration::from_secs(3600)),
+        Durability::None,
+    ] {
+        for tear in [Tear::Clean, Tear::Prefix(7), Tear::Garbage(9)] {
+            let mut disk = SimDisk::new();
+            let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+            let options = Options {
+                durability,
+                segment_bytes: 4096,
+                background: false,
+                clock: clock.clone(),
+                ..Options::default()
+            };
+            let mut highest = 0;
+            for round in 0..4 {
+                let storage: Arc<dyn Storage> = Arc::new(disk.clone());
+                let engine = Engine::open_with_storage(storage, options.clone()).expect("open");
+                // Enough begins to roll small segments now and then.
+                for i in 0..40 {
+                    let key = format!("r{round}-k{i}");
+                    match engine.begin("u", &key, Fingerprint::of(b"r")).unwrap() {
+                        Begin::Started(lease) => {
+                            assert!(
+                                lease.token() > highest,
+                                "{durability:?} {tear:?} round {round}: token {} reissued (highest before: {highest})",
+                                lease.token()
+                            );
+                            highest = lease.token();
+                        }
+                        other => panic!("fresh key answered {other:?}"),
+                    }
+                }
+                // Power loss: the engine is not closed.
+                disk = disk.crash(tear);
+                std::mem::forget(engine);
+            }
+        }
+    }
+}

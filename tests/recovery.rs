@@ -423,16 +423,18 @@ fn a_damaged_length_under_a_running_engine_reads_back_as_corruption() {
     let clock = Arc::new(ManualClock::new(0));
     let engine = Engine::open(dir.path(), options(&clock)).unwrap();
     let _lease = started(&engine, "u", "k", b"req");
-    // The first record starts right after the 56-byte segment header; its
-    // first 4 bytes are the frame length.
+    // The first record (the token reservation, 61 bytes) starts right after
+    // the 56-byte segment header; the begin follows it. A frame's first 4
+    // bytes are its length.
     let file = OpenOptions::new()
         .write(true)
         .open(last_segment(dir.path()))
         .unwrap();
-    file.write_all_at(&[0xff, 0xff, 0xff, 0xf0], 56).unwrap();
+    file.write_all_at(&[0xff, 0xff, 0xff, 0xf0], 56 + 61)
+        .unwrap();
     match engine.begin("u", "k", Fingerprint::of(b"req")) {
         Err(Error::Corrupt { file, offset, .. }) => {
-            assert_eq!(offset, 56);
+            assert_eq!(offset, 56 + 61);
             assert!(file.ends_with(last_segment(dir.path()).file_name().unwrap()));
         }
         other => panic!("expected Corrupt, got {other:?}"),

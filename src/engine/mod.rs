@@ -149,7 +149,13 @@ impl Engine {
             let entry = match state::begin_step(current, now) {
                 BeginStep::Live(entry) => entry,
                 BeginStep::Start { expired, takeover } => {
-                    let token = self.log.next_token()?;
+                    let Some(token) = self.log.next_token()? else {
+                        // The reserved tokens are used up: reserve more
+                        // (an fsync) without holding the shard lock.
+                        drop(shard);
+                        self.log.reserve_tokens()?;
+                        continue;
+                    };
                     let deadline_ms = deadline(now.lease, self.options.lease_ttl);
                     let record = Record {
                         kind: Kind::Begin,

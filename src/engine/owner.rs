@@ -144,7 +144,9 @@ impl Engine {
                 // An extend may shorten the lease: it records the later of
                 // the old and new deadlines, so that compaction keeps it as
                 // long as the records it overrode could still look live.
-                Kind::Extend | Kind::Begin => (deadline_ms, deadline_ms.max(entry.deadline_ms)),
+                Kind::Extend | Kind::Begin | Kind::Reserve => {
+                    (deadline_ms, deadline_ms.max(entry.deadline_ms))
+                }
             };
             let record = Record {
                 kind,
@@ -179,7 +181,7 @@ impl Engine {
                         state: RecordState::Completed,
                     },
                 ),
-                Kind::Extend | Kind::Begin => shard.update(
+                Kind::Extend | Kind::Begin | Kind::Reserve => shard.update(
                     &id,
                     user,
                     key,

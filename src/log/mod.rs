@@ -242,24 +242,102 @@ pub(crate) struct Log {
     poison: OnceLock<io::ErrorKind>,
     /// The next fencing token to hand out.
     next_token: AtomicU64,
+    /// Tokens below this are reserved durably (a synced `Reserve` record
+    /// or segment header says so) and may be handed out.
+    token_limit: AtomicU64,
+    /// The highest limit any reservation has asked for (durable or not):
+    /// the token floor of every segment created from now on.
+    reserve_target: AtomicU64,
+    /// One reservation at a time.
+    reserving: Mutex<()>,
     commit: GroupCommit,
 }
 
+/// How many fencing tokens one reservation covers: about a second of
+/// leases at a million a second, and 2^28 restarts before the 2^48 tokens
+/// run out even if every restart wastes a whole block.
+const TOKEN_BLOCK: u64 = 1 << 20;
+
 impl Log {
     /// Hands out a fencing token greater than every token handed out or
-    /// recovered before. The caller holds the key's shard lock.
+    /// recovered before, in every durability mode and across crashes: only
+    /// tokens below a durable reservation are handed out. Returns `None`
+    /// when the reservation is used up: the caller releases its shard lock,
+    /// calls [`Log::reserve_tokens`] (which syncs) and tries again. The
+    /// caller holds the key's shard lock.
     ///
     /// # Errors
     /// [`Error::Exhausted`] past 2^48 tokens (about 9 years at a million
     /// leases a second).
-    pub fn next_token(&self) -> Result<u64> {
-        let token = self.next_token.fetch_add(1, Ordering::SeqCst);
-        if token >= TOKEN_LIMIT {
-            return Err(Error::Exhausted {
-                what: "fencing tokens",
-            });
+    pub fn next_token(&self) -> Result<Option<u64>> {
+        let mut token = self.next_token.load(Ordering::SeqCst);
+        loop {
+            if token >= TOKEN_LIMIT {
+                return Err(Error::Exhausted {
+                    what: "fencing tokens",
+                });
+            }
+            if token >= self.token_limit.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            match self.next_token.compare_exchange_weak(
+                token,
+                token + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Ok(Some(token)),
+                Err(now) => token = now,
+            }
         }
-        Ok(token)
+    }
+
+    /// Reserves the next block of fencing tokens durably: appends a
+    /// `Reserve` record and syncs it (whatever the durability mode) before
+    /// raising the limit [`Log::next_token`] hands tokens out below. Call
+    /// it holding no shard lock.
+    ///
+    /// # Errors
+    /// As [`Log::append`] and the sync: [`Error::Io`], [`Error::NoSpace`],
+    /// [`Error::Poisoned`], [`Error::Closed`].
+    pub fn reserve_tokens(&self) -> Result<()> {
+        let _one = self.reserving.lock();
+        let next = self.next_token.load(Ordering::SeqCst);
+        if next < self.token_limit.load(Ordering::SeqCst) {
+            return Ok(()); // another caller reserved meanwhile
+        }
+        let limit = next.saturating_add(TOKEN_BLOCK).min(TOKEN_LIMIT);
+        // Segments created from now on carry the new limit as their floor,
+        // so that compaction dropping this record (or its whole segment)
+        // never lowers what recovery finds.
+        self.reserve_target.fetch_max(limit, Ordering::SeqCst);
+        let record = Record {
+            kind: record::Kind::Reserve,
+            token: limit - 1,
+            deadline_ms: 0,
+            time_ms: self.clock.now_ms(),
+            lease_ms: 0,
+            fingerprint: 0,
+            user: b"",
+            key: b"",
+            status: 0,
+            body: b"",
+        };
+        let at = loop {
+            match self.append(&record)? {
+                Some(at) => break at,
+                None => self.make_room(record.encoded_len())?,
+            }
+        };
+        self.sync_past(at)?;
+        self.token_limit.store(limit, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The token floor of a segment created now: above every token handed
+    /// out, or that may be handed out before the next reservation.
+    pub(super) fn token_floor(&self) -> u64 {
+        self.reserve_target.load(Ordering::SeqCst)
     }
 
     /// Fails if an earlier write or sync failed.

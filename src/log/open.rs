@@ -371,6 +371,11 @@ impl Log {
             durable: AtomicU64::new(end),
             poison: OnceLock::new(),
             next_token: AtomicU64::new(next_token),
+            // Nothing is reserved beyond what the files show: the first
+            // lease reserves a block.
+            token_limit: AtomicU64::new(next_token),
+            reserve_target: AtomicU64::new(next_token),
+            reserving: Mutex::new(()),
             commit: GroupCommit::default(),
         });
         if let Durability::Periodic(every) = options.durability {

@@ -7,7 +7,8 @@
 //! |-------:|-----:|---------------------------------------------------|
 //! | 0      | 4    | `len`: bytes that follow the 8-byte frame header  |
 //! | 4      | 4    | `crc`: CRC-32 (IEEE) of those bytes               |
-//! | 8      | 1    | `type`: 1 begin, 2 complete, 3 release, 4 extend  |
+//! | 8      | 1    | `type`: 1 begin, 2 complete, 3 release, 4 extend, |
+//! |        |      | 5 token reservation                               |
 //! | 9      | 8    | `token`: the fencing token of the lease            |
 //! | 17     | 8    | `deadline_ms`: lease deadline, or record expiry   |
 //! | 25     | 8    | `time_ms`: the engine clock when it was written   |
@@ -19,7 +20,10 @@
 //! | 61     | …    | `user`, then `key`                                 |
 //!
 //! A complete record continues with `status: u16`, `body_len: u32` and the
-//! body. `len` must equal the bytes the fields take, exactly.
+//! body. `len` must equal the bytes the fields take, exactly. The key is
+//! non-empty, except in a token reservation, whose user and key are empty
+//! and whose `token` is the highest token it reserves (every token handed
+//! out before the next reservation is at most that).
 //!
 //! # Segment header (56 bytes)
 //! `magic: [u8; 8] = "IDEMKVLG"`, `version: u32 = 1`, `crc: u32` (of bytes
@@ -55,6 +59,10 @@ pub(crate) enum Kind {
     Release = 3,
     /// The lease's owner moved its deadline.
     Extend = 4,
+    /// Fencing tokens up to `token` were reserved (synced before any of
+    /// them is handed out), so that a token handed out before a crash is
+    /// never handed out again, in every durability mode. Belongs to no key.
+    Reserve = 5,
 }
 
 impl Kind {
@@ -64,6 +72,7 @@ impl Kind {
             2 => Some(Kind::Complete),
             3 => Some(Kind::Release),
             4 => Some(Kind::Extend),
+            5 => Some(Kind::Reserve),
             _ => None,
         }
     }
@@ -205,7 +214,10 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
     } else {
         (0, &[][..])
     };
-    if !c.buf.is_empty() || key.is_empty() {
+    if !c.buf.is_empty()
+        || (key.is_empty() != (kind == Kind::Reserve))
+        || (kind == Kind::Reserve && !user.is_empty())
+    {
         return None;
     }
     Some(Record {
@@ -341,6 +353,30 @@ mod tests {
                 b""
             },
         }
+    }
+
+    #[test]
+    fn a_token_reservation_round_trips_and_only_it_has_an_empty_key() {
+        let rec = Record {
+            user: b"",
+            key: b"",
+            ..sample(Kind::Reserve)
+        };
+        let mut buf = Vec::new();
+        rec.encode(&mut buf);
+        assert_eq!(check_frame(&buf).unwrap().0, rec);
+        for kind in [Kind::Begin, Kind::Complete, Kind::Release, Kind::Extend] {
+            let mut buf = Vec::new();
+            Record {
+                key: b"",
+                ..sample(kind)
+            }
+            .encode(&mut buf);
+            assert!(check_frame(&buf).is_err(), "{kind:?} with an empty key");
+        }
+        let mut buf = Vec::new();
+        sample(Kind::Reserve).encode(&mut buf);
+        assert!(check_frame(&buf).is_err(), "a reservation with a key");
     }
 
     #[test]

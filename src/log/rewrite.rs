@@ -133,7 +133,7 @@ impl Log {
             file: id,
             order,
             replaces: input,
-            token_floor: self.next_token.load(Ordering::SeqCst),
+            token_floor: self.token_floor(),
             created_ms: self.clock.now_ms(),
         }
         .encode();

@@ -237,7 +237,7 @@ impl Log {
             return Err(e);
         }
         let id = self.new_file_number()?;
-        let floor = self.next_token.load(Ordering::SeqCst);
+        let floor = self.token_floor();
         let file = self.poison_on(create_segment(
             &*self.storage,
             id,
