@@ -501,3 +501,63 @@ fn seeded_compactions_survive_power_loss_inside_them() {
     eprintln!("{crashes} power losses checked");
     assert!(crashes > 5_000, "only {crashes} power losses were checked");
 }
+
+/// Regression (issue 11, item 14): a failed compaction left its `.tmp`
+/// output behind until the next open, and background failures were silent.
+#[test]
+fn a_failed_compaction_removes_its_unfinished_output_and_is_counted() {
+    for op in [SimOp::Rename, SimOp::Append] {
+        let disk = SimDisk::new();
+        let clock = Arc::new(ManualClock::new(0));
+        let storage: Arc<dyn Storage> = Arc::new(disk.clone());
+        let engine = Engine::open_with_storage(
+            storage,
+            Options {
+                durability: Durability::None,
+                segment_bytes: 4096,
+                background: true,
+                sweep_interval: Duration::from_millis(10),
+                ..options(&clock)
+            },
+        )
+        .unwrap();
+        // Segments with both live and dead records, so a pass has work.
+        for i in 0..200 {
+            let key = format!("k{i}");
+            let lease = started(&engine, "u", &key);
+            if i % 4 == 0 {
+                engine.complete(&lease, body(&key)).unwrap();
+            } else {
+                engine.release(&lease).unwrap();
+            }
+        }
+        disk.inject(Fault {
+            op,
+            after: 0,
+            kind: io::ErrorKind::Other,
+            sticky: true,
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while engine.stats().compaction_errors < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{op:?}: no background failure counted: {:?}",
+                engine.stats()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let tmp: Vec<String> = disk
+            .names()
+            .into_iter()
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(tmp.is_empty(), "{op:?}: left behind: {tmp:?}");
+        assert!(engine.compact().is_err());
+        assert!(
+            !disk.names().iter().any(|n| n.ends_with(".tmp")),
+            "{op:?}: a failed compact() left its output"
+        );
+        disk.clear_faults();
+        drop(engine);
+    }
+}

@@ -208,3 +208,43 @@ fn for_each_record_dumps_every_live_record_exactly() {
         .unwrap();
     assert_eq!(only_b, vec![bytes::Bytes::from_static(b"k1")]);
 }
+
+/// Regression (issue 11, item 11): `compact()` called from inside a
+/// `for_each_record` callback deadlocked (the callback holds compaction
+/// off). It is an error now, and so are `close` and a nested
+/// `for_each_record`; all of them work once the callback returned.
+#[test]
+fn compact_or_close_inside_for_each_record_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    let lease = started(&engine, "u", "k");
+    engine.complete(&lease, body("k")).unwrap();
+    let mut seen = 0;
+    engine
+        .for_each_record(None, |_| {
+            seen += 1;
+            assert!(matches!(
+                engine.compact(),
+                Err(Error::Reentrant { call: "compact" })
+            ));
+            assert!(matches!(
+                engine.compact_below(0.5),
+                Err(Error::Reentrant { .. })
+            ));
+            assert!(matches!(
+                engine.close(),
+                Err(Error::Reentrant { call: "close" })
+            ));
+            assert!(matches!(
+                engine.for_each_record(None, |_| {}),
+                Err(Error::Reentrant { .. })
+            ));
+        })
+        .unwrap();
+    assert_eq!(seen, 1);
+    // Still open, and both work from outside the callback.
+    assert!(engine.get("u", "k").unwrap().is_some());
+    engine.compact().unwrap();
+    engine.close().unwrap();
+}
