@@ -9,22 +9,37 @@
 //!
 //! ```text
 //! # The first request runs the handler: 201 and a new charge id.
-//! curl -i -X POST localhost:3000/charge -H 'X-User-Id: alice' \
-//!      -H 'Idempotency-Key: "order-7"' -H 'Content-Type: application/json' \
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -H 'Idempotency-Key: "order 7"' -H 'Content-Type: application/json' \
 //!      -d '{"amount":1000}'
 //!
 //! # The same request again is replayed: the same 201 and charge id, with
 //! # `idempotent-replayed: true`; the handler does not run again.
 //! curl -i -X POST ... (the same command)
 //!
+//! # The same key from another user is another record: a new charge.
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer bob' \
+//!      -H 'Idempotency-Key: "order 7"' -d '{"amount":1000}'
+//!
 //! # The same key with another body: 422. No key at all: 400.
-//! curl -i -X POST localhost:3000/charge -H 'X-User-Id: alice' \
-//!      -H 'Idempotency-Key: "order-7"' -d '{"amount":5}'
-//! curl -i -X POST localhost:3000/charge -d '{"amount":1000}'
+//! # Not authenticated: 401 (from the authentication middleware).
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -H 'Idempotency-Key: "order 7"' -d '{"amount":5}'
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -d '{"amount":1000}'
+//! curl -i -X POST localhost:3000/charge -H 'Idempotency-Key: "order 7"' \
+//!      -d '{"amount":1000}'
 //!
 //! # How many times the handler really ran (GET is not idempotency-keyed).
 //! curl localhost:3000/executions
 //! ```
+//!
+//! The keys are scoped by the authenticated user: the authentication
+//! middleware puts the caller's identity in the request's extensions, and
+//! [`IdempotencyLayer::user_from`] reads it from there. (This demo accepts
+//! any bearer token as the user's name; a real service verifies it. Behind
+//! a gateway that authenticates clients and sets a header, use
+//! `user_header` instead, never with a header clients can set.)
 //!
 //! The engine lives in a temporary directory, removed when the service is
 //! stopped with Enter (not when it is killed); a real service opens a
@@ -34,9 +49,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use idemkv::http::IdempotencyLayer;
 use idemkv::{Engine, Options};
@@ -61,6 +77,31 @@ async fn charge(State(charges): State<Arc<Charges>>, body: String) -> impl IntoR
     )
 }
 
+/// The authenticated caller, put in the request's extensions by
+/// [`authenticate`].
+#[derive(Clone)]
+struct User(String);
+
+/// Authenticates `Authorization: Bearer <token>`: here the token is taken
+/// as the user's name (a stand-in for verifying a real token). Anything
+/// else is `401`, before the idempotency layer sees the request.
+async fn authenticate(mut request: Request, next: Next) -> Response {
+    let user = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .filter(|token| !token.is_empty())
+        .map(str::to_owned);
+    match user {
+        Some(user) => {
+            request.extensions_mut().insert(User(user));
+            next.run(request).await
+        }
+        None => (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response(),
+    }
+}
+
 /// How many times `charge` ran.
 async fn executions(State(charges): State<Arc<Charges>>) -> String {
     format!("{}\n", charges.executions.load(Ordering::SeqCst))
@@ -81,9 +122,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = Arc::new(Engine::open(dir.path(), Options::default())?);
     let app = Router::new()
         .route("/charge", post(charge))
+        // Keys are scoped by the authenticated user...
+        .layer(
+            IdempotencyLayer::new(Arc::clone(&engine))
+                .user_from(|parts| parts.extensions.get::<User>().map(|user| user.0.clone())),
+        )
+        // ...so authentication runs first (the last layer added is the
+        // outermost).
+        .layer(middleware::from_fn(authenticate))
+        // Added after the layers: not keyed, not authenticated.
         .route("/executions", get(executions))
-        .with_state(Arc::new(Charges::default()))
-        .layer(IdempotencyLayer::new(Arc::clone(&engine)));
+        .with_state(Arc::new(Charges::default()));
 
     let port: u16 = match std::env::var("PORT") {
         Ok(port) => port.parse()?,

@@ -1,16 +1,18 @@
 //! Handling one request: the key, the fingerprint, begin, and what to do
 //! with each answer.
 
-use crate::{Begin, Engine, Error, Fingerprint, KeyPart, Lease, Outcome};
+use crate::{Begin, Engine, Error, Fingerprint, KeyPart, Outcome};
 use axum::body::{Body, HttpBody};
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::lease::Claim;
+use super::respond::run;
 use super::stored::*;
 use super::*;
 
@@ -46,13 +48,24 @@ where
         KeyHeader::Invalid => return Ok(bad_key()),
         KeyHeader::Key(key) => key,
     };
-    let Some(user) = (config.user)(&parts) else {
+    let Some(user_of) = &config.user else {
+        return Ok(problem(
+            StatusCode::BAD_REQUEST,
+            "User source is not configured",
+            "This service cannot tell whose Idempotency-Key this is, so it does not accept one.",
+        ));
+    };
+    // No user (and the empty user, which would be a scope shared by every
+    // such request) is refused.
+    let Some(user) = user_of(&parts).filter(|user| !user.is_empty()) else {
         return Ok(problem(
             StatusCode::BAD_REQUEST,
             "User id is missing",
-            "The request does not name the user its Idempotency-Key belongs to.",
+            "The request does not carry a valid user identity for its Idempotency-Key.",
         ));
     };
+    // The body is read before the key is claimed: a slow or endless body
+    // holds no key.
     let body = match Limited::new(body, config.max_body).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -77,37 +90,19 @@ where
         key,
         fingerprint,
     };
-    let mut waited = false;
-    loop {
-        let answer = match call.begin().await {
-            Ok(answer) => answer,
-            Err(failure) => return Ok(failure.response()),
-        };
-        let retry_after = match answer {
-            Begin::Started(lease) => {
-                let request = Request::from_parts(parts, Body::from(body));
-                return run(&config, inner, request, lease).await;
-            }
-            Begin::Replay(outcome) => return Ok(replay(&outcome)),
-            Begin::Mismatch => {
-                return Ok(problem(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Idempotency-Key reused",
-                    "This Idempotency-Key was already used for a different request.",
-                ));
-            }
-            Begin::InFlight { retry_after } => retry_after,
-        };
-        if waited || config.wait.is_zero() {
-            return Ok(conflict(retry_after));
+    match call.begin(config.wait).await {
+        Err(failure) => Ok(failure.response()),
+        Ok(Answer::Started(claim)) => {
+            let request = Request::from_parts(parts, Body::from(body));
+            run(&config, inner, request, claim).await
         }
-        waited = true;
-        if let Err(failure) = call.wait(config.wait).await {
-            return Ok(failure.response());
-        }
-        // Ask again: the first request may have completed (a replay, with
-        // the fingerprint checked), been released (this one runs) or still
-        // be running (409).
+        Ok(Answer::Replay(outcome)) => Ok(replay(&outcome)),
+        Ok(Answer::Mismatch) => Ok(problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key reused",
+            "This Idempotency-Key was already used for a different request.",
+        )),
+        Ok(Answer::InFlight { retry_after }) => Ok(conflict(retry_after)),
     }
 }
 
@@ -124,71 +119,12 @@ where
     Ok(inner.call(request).await?.map(Body::new))
 }
 
-/// Runs the inner service for a started key and stores or releases its
-/// response.
-pub(super) async fn run<S, ResBody>(
-    config: &Config,
-    mut inner: S,
-    request: Request<Body>,
-    lease: Lease,
-) -> Result<Response<Body>, S::Error>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>>,
-    ResBody: HttpBody<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    let engine = &config.engine;
-    let response = match inner.call(request).await {
-        Ok(response) => response,
-        Err(e) => {
-            release(engine, lease).await;
-            return Err(e);
-        }
-    };
-    let (parts, body) = response.into_parts();
-    // (`.ok()`: the body's error need not be `Send`, and must not live
-    // across the await below.)
-    let body = match body.collect().await.ok() {
-        Some(collected) => collected.to_bytes(),
-        None => {
-            release(engine, lease).await;
-            return Ok(problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Response failed",
-                "The response body could not be produced.",
-            ));
-        }
-    };
-    if (config.store)(parts.status) {
-        let stored = StoredResponse {
-            headers: kept_headers(&parts.headers, &config.keep),
-            body: body.clone(),
-        };
-        let outcome = Outcome {
-            status: parts.status.as_u16(),
-            body: stored.encode(),
-        };
-        let engine_ = Arc::clone(engine);
-        let lease_ = lease.clone();
-        if blocking(move || engine_.complete(&lease_, outcome))
-            .await
-            .is_err()
-        {
-            // Not stored (too large, lease lost, disk error): free the key
-            // if this lease still holds it, and answer with what ran.
-            release(engine, lease).await;
-        }
-    } else {
-        release(engine, lease).await;
-    }
-    Ok(Response::from_parts(parts, Body::from(body)))
-}
-
-/// Releases a lease, ignoring failure (a lost lease no longer holds the
-/// key; a failing engine lets the lease expire).
-pub(super) async fn release(engine: &Arc<Engine>, lease: Lease) {
-    let engine = Arc::clone(engine);
-    let _ = blocking(move || engine.release(&lease)).await;
+/// What `begin` answered, with a started lease held by a [`Claim`].
+pub(super) enum Answer {
+    Started(Claim),
+    Replay(Outcome),
+    Mismatch,
+    InFlight { retry_after: Duration },
 }
 
 /// The engine calls of one request.
@@ -200,24 +136,22 @@ pub(super) struct Call {
 }
 
 impl Call {
-    async fn begin(&self) -> Result<Begin, Failure> {
-        let (engine, user, key) = self.parts();
-        let fingerprint = self.fingerprint;
-        blocking(move || engine.begin(user, key, fingerprint)).await
-    }
-
-    async fn wait(&self, timeout: Duration) -> Result<Option<Outcome>, Failure> {
-        let (engine, user, key) = self.parts();
-        let fingerprint = self.fingerprint;
-        blocking(move || engine.wait(user, key, fingerprint, timeout)).await
-    }
-
-    fn parts(&self) -> (Arc<Engine>, Bytes, Bytes) {
-        (
-            Arc::clone(&self.engine),
-            self.user.clone(),
-            self.key.clone(),
-        )
+    /// `begin_wait` with `wait`: while another request holds the key, waits
+    /// up to `wait` for its lease to end. A started lease is wrapped in a
+    /// [`Claim`] on the blocking thread, so that it is released even if
+    /// this request is dropped before `begin` returns.
+    async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
+        let engine = Arc::clone(&self.engine);
+        let (user, key, fingerprint) = (self.user.clone(), self.key.clone(), self.fingerprint);
+        blocking(move || {
+            Ok(match engine.begin_wait(user, key, fingerprint, wait)? {
+                Begin::Started(lease) => Answer::Started(Claim::new(engine, lease)),
+                Begin::Replay(outcome) => Answer::Replay(outcome),
+                Begin::Mismatch => Answer::Mismatch,
+                Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
+            })
+        })
+        .await
     }
 }
 
@@ -281,12 +215,16 @@ pub fn request_fingerprint(method: &Method, uri: &http::Uri, body: &[u8]) -> Fin
 pub(super) enum KeyHeader {
     Missing,
     Invalid,
+    /// The key as passed to the engine (see [`engine_key`]).
     Key(Bytes),
 }
 
-/// Reads the key: a structured-field string (`"abc"`, with `\"` and `\\`
-/// escapes) as the draft specifies, or, leniently, a bare token (`abc`).
-/// The header must occur once. The engine checks the key itself.
+/// Reads the key: an RFC 8941 sf-string (`"order 7"`: printable ASCII
+/// 0x20-0x7E, with `\"` and `\\` escapes) as the draft specifies, or,
+/// leniently, a bare token of visible ASCII (`order-7`, the same key as
+/// `"order-7"`). The header must occur once; an empty key is invalid. The
+/// key is returned as [`engine_key`] encodes it; the engine checks its
+/// length.
 pub(super) fn idempotency_key(headers: &HeaderMap) -> KeyHeader {
     let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
@@ -297,52 +235,59 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> KeyHeader {
         };
     };
     let raw = value.as_bytes().trim_ascii();
-    let Some(quoted) = raw.strip_prefix(b"\"") else {
-        return KeyHeader::Key(Bytes::copy_from_slice(raw));
+    let key = match raw.strip_prefix(b"\"") {
+        Some(quoted) => sf_string(quoted),
+        None if raw.iter().all(u8::is_ascii_graphic) => Some(raw.to_vec()),
+        None => None,
     };
+    match key {
+        Some(key) if !key.is_empty() => KeyHeader::Key(engine_key(&key)),
+        _ => KeyHeader::Invalid,
+    }
+}
+
+/// The content of an sf-string whose opening quote is already consumed:
+/// `None` unless a closing quote ends `quoted`.
+fn sf_string(quoted: &[u8]) -> Option<Vec<u8>> {
     let mut key = Vec::with_capacity(quoted.len());
     let mut bytes = quoted.iter();
     while let Some(&b) = bytes.next() {
         match b {
             b'\\' => match bytes.next() {
                 Some(&e @ (b'"' | b'\\')) => key.push(e),
-                _ => return KeyHeader::Invalid,
+                _ => return None,
             },
-            b'"' => {
-                // The closing quote must end the value.
-                return if bytes.next().is_none() {
-                    KeyHeader::Key(Bytes::from(key))
-                } else {
-                    KeyHeader::Invalid
-                };
-            }
+            // The closing quote must end the value.
+            b'"' => return bytes.next().is_none().then_some(key),
             0x20..=0x7e => key.push(b),
-            _ => return KeyHeader::Invalid,
+            _ => return None,
         }
     }
-    KeyHeader::Invalid
+    None
 }
 
-/// The user id in header `name`: `""` when absent, `None` when not
-/// visible ASCII.
-pub(super) fn user_from_header(parts: &Parts, name: &HeaderName) -> Option<String> {
-    match parts.headers.get(name) {
-        None => Some(String::new()),
-        Some(value) => value.to_str().ok().map(str::to_owned),
+/// The key as the engine stores it: the key with each space written `%20`
+/// and each `%` written `%25`, so that it is visible ASCII (the engine's
+/// default `ascii_keys`) and two keys never share an encoding. Every other
+/// byte is itself.
+pub(super) fn engine_key(key: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(key.len());
+    for &b in key {
+        match b {
+            b' ' => out.extend_from_slice(b"%20"),
+            b'%' => out.extend_from_slice(b"%25"),
+            _ => out.push(b),
+        }
     }
+    Bytes::from(out)
 }
 
-/// The values of the `keep` headers, in the response's order.
-pub(super) fn kept_headers(
-    headers: &HeaderMap,
-    keep: &[HeaderName],
-) -> Vec<(HeaderName, HeaderValue)> {
-    keep.iter()
-        .flat_map(|name| {
-            headers
-                .get_all(name)
-                .iter()
-                .map(move |value| (name.clone(), value.clone()))
-        })
-        .collect()
+/// The user id in header `name`: `None` when the header is absent,
+/// repeated, or not printable ASCII.
+pub(super) fn user_from_header(parts: &Parts, name: &HeaderName) -> Option<String> {
+    let mut values = parts.headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value.to_str().ok().map(str::to_owned),
+        _ => None,
+    }
 }

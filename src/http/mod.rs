@@ -9,15 +9,45 @@
 //! use axum::{Router, routing::post};
 //! use idemkv::{Engine, Options, http::IdempotencyLayer};
 //!
+//! /// The caller's identity, put in the request's extensions by the
+//! /// service's authentication middleware (which runs before the layer).
+//! #[derive(Clone)]
+//! struct Authenticated(String);
+//!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let engine = Arc::new(Engine::open("/var/lib/my-service/idem", Options::default())?);
+//! let idempotency = IdempotencyLayer::new(engine)
+//!     .user_from(|parts| parts.extensions.get::<Authenticated>().map(|a| a.0.clone()));
 //! let app = Router::new()
 //!     .route("/charge", post(|| async { (axum::http::StatusCode::CREATED, "charged") }))
-//!     .layer(IdempotencyLayer::new(engine).fixed_user("tenant-1"));
+//!     .layer(idempotency);
+//!     // .layer(your_authentication_layer) goes here, outside the idempotency layer.
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Whose key it is: the user source
+//! Keys are scoped by a user id, so the same key from two users names two
+//! records, and a stored response is replayed only inside its scope. The
+//! layer takes the user id from the source it is given, and from nowhere
+//! else:
+//! - [`IdempotencyLayer::user_from`]: a closure over the request's
+//!   [`Parts`], typically reading an authenticated identity from its
+//!   extensions. The recommended source.
+//! - [`IdempotencyLayer::user_header`]: a request header, such as
+//!   [`X_USER_ID`]. **Only behind a trusted proxy** that authenticates the
+//!   client, sets the header, and strips any copy the client sent: a
+//!   header taken from the client lets anyone pick any scope, and so
+//!   replay another user's stored responses.
+//! - [`IdempotencyLayer::fixed_user`]: one scope for every request (a
+//!   single-tenant service).
+//!
+//! There is no default source and no shared scope: with no source
+//! configured every keyed request gets `400` ("User source is not
+//! configured"), and a request for which the source yields no user (or the
+//! empty user id) gets `400` ("User id is missing"); neither runs the
+//! handler.
 //!
 //! # What a request gets
 //! A request whose method is not in [`IdempotencyLayer::methods`] (by
@@ -27,17 +57,34 @@
 //! | request | answer |
 //! |---|---|
 //! | no `Idempotency-Key` header | `400` problem (or passed through untouched, with [`IdempotencyLayer::key_required`]`(false)`) |
-//! | a malformed key (repeated header, bad quoting, empty, too long, not visible ASCII), or no user id (or one longer than the engine's `max_user_len`) | `400` problem |
+//! | a malformed key (repeated header, bad quoting, empty, too long, not printable ASCII) | `400` problem |
+//! | no user source configured, or no user for this request (or one longer than the engine's `max_user_len`) | `400` problem |
 //! | a body over [`IdempotencyLayer::max_body_bytes`] | `413` problem |
-//! | a new key (or an expired one) | the inner service runs; its response is stored if [`IdempotencyLayer::store_when`] says so (default: 2xx and 4xx), else the key is released so a retry runs again |
-//! | the key completed for the same request | the stored status, kept headers and body, with `Idempotent-Replayed: true`; the inner service does not run |
-//! | the key in flight (its first request still running) | `409` problem with `Retry-After` (after waiting up to [`IdempotencyLayer::wait_in_flight`] for it to finish) |
+//! | a new key (or an expired one) | the inner service runs; its response is stored if [`IdempotencyLayer::store_when`] says so (default [`stored_by_default`]: 2xx, 3xx, and 4xx but `401`, `403`, `408`, `409`, `425`, `429`), else the key is released so a retry runs again |
+//! | the key completed for the same request | the stored status, kept headers and body, with `Idempotent-Replayed: true`; the inner service does not run. If the original body was too large to store: the status, the kept headers, and a small problem body, with `Idempotent-Body-Not-Kept: true` too |
+//! | the key in flight (its first request still running) | `409` problem with `Retry-After` (after waiting up to [`IdempotencyLayer::wait_in_flight`] for the first request's lease to end; if it ended by a release or expiry, this request runs instead) |
 //! | the key used before with another request | `422` problem |
 //! | the engine fails (closed, disk error) | `503` problem |
 //!
 //! Problem bodies are small RFC 9457 `application/problem+json` objects
 //! with `title`, `status` and `detail`. The layer writes nothing to stdout
-//! or stderr.
+//! or stderr. The checks run in the order of the table, and the request
+//! body is read (up to its limit) before the key is claimed, so a slow or
+//! endless request body holds no key.
+//!
+//! # The key
+//! The header must occur once and hold an RFC 8941 sf-string, as the draft
+//! specifies: `"order 7"`, printable ASCII (0x20-0x7E) between double
+//! quotes, with `\"` and `\\` as the only escapes. Leniently, a bare token
+//! of visible ASCII (`order-7`) is the same key as its quoted form
+//! (`"order-7"`). Parameters (`"k";a=1`) are not accepted.
+//!
+//! The engine is given the key with each space written `%20` and each `%`
+//! written `%25` (every other character is itself): visible ASCII, which
+//! the engine's default `Options::ascii_keys` requires, and injective, so
+//! two keys never share a record. The engine's `max_key_len` (default 255)
+//! applies to that form: escapes in the header do not count, but each
+//! space or `%` in the key counts three bytes.
 //!
 //! # The request fingerprint
 //! Two requests are "the same request" when their fingerprints are equal:
@@ -50,8 +97,7 @@
 //! as in the request line (`/charge?currency=EUR`, just `/charge` without a
 //! query), one `\n`, then the request body bytes exactly as received. A
 //! method or path cannot hold a space or newline, so the encoding is
-//! unambiguous. Headers are not part of the fingerprint. Keys are scoped by
-//! the user id, so the same key from two users names two records.
+//! unambiguous. Headers are not part of the fingerprint.
 //!
 //! # How a response is stored
 //! [`Outcome::status`](crate::Outcome::status) holds the HTTP status; [`Outcome::body`](crate::Outcome::body) holds the
@@ -70,20 +116,90 @@
 //! ```
 //!
 //! A header that occurs several times is stored once per value, in order.
-//! Only the headers in [`IdempotencyLayer::keep_header`] are kept (by
-//! default `content-type` and `location`).
+//! Trailers are not stored.
+//!
+//! **Kept headers.** Every end-to-end header of the response is kept,
+//! except `date` (a replay is a new message, dated when it is sent) and
+//! `set-cookie` (a session is not handed to whoever replays the key);
+//! [`IdempotencyLayer::keep_header`] keeps those too, and
+//! [`IdempotencyLayer::drop_header`] leaves out any other. Never kept, not
+//! even with `keep_header`: the hop-by-hop headers (`connection`,
+//! `keep-alive`, `proxy-connection`, `proxy-authenticate`,
+//! `proxy-authorization`, `te`, `trailer`, `trailers`,
+//! `transfer-encoding`, `upgrade`, and any header named in `Connection`),
+//! `content-length` (a replay's body is sent whole, and its length is
+//! written for it), and the layer's own `Idempotent-Replayed` and
+//! `Idempotent-Body-Not-Kept`.
+//!
+//! **Size.** The layer buffers a response up to
+//! [`IdempotencyLayer::max_response_bytes`] (counted as stored: encoded
+//! kept headers plus body; default 1 MiB, the engine's default
+//! `max_response_len`) and then stores it; the client gets it once it is
+//! stored. A larger response is streamed to the client as the inner
+//! service produces it (without its `Content-Length`: it is sent chunked
+//! so that its end is seen). A response that is too large, whether found
+//! so while buffering or by the engine (`Error::ResponseTooLarge`), is
+//! stored **as not kept**: the first client gets the full response; the
+//! key is completed, never released, so the work does not run again; and
+//! a retry is replayed the original status, the kept headers minus those
+//! that described the body (`content-*`, `etag`, `last-modified`),
+//! `Content-Type: application/problem+json`, `Idempotent-Body-Not-Kept:
+//! true` (beside `Idempotent-Replayed: true`), and this body (with the
+//! original status in it):
+//!
+//! ```text
+//! {"title":"Response body not kept","status":201,"detail":"The original response body was too large to store; this replay carries its status and headers only."}
+//! ```
+//!
+//! (If even that does not fit the engine's limit, the marker header alone
+//! is stored, then nothing but the status; both replay with the marker.)
+//! A streamed response is stored when its body ends, before the client
+//! sees the end.
+//!
+//! # Leases and heartbeat
+//! `begin` gives the request a lease of the engine's `lease_ttl`. From the
+//! moment the inner service is called, the layer extends the lease every
+//! third of `lease_ttl` (by `lease_ttl`), while the handler runs and while
+//! a streamed body is sent, so a slow handler keeps its key and a retry
+//! gets `409` instead of running the work a second time. The heartbeat
+//! stops when the response is stored or released, when the request is
+//! dropped, when an extend fails, or once
+//! [`IdempotencyLayer::heartbeat_limit`] (default 5 minutes) has passed;
+//! the lease then ends at most one `lease_ttl` later.
 //!
 //! # Failure handling
-//! - The inner service's error (or a body that fails to stream) releases
-//!   the key, so a retry runs the work again, and is passed on.
-//! - When the response cannot be stored (larger than the engine's
-//!   `max_response_len`, a lost lease, a disk error), the key is released
-//!   (if it still can be) and the response is returned as is.
-//! - A request dropped mid-work (the client hung up) leaves its lease to
-//!   expire after the engine's `lease_ttl`: the work may have happened, so
-//!   the key stays claimed (retries get `409`) until then.
+//! - The inner service's error, or a response body that fails before the
+//!   layer has sent any of it, releases the key (the work failed; a retry
+//!   runs it again); the error is passed on, or answered `500`.
+//! - A streamed body that fails midway releases the key too, though part
+//!   of the body was sent: the client sees the response cut off (the
+//!   connection is closed without the final chunk, or the HTTP/2 stream
+//!   reset), never a complete one, so it retries, and the retry runs the
+//!   work again, as for any failed work.
+//! - A response that is not stored for another reason (a lost lease, a
+//!   disk error, a closed engine) is returned as is, and its key is left
+//!   to its lease: the work ran, so the layer does not release the key;
+//!   once the lease expires, a retry runs again.
+//! - A request dropped after `begin` claimed its key but before the inner
+//!   service was called (even while `begin` itself was still running)
+//!   releases the key: no work began.
+//! - A request dropped once the inner service was called, while it runs
+//!   or while its response body is produced (the client hung up mid-work,
+//!   or mid-stream), leaves its lease to expire after `lease_ttl` (the
+//!   heartbeat stops): the work may have happened, so the key stays
+//!   claimed (retries get `409`) until then. Once the layer has the whole
+//!   answer, its store (or release) runs on a task of its own and
+//!   finishes even if the request is dropped meanwhile.
 //! - Every engine call blocks on fsync, so it runs on tokio's blocking pool
 //!   ([`tokio::task::spawn_blocking`]); the layer needs a tokio runtime.
+//!
+//! # Defaults
+//! [`IdempotencyLayer::new`]: methods `POST` and `PATCH`; key required; no
+//! user source (every keyed request `400`); request bodies up to
+//! [`DEFAULT_MAX_BODY`]; [`stored_by_default`]; no wait for keys in
+//! flight; every end-to-end header but `date` and `set-cookie` kept;
+//! responses up to [`DEFAULT_MAX_RESPONSE`] buffered; heartbeat up to
+//! [`DEFAULT_HEARTBEAT_LIMIT`].
 
 use std::fmt;
 use std::future::Future;
@@ -94,17 +210,21 @@ use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, LOCATION};
+use http::header::HeaderName;
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 
 mod handle;
+mod headers;
+mod lease;
+mod respond;
 mod stored;
 #[cfg(test)]
 mod tests;
 
 pub use handle::request_fingerprint;
 use handle::*;
+use headers::HeaderPolicy;
 pub use stored::StoredResponse;
 
 use crate::Engine;
@@ -116,11 +236,27 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// The default header the user id is read from.
+/// The response header (`Idempotent-Body-Not-Kept: true`) that marks a
+/// replay whose original body was too large to store: it carries the
+/// original status and headers, and a small problem body in place of the
+/// original body (see the module documentation).
+pub const IDEMPOTENT_BODY_NOT_KEPT: HeaderName =
+    HeaderName::from_static("idempotent-body-not-kept");
+
+/// A conventional header for the user id, for
+/// [`IdempotencyLayer::user_header`] behind a proxy that sets it. The
+/// layer never reads it unless told to.
 pub const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 
 /// The default for [`IdempotencyLayer::max_body_bytes`]: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// The default for [`IdempotencyLayer::max_response_bytes`]: 1 MiB, the
+/// engine's default `Options::max_response_len`.
+pub const DEFAULT_MAX_RESPONSE: usize = 1 << 20;
+
+/// The default for [`IdempotencyLayer::heartbeat_limit`]: 5 minutes.
+pub const DEFAULT_HEARTBEAT_LIMIT: Duration = Duration::from_secs(5 * 60);
 
 /// An error type boxed by the bodies the layer reads.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -131,11 +267,37 @@ type UserFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// Which response statuses are stored.
 type StoreFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 
+/// Whether the layer stores a response with `status` by default (see
+/// [`IdempotencyLayer::store_when`]): 2xx, 3xx, and 4xx except `401`,
+/// `403`, `408`, `409`, `425` and `429`, which say "not now" or "not you"
+/// rather than "done", so a retry must run again. 1xx and 5xx are not
+/// stored either.
+///
+/// ```
+/// use idemkv::http::stored_by_default;
+/// use http::StatusCode;
+///
+/// assert!(stored_by_default(StatusCode::CREATED));
+/// assert!(stored_by_default(StatusCode::UNPROCESSABLE_ENTITY));
+/// assert!(!stored_by_default(StatusCode::TOO_MANY_REQUESTS));
+/// assert!(!stored_by_default(StatusCode::SERVICE_UNAVAILABLE));
+/// ```
+pub fn stored_by_default(status: StatusCode) -> bool {
+    if status.is_success() || status.is_redirection() {
+        return true;
+    }
+    status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 408 | 409 | 425 | 429)
+}
+
 /// A [`tower::Layer`] that answers requests carrying an `Idempotency-Key`
 /// header from an [`Engine`]: see the [module documentation](self).
 ///
 /// Built with [`IdempotencyLayer::new`] and configured with its builder
-/// methods; cloning is cheap (an `Arc`).
+/// methods; cloning is cheap (an `Arc`). A layer must be given a user
+/// source ([`user_from`](IdempotencyLayer::user_from),
+/// [`user_header`](IdempotencyLayer::user_header) or
+/// [`fixed_user`](IdempotencyLayer::fixed_user)): without one, every keyed
+/// request is refused with `400`.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,
@@ -146,34 +308,41 @@ pub struct IdempotencyLayer {
 struct Config {
     engine: Arc<Engine>,
     methods: Vec<Method>,
-    user: Arc<UserFn>,
+    /// `None`: no user source configured (every keyed request gets `400`).
+    user: Option<Arc<UserFn>>,
     key_required: bool,
     max_body: usize,
     store: Arc<StoreFn>,
     wait: Duration,
-    keep: Vec<HeaderName>,
+    headers: HeaderPolicy,
+    max_response: usize,
+    heartbeat_limit: Duration,
 }
 
 impl IdempotencyLayer {
     /// A layer on `engine` with the defaults: keys required on `POST` and
-    /// `PATCH`; the user id from the `X-User-Id` header (every request
-    /// without it shares one anonymous scope, the empty user id); bodies up
-    /// to [`DEFAULT_MAX_BODY`]; 2xx and 4xx responses stored, others
-    /// released; `409` at once for a key in flight; `content-type` and
-    /// `location` kept on replays.
+    /// `PATCH`; **no user source**, so every keyed request gets `400`
+    /// until one is set with [`user_from`](IdempotencyLayer::user_from),
+    /// [`user_header`](IdempotencyLayer::user_header) or
+    /// [`fixed_user`](IdempotencyLayer::fixed_user); request bodies up to
+    /// [`DEFAULT_MAX_BODY`]; responses stored as [`stored_by_default`]
+    /// says, others released; `409` at once for a key in flight; every
+    /// end-to-end header but `date` and `set-cookie` kept on replays;
+    /// responses up to [`DEFAULT_MAX_RESPONSE`] buffered and stored; the
+    /// lease kept alive for up to [`DEFAULT_HEARTBEAT_LIMIT`].
     pub fn new(engine: Arc<Engine>) -> IdempotencyLayer {
         IdempotencyLayer {
             config: Arc::new(Config {
                 engine,
                 methods: vec![Method::POST, Method::PATCH],
-                user: Arc::new(|parts: &Parts| user_from_header(parts, &X_USER_ID)),
+                user: None,
                 key_required: true,
                 max_body: DEFAULT_MAX_BODY,
-                store: Arc::new(|status: StatusCode| {
-                    status.is_success() || status.is_client_error()
-                }),
+                store: Arc::new(stored_by_default),
                 wait: Duration::ZERO,
-                keep: vec![CONTENT_TYPE, LOCATION],
+                headers: HeaderPolicy::default(),
+                max_response: DEFAULT_MAX_RESPONSE,
+                heartbeat_limit: DEFAULT_HEARTBEAT_LIMIT,
             }),
         }
     }
@@ -186,25 +355,55 @@ impl IdempotencyLayer {
     }
 
     /// Takes the user id (the scope of the keys) from each request with
-    /// `user`. A request for which it returns `None` gets `400`.
+    /// `user`, typically from an identity that authentication middleware
+    /// put in the request's extensions. A request for which it returns
+    /// `None` or an empty string gets `400`; it is never served from a
+    /// shared scope.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use idemkv::{Engine, Options, http::IdempotencyLayer};
+    /// /// Put in the extensions by the service's authentication middleware.
+    /// #[derive(Clone)]
+    /// struct Authenticated(String);
+    ///
+    /// # let engine = Arc::new(Engine::open("/tmp/idem", Options::default()).unwrap());
+    /// let layer = IdempotencyLayer::new(engine)
+    ///     .user_from(|parts| parts.extensions.get::<Authenticated>().map(|a| a.0.clone()));
+    /// ```
+    pub fn user_from<F>(self, user: F) -> IdempotencyLayer
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.with(|c| c.user = Some(Arc::new(user)))
+    }
+
+    /// The former name of [`IdempotencyLayer::user_from`].
+    #[deprecated(note = "renamed to `user_from`")]
     pub fn user_id<F>(self, user: F) -> IdempotencyLayer
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.with(|c| c.user = Arc::new(user))
+        self.user_from(user)
     }
 
-    /// Takes the user id from the header `name`; requests without it share
-    /// the empty user id. A value that is not visible ASCII gets `400`.
+    /// Takes the user id from the request header `name`. A request without
+    /// it, with it repeated, empty, or not printable ASCII gets `400`.
+    ///
+    /// **Only behind a trusted proxy**: the header must be set (and any
+    /// client-sent copy removed) by a gateway that authenticated the
+    /// client. Otherwise a client picks its own scope, and can replay
+    /// another user's stored responses by naming that user and a key.
     pub fn user_header(self, name: HeaderName) -> IdempotencyLayer {
-        self.user_id(move |parts| user_from_header(parts, &name))
+        self.user_from(move |parts| user_from_header(parts, &name))
     }
 
     /// Scopes every key to the one user id `user` (a service with a single
-    /// tenant, or one engine per tenant).
+    /// tenant, or one engine per tenant). An empty `user` refuses every
+    /// keyed request.
     pub fn fixed_user(self, user: impl Into<String>) -> IdempotencyLayer {
         let user = user.into();
-        self.user_id(move |_| Some(user.clone()))
+        self.user_from(move |_| Some(user.clone()))
     }
 
     /// Whether a request with a handled method but no `Idempotency-Key`
@@ -220,8 +419,8 @@ impl IdempotencyLayer {
     }
 
     /// Which response statuses are stored and replayed; for the others the
-    /// key is released so that a retry runs the work again. Default: 2xx
-    /// and 4xx stored.
+    /// key is released so that a retry runs the work again. Default:
+    /// [`stored_by_default`].
     pub fn store_when<F>(self, store: F) -> IdempotencyLayer
     where
         F: Fn(StatusCode) -> bool + Send + Sync + 'static,
@@ -230,21 +429,49 @@ impl IdempotencyLayer {
     }
 
     /// How long a request whose key is in flight waits for the first
-    /// request to finish (then it gets that request's answer, or runs if
-    /// the key was released) before it is answered `409`. Default: zero,
-    /// `409` at once.
+    /// request's lease to end (it then gets that request's answer, a `422`
+    /// if it differs, or runs itself if the key was released or expired)
+    /// before it is answered `409`. Default: zero, `409` at once.
     pub fn wait_in_flight(self, wait: Duration) -> IdempotencyLayer {
         self.with(|c| c.wait = wait)
     }
 
-    /// Also keeps the response header `name` (every value of it) in stored
-    /// responses and on replays, besides `content-type` and `location`.
+    /// Keeps the response header `name` (every value of it) in stored
+    /// responses and on replays: re-allows a header dropped by default
+    /// (`date`, `set-cookie`) or by [`drop_header`](Self::drop_header).
+    /// Hop-by-hop headers and `content-length` are never kept.
     pub fn keep_header(self, name: HeaderName) -> IdempotencyLayer {
-        self.with(|c| {
-            if !c.keep.contains(&name) {
-                c.keep.push(name);
-            }
-        })
+        self.with(|c| c.headers.allow(name))
+    }
+
+    /// Leaves the response header `name` out of stored responses and
+    /// replays (the first response still carries it). Undoes an earlier
+    /// [`keep_header`](Self::keep_header) of the same name, and the other
+    /// way round.
+    pub fn drop_header(self, name: HeaderName) -> IdempotencyLayer {
+        self.with(|c| c.headers.deny(name))
+    }
+
+    /// The largest response the layer buffers to store, in bytes, counted
+    /// as stored (the kept headers, encoded, plus the body). A larger
+    /// response is streamed to the client as it is produced and stored
+    /// with its body not kept (see the module documentation). Default:
+    /// [`DEFAULT_MAX_RESPONSE`]; set it to the engine's
+    /// `Options::max_response_len` if you change that (a response the
+    /// engine finds too large is stored as not kept too, after buffering).
+    pub fn max_response_bytes(self, max: usize) -> IdempotencyLayer {
+        self.with(|c| c.max_response = max)
+    }
+
+    /// How long the layer keeps a running request's lease alive: from the
+    /// moment the handler is called, it extends the lease (by the engine's
+    /// `lease_ttl`, every third of it) while the handler runs and its
+    /// response body streams, until `limit` has passed; the lease then
+    /// ends at most one `lease_ttl` later, and a retry may run the work
+    /// again. `Duration::ZERO` turns the heartbeat off (the lease lasts
+    /// `lease_ttl`). Default: [`DEFAULT_HEARTBEAT_LIMIT`].
+    pub fn heartbeat_limit(self, limit: Duration) -> IdempotencyLayer {
+        self.with(|c| c.heartbeat_limit = limit)
     }
 
     /// Applies `change` to the configuration (copied if shared).
@@ -260,8 +487,11 @@ impl fmt::Debug for IdempotencyLayer {
             .field("methods", &self.config.methods)
             .field("key_required", &self.config.key_required)
             .field("max_body", &self.config.max_body)
+            .field("user_source", &self.config.user.is_some())
             .field("wait", &self.config.wait)
-            .field("keep", &self.config.keep)
+            .field("headers", &self.config.headers)
+            .field("max_response", &self.config.max_response)
+            .field("heartbeat_limit", &self.config.heartbeat_limit)
             .finish_non_exhaustive()
     }
 }

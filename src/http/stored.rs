@@ -24,6 +24,20 @@ pub struct StoredResponse {
 pub(super) const MAGIC: &[u8; 4] = b"IKH1";
 
 impl StoredResponse {
+    /// The length of [`StoredResponse::encode`]'s output for `headers` and
+    /// a body of `body_len` bytes.
+    pub(super) fn encoded_len(headers: &[(HeaderName, HeaderValue)], body_len: usize) -> usize {
+        let fields: usize = headers
+            .iter()
+            .filter(|(name, value)| {
+                u16::try_from(name.as_str().len()).is_ok() && u32::try_from(value.len()).is_ok()
+            })
+            .take(usize::from(u16::MAX))
+            .map(|(name, value)| 6 + name.as_str().len() + value.len())
+            .sum();
+        MAGIC.len() + 2 + fields + body_len
+    }
+
     /// Encodes the response into the bytes stored as [`Outcome::body`](crate::Outcome::body).
     /// Header fields past the 65 535th, and any whose name or value does
     /// not fit its length field, are left out.
@@ -106,12 +120,20 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The stored response, with `Idempotent-Replayed: true`.
+/// The stored response, with `Idempotent-Replayed: true`. An empty stored
+/// body (a response too large to keep even as a note) is the status with
+/// `Idempotent-Body-Not-Kept: true`.
 pub(super) fn replay(outcome: &Outcome) -> Response<Body> {
-    let (Ok(status), Some(stored)) = (
-        StatusCode::from_u16(outcome.status),
-        StoredResponse::decode(&outcome.body),
-    ) else {
+    let stored = if outcome.body.is_empty() {
+        let (name, value) = super::headers::not_kept_marker();
+        Some(StoredResponse {
+            headers: vec![(name, value)],
+            body: Bytes::new(),
+        })
+    } else {
+        StoredResponse::decode(&outcome.body)
+    };
+    let (Ok(status), Some(stored)) = (StatusCode::from_u16(outcome.status), stored) else {
         return problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Stored response is unreadable",
@@ -155,7 +177,7 @@ pub(super) fn bad_key() -> Response<Body> {
     problem(
         StatusCode::BAD_REQUEST,
         "Idempotency-Key is invalid",
-        "The Idempotency-Key header must occur once and hold a non-empty string of visible ASCII.",
+        "The Idempotency-Key header must occur once and hold a non-empty string (printable ASCII) within the length limit.",
     )
 }
 

@@ -1,0 +1,308 @@
+//! Running the handler of a started key, and storing (or releasing) what
+//! it answered: buffered up to the storable size, streamed past it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use tokio::task::JoinHandle;
+
+use axum::body::{Body, HttpBody};
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+
+use super::headers::{not_kept_headers, not_kept_marker};
+use super::lease::{Claim, Heartbeat};
+use super::stored::{StoredResponse, problem};
+use super::{BoxError, Config};
+use crate::{Engine, Error, Lease, Outcome};
+
+/// `http_body::Frame<Bytes>`, named through `http-body-util` (the crate
+/// has no direct dependency on `http-body`, and neither axum nor
+/// `http-body-util` re-exports the type).
+type Frame = <<FrameFuture as Future>::Output as OptionResult>::Ok;
+
+/// A future whose output is `Option<Result<http_body::Frame<Bytes>, _>>`.
+type FrameFuture = http_body_util::combinators::Frame<'static, http_body_util::Empty<Bytes>>;
+
+/// Names the `T` of an `Option<Result<T, E>>`.
+trait OptionResult {
+    type Ok;
+}
+
+impl<T, E> OptionResult for Option<Result<T, E>> {
+    type Ok = T;
+}
+
+/// Runs the inner service for a started key and stores or releases its
+/// response (see the module documentation, "How a response is stored" and
+/// "Failure handling").
+pub(super) async fn run<S, ResBody>(
+    config: &Config,
+    mut inner: S,
+    request: Request<Body>,
+    claim: Claim,
+) -> Result<Response<Body>, S::Error>
+where
+    S: tower::Service<Request<Body>, Response = Response<ResBody>>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let engine = &config.engine;
+    // From here on the work may happen: a dropped request no longer
+    // releases the key (its lease expires), and the heartbeat keeps it.
+    let lease = claim.into_lease();
+    let heartbeat = Heartbeat::start(engine, &lease, config.heartbeat_limit);
+    let response = match inner.call(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            let _ = settle(heartbeat, release(engine, lease)).await;
+            return Err(e);
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    if !(config.store)(parts.status) {
+        let _ = settle(heartbeat, release(engine, lease)).await;
+        return Ok(Response::from_parts(parts, Body::new(body)));
+    }
+    let kept = config.headers.kept(&parts.headers);
+    let stored = Stored {
+        engine: Arc::clone(engine),
+        lease,
+        status: parts.status.as_u16(),
+        kept,
+    };
+    let limit = config
+        .max_response
+        .saturating_sub(StoredResponse::encoded_len(&stored.kept, 0));
+    match buffer(body, limit).await {
+        Buffered::Whole(bytes) => {
+            let body = bytes.clone();
+            let _ = settle(heartbeat, move || stored.store(Some(body))).await;
+            Ok(Response::from_parts(parts, Body::from(bytes)))
+        }
+        Buffered::Failed => {
+            let _ = settle(heartbeat, release(engine, stored.lease)).await;
+            Ok(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Response failed",
+                "The response body could not be produced.",
+            ))
+        }
+        Buffered::Over { prefix, body } => {
+            // The body is re-framed (chunked): hyper must poll it to its
+            // end, where the key is completed, rather than stop once a
+            // declared length has been written.
+            parts.headers.remove(CONTENT_LENGTH);
+            let streamed = Streamed {
+                body,
+                prefix: Some(prefix),
+                end: Some((stored, heartbeat)),
+                finishing: None,
+                done: false,
+            };
+            Ok(Response::from_parts(parts, Body::new(streamed)))
+        }
+    }
+}
+
+/// What the layer does once the handler's answer is known: stops the
+/// heartbeat, then runs `then` (a blocking engine call) on the blocking
+/// pool. It runs on a task of its own, so it finishes even if the request
+/// is dropped meanwhile (the client hung up after the work was done); the
+/// handle resolves when it has. (Its only error, a panic in the engine
+/// call, is ignored: the lease then expires.)
+fn settle(heartbeat: Heartbeat, then: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        heartbeat.stop().await;
+        let _ = tokio::task::spawn_blocking(then).await;
+    })
+}
+
+/// Releases `lease`, ignoring failure (a lost lease no longer holds the
+/// key; a failing engine lets the lease expire).
+fn release(engine: &Arc<Engine>, lease: Lease) -> impl FnOnce() + Send + 'static {
+    let engine = Arc::clone(engine);
+    move || {
+        let _ = engine.release(&lease);
+    }
+}
+
+/// A response body read up to a limit.
+enum Buffered<B> {
+    /// The whole body, within the limit.
+    Whole(Bytes),
+    /// The body failed before it ended.
+    Failed,
+    /// The body is larger than the limit: the bytes read so far (more than
+    /// `limit`) and the rest of the body.
+    Over { prefix: Bytes, body: Pin<Box<B>> },
+}
+
+/// Reads `body` until it ends, fails, or holds more than `limit` bytes.
+/// Trailers of a body that fits are dropped (they are not stored).
+async fn buffer<B>(body: B, limit: usize) -> Buffered<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    let mut body = Box::pin(body);
+    let mut bytes = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Buffered::Whole(bytes.freeze()),
+            Some(Err(_)) => return Buffered::Failed,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                    if bytes.len() > limit {
+                        return Buffered::Over {
+                            prefix: bytes.freeze(),
+                            body,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a completed key stores: the status and kept headers of the
+/// response, for the lease that ran it.
+pub(super) struct Stored {
+    pub(super) engine: Arc<Engine>,
+    pub(super) lease: Lease,
+    pub(super) status: u16,
+    pub(super) kept: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Stored {
+    /// [`Stored::store_blocking`], ignoring failure: a lost lease or a disk
+    /// error leaves the lease to expire (the work ran, so the key is not
+    /// released).
+    fn store(self, body: Option<Bytes>) {
+        let _ = self.store_blocking(body);
+    }
+
+    /// Completes the lease with the response and `body`; with `None`, or if
+    /// that is larger than the engine keeps, with the not-kept forms, each
+    /// smaller than the last: the status, the headers that do not describe
+    /// the body, `Idempotent-Body-Not-Kept: true` and the not-kept problem
+    /// body; else the status and the marker alone; else the status with an
+    /// empty stored body (replayed with the marker too).
+    pub(super) fn store_blocking(&self, body: Option<Bytes>) -> crate::Result<()> {
+        let full = body.map(|body| StoredResponse {
+            headers: self.kept.clone(),
+            body,
+        });
+        let not_kept = StoredResponse {
+            headers: not_kept_headers(&self.kept),
+            body: not_kept_body(self.status),
+        };
+        let marker = StoredResponse {
+            headers: vec![not_kept_marker()],
+            body: Bytes::new(),
+        };
+        let forms = full
+            .into_iter()
+            .chain([not_kept, marker])
+            .map(|stored| stored.encode())
+            .chain([Bytes::new()]);
+        let mut result = Ok(());
+        for body in forms {
+            let outcome = Outcome {
+                status: self.status,
+                body,
+            };
+            result = self.engine.complete(&self.lease, outcome);
+            if !matches!(result, Err(Error::ResponseTooLarge { .. })) {
+                break;
+            }
+        }
+        result
+    }
+}
+
+/// The body stored in place of one too large to keep: a small
+/// `application/problem+json` object with the original status.
+pub(super) fn not_kept_body(status: u16) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"title":"Response body not kept","status":{status},"detail":"The original response body was too large to store; this replay carries its status and headers only."}}"#
+    ))
+}
+
+/// The body of a response too large to store, streamed to the client as
+/// it is produced: first the bytes already read, then the rest. When it
+/// ends, the key is stored as not kept before the end is passed on; when
+/// it fails, the key is released before the error is passed on. Dropped
+/// before either (the client went away), it stops the heartbeat and
+/// leaves the lease to expire.
+struct Streamed<B> {
+    body: Pin<Box<B>>,
+    prefix: Option<Bytes>,
+    /// What to store at the end, and the heartbeat to stop then.
+    end: Option<(Stored, Heartbeat)>,
+    /// The store or release in progress, and the error to pass on after it
+    /// (`None`: the end of the body).
+    finishing: Option<(JoinHandle<()>, Option<BoxError>)>,
+    done: bool,
+}
+
+impl<B> Streamed<B> {
+    /// Starts storing (the body ended: `error` is `None`) or releasing (it
+    /// failed with `error`).
+    fn finish(&mut self, error: Option<BoxError>) {
+        let finishing = match self.end.take() {
+            Some((stored, heartbeat)) if error.is_some() => {
+                settle(heartbeat, release(&stored.engine, stored.lease))
+            }
+            Some((stored, heartbeat)) => settle(heartbeat, move || stored.store(None)),
+            // (Not reached: the body finishes once.)
+            None => tokio::spawn(std::future::ready(())),
+        };
+        self.finishing = Some((finishing, error));
+    }
+}
+
+impl<B> HttpBody for Streamed<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some((finishing, _)) = this.finishing.as_mut() {
+                // (A failed task only means the store or release did not
+                // happen: the lease expires.)
+                let _ = ready!(Pin::new(finishing).poll(cx));
+                let error = this.finishing.take().and_then(|(_, error)| error);
+                this.done = true;
+                return Poll::Ready(error.map(Err));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(prefix) = this.prefix.take() {
+                return Poll::Ready(Some(Ok(Frame::data(prefix))));
+            }
+            match ready!(this.body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Some(Err(e)) => this.finish(Some(e.into())),
+                None => this.finish(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
