@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::index::{Index, KeyId, PARTS};
 use crate::log::reader::scan_segment;
 use crate::log::record::{FRAME_HEADER, frame_header};
-use crate::log::{ClosedSegment, Log, Pin, file_of, pos};
+use crate::log::{ClosedSegment, Log, Pin, pos, slot_of};
 use crate::stats::Counters;
 
 /// What one [`Engine::compact`](crate::Engine::compact) (or one background
@@ -177,7 +177,7 @@ impl Compactor {
             for part in 0..PARTS {
                 let mut shard = shard.lock();
                 expired += shard.drop_expired_in(part, now) as u64;
-                shard.for_each_in(part, |e| *live.entry(file_of(e.pos)).or_insert(0) += 1);
+                shard.for_each_in(part, |e| *live.entry(slot_of(e.pos)).or_insert(0) += 1);
             }
         }
         self.counters.swept.fetch_add(expired, Ordering::Relaxed);
@@ -283,7 +283,7 @@ impl Compactor {
         let mut moved = Vec::new();
         let (mut kept, mut dropped) = (0u64, 0u64);
         let mut pin = Pin::default();
-        let scanned = scan_segment(&buf, seg.file, |rec, offset| {
+        let scanned = scan_segment(&buf, seg.number, |rec, offset| {
             let at = pos(seg.file, offset);
             let id = KeyId::new(rec.user, rec.key);
             // Current: the index points here. Unsettled: what superseded

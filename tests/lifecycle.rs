@@ -180,3 +180,114 @@ fn close_compact_open_rolls_and_appends_interleaved_lose_nothing() {
         assert_replays(&engine, &acked);
     }
 }
+
+/// Regression (issue 11, item 12): a segment roll held the writer lock
+/// across its fsyncs while appenders waited on it holding their shard lock,
+/// so a memory-only `get` on that shard waited for the disk (450 ns became
+/// 801 ms with slow syncs). Here every fsync is held at a gate while a roll
+/// is under way and another appender of the same shard is waiting; `get`
+/// must answer before the gate opens.
+#[test]
+fn get_never_waits_for_a_roll_or_a_compaction_on_its_shard() {
+    for via_compaction in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let gates = Arc::new(Gates::default());
+        let engine = Arc::new(open_gated(dir.path(), &gates, Durability::None));
+        assert!(write(&engine, "reader"));
+        gates.close(Call::Sync);
+        thread::scope(|s| {
+            // The roller: appends until a roll starts (or a full compaction,
+            // which rolls first), then blocks in the roll's fsync.
+            let roller = Arc::clone(&engine);
+            s.spawn(move || {
+                if via_compaction {
+                    let _ = roller.compact();
+                } else {
+                    for i in 0..1_000 {
+                        if !write(&roller, &format!("fill-{i}")) {
+                            break;
+                        }
+                    }
+                }
+            });
+            assert!(
+                gates.wait_entered(Call::Sync, 1, Duration::from_secs(30)),
+                "no fsync started"
+            );
+            // Another appender of the same user (so the same shard) runs
+            // into the roll.
+            let appender = Arc::clone(&engine);
+            s.spawn(move || write(&appender, "waits-for-the-roll"));
+            thread::sleep(Duration::from_millis(50));
+            let (tx, rx) = mpsc::channel();
+            let reader = Arc::clone(&engine);
+            s.spawn(move || {
+                let _ = tx.send(reader.get("u", "reader").map(|v| v.is_some()));
+            });
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            gates.open(Call::Sync);
+            assert!(
+                matches!(got, Ok(Ok(true))),
+                "get waited for the disk during a roll (compaction: {via_compaction}): {got:?}"
+            );
+        });
+        engine.close().unwrap();
+    }
+}
+
+/// Regression (issue 11, item 4): segment file numbers were 24 bits and
+/// never reused, so every roll and compaction output used one up until
+/// every roll failed with `Exhausted`. File numbers are 64-bit now (names
+/// grow past six hex digits) and positions carry a reused slot instead.
+#[test]
+fn segment_numbers_past_two_to_the_24_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = Engine::open(dir.path(), options(Durability::None)).unwrap();
+        assert!(write(&engine, "before"));
+    }
+    // Renumber the only segment to 2^24 - 2, as if that many had been made.
+    let number = (1u64 << 24) - 2;
+    let old = dir.path().join("000001.log");
+    let mut bytes = std::fs::read(&old).unwrap();
+    set_header_number(&mut bytes, number);
+    std::fs::remove_file(&old).unwrap();
+    std::fs::write(dir.path().join(format!("{number:06x}.log")), &bytes).unwrap();
+
+    let mut keys = vec!["before".to_owned()];
+    for round in 0..3 {
+        let engine = Engine::open(dir.path(), options(Durability::None)).unwrap();
+        assert_replays(&engine, &keys);
+        for i in 0..120 {
+            let key = format!("r{round}-{i}");
+            assert!(write(&engine, &key), "{key}");
+            keys.push(key);
+        }
+        engine.compact().unwrap();
+        assert_replays(&engine, &keys);
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    assert!(
+        names.iter().all(|n| n.len() > "000000.log".len()),
+        "every segment is numbered past 2^24 now: {names:?}"
+    );
+    let engine = Engine::open(dir.path(), options(Durability::None)).unwrap();
+    assert_replays(&engine, &keys);
+    drop(engine);
+    let report = idemkv::verify(dir.path()).unwrap();
+    assert!(report.records > 0, "{report:?}");
+}
+
+/// Rewrites a segment header's `file` and `order` fields (docs/FORMAT.md:
+/// magic 8, version 4, crc 4 of bytes 16..56, then file, order, replaces,
+/// token_floor, created_ms as u64 LE).
+fn set_header_number(bytes: &mut [u8], number: u64) {
+    bytes[16..24].copy_from_slice(&number.to_le_bytes());
+    bytes[24..32].copy_from_slice(&number.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[16..56]);
+    bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+}

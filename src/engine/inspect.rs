@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::Engine;
 use crate::error::{CorruptKind, Error, IoOp, Result};
-use crate::log::file_of;
+use crate::log::slot_of;
 use crate::outcome::{Fingerprint, Outcome, RecordState, RecordView};
 use crate::storage::{FsStorage, Storage};
 
@@ -121,7 +121,7 @@ impl Engine {
         let mut live_by_file: HashMap<u64, u64> = HashMap::new();
         for shard in self.index.shards() {
             shard.lock().for_each(|e| {
-                *live_by_file.entry(file_of(e.pos)).or_insert(0) += 1;
+                *live_by_file.entry(slot_of(e.pos)).or_insert(0) += 1;
                 match (e.is_live(now), e.state) {
                     (false, _) => out.expired += 1,
                     (true, RecordState::InProgress) => out.in_progress += 1,
@@ -133,12 +133,12 @@ impl Engine {
             .log
             .segments()
             .into_iter()
-            .map(|(file, path, bytes, records, active)| SegmentInfo {
+            .map(|(slot, file, path, bytes, records, active)| SegmentInfo {
                 file,
                 path,
                 bytes,
                 records,
-                live_records: live_by_file.get(&file).copied().unwrap_or(0),
+                live_records: live_by_file.get(&slot).copied().unwrap_or(0),
                 active,
             })
             .collect();

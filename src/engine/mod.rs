@@ -298,6 +298,7 @@ impl Engine {
         // engine started renames or removes a file in the directory.
         self.compactor.shut();
         let result = self.log.close();
+        self.log.release_files();
         self.storage.close();
         self.waiters.notify();
         result

@@ -166,6 +166,18 @@ impl Engine {
     /// it is this key's.
     pub(super) fn read_record(&self, entry: &Entry, user: &[u8], key: &[u8]) -> Result<Found> {
         self.log.wait_durable(entry.pos)?;
+        // Whether the key's entry still points where `entry` did: if not,
+        // compaction moved it since (and the slot may hold another segment
+        // now), so look again.
+        let still_here = || {
+            let id = KeyId::new(user, key);
+            self.index
+                .shard(&id)
+                .lock()
+                .get(&id, user, key)
+                .map(|e| e.pos)
+                == Some(entry.pos)
+        };
         let record = match self.log.read(entry.pos) {
             Ok(record) => record,
             // Compaction moved the record and retired its segment since the
@@ -173,18 +185,11 @@ impl Engine {
             // there (then the segment is truly missing).
             Err(
                 e @ Error::Corrupt {
-                    kind: CorruptKind::Dangling,
+                    kind: CorruptKind::Dangling | CorruptKind::Checksum | CorruptKind::Malformed,
                     ..
                 },
             ) => {
-                let id = KeyId::new(user, key);
-                let now_at = self
-                    .index
-                    .shard(&id)
-                    .lock()
-                    .get(&id, user, key)
-                    .map(|e| e.pos);
-                return if now_at == Some(entry.pos) {
+                return if still_here() {
                     Err(e)
                 } else {
                     Ok(Found::Moved)
@@ -193,9 +198,16 @@ impl Engine {
             Err(e) => return Err(e),
         };
         if record.user != user || record.key != key {
-            return Ok(Found::Foreign);
+            return Ok(if still_here() {
+                Found::Foreign
+            } else {
+                Found::Moved
+            });
         }
         if record.token != entry.token {
+            if !still_here() {
+                return Ok(Found::Moved);
+            }
             return Err(Error::Corrupt {
                 file: self.log.path_of(entry.pos),
                 offset: self.log.offset_of(entry.pos),

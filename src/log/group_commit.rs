@@ -24,7 +24,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use super::writer::Writer;
-use super::{Log, file_of, segment_name};
+use super::{Log, slot_of};
 use crate::error::{Error, IoOp, Result};
 use crate::storage::StorageFile;
 
@@ -120,14 +120,16 @@ impl GroupCommit {
 }
 
 impl Log {
-    /// fdatasyncs segment `id` and, on success, publishes `end` as durable.
+    /// fdatasyncs the segment in `slot` and, on success, publishes `end` as
+    /// durable (if that segment is still the active one: a roll publishes
+    /// the start of the next one).
     /// Serialized with every other segment sync; refuses to sync once the
     /// log is poisoned (after a failed fsync, a later successful one proves
     /// nothing about the pages the failure dropped).
     pub(super) fn sync_segment(
         &self,
         file: &Arc<dyn StorageFile>,
-        id: u64,
+        slot: u64,
         end: u64,
     ) -> Result<()> {
         let _serial = self.commit.serial.lock();
@@ -136,16 +138,18 @@ impl Log {
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
-                self.durable.fetch_max(end, Ordering::AcqRel);
+                // Slots are not ordered: move `durable` forward only within
+                // the segment it is in.
+                let _ = self
+                    .durable
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                        (slot_of(now) == slot_of(end) && end > now).then_some(end)
+                    });
                 Ok(())
             }
             Err(e) => {
                 self.set_poison(e.kind());
-                Err(Error::io(
-                    IoOp::Sync,
-                    self.storage.path(&segment_name(id)),
-                    e,
-                ))
+                Err(Error::io(IoOp::Sync, self.path_of_slot(slot), e))
             }
         }
     }
@@ -156,8 +160,13 @@ impl Log {
     /// effort: if this fails too, recovery still treats what follows the
     /// last durable record as a torn tail or reports it.
     pub(super) fn drop_unsynced(&self, w: &mut Writer) {
+        if w.is_released() {
+            // The engine closed and gave the directory up: another engine
+            // may own these files now.
+            return;
+        }
         let durable = self.durable.load(Ordering::Acquire);
-        if super::file_of(durable) == w.id() {
+        if slot_of(durable) == w.slot() {
             let keep = durable & ((1 << 40) - 1);
             let _ = w.truncate_to(keep);
         }
@@ -181,7 +190,7 @@ impl Log {
             }
             if r.leading() {
                 let in_flight = r.started;
-                if file_of(at) == file_of(r.target) && at < r.target {
+                if slot_of(at) == slot_of(r.target) && at < r.target {
                     // Covered: the in-flight leader always ends its round
                     // and signals.
                     while r.finished < in_flight {

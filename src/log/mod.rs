@@ -1,12 +1,18 @@
 //! The write-ahead log: segment files of framed records, appended by one
 //! writer at a time and synced by group commit.
 //!
-//! A log position (`pos`) names a record's first byte as
-//! `file << 40 | offset`, where `file` is the number in the segment's file
-//! name. Segments replay in the `order` their header gives: a new active
-//! segment takes its file number as its order, and a compaction output
-//! takes the order of the segment it replaces (`rewrite.rs`), so rewriting
-//! never reorders records.
+//! A segment has a **file number** (in its name and header; a 64-bit count
+//! that is never reused, so it cannot run out) and, while the log is open, a
+//! **slot**: a small in-memory number that log positions carry. A position
+//! (`pos`) names a record's first byte as `slot << 40 | offset`; the index
+//! packs the slot into 24 bits, so slots are reused: a new segment takes
+//! the next free slot in round-robin order, so a slot comes back only after
+//! 2^24 - 1 other segments were made (and a reader that finds another
+//! record than it expected at a position looks its key up again).
+//! Segments replay in the `order` their header gives: a new active segment
+//! takes its file number as its order, and a compaction output takes the
+//! order of the segment it replaces (`rewrite.rs`), so rewriting never
+//! reorders records.
 //!
 //! # Invariants
 //! - Acked means synced: under `Durability::Sync`, [`Log::wait_durable`]
@@ -15,10 +21,14 @@
 //! - After a failed write or sync the log is poisoned: no later append or
 //!   sync succeeds until the log is reopened, and no later sync is taken to
 //!   cover data written before the failure.
-//! - A closed segment is synced before the next one is created, and a
+//! - A segment is synced before the next one takes a record (a roll stops
+//!   appends, syncs the active segment, then swaps in the next one), and a
 //!   compaction output is synced before it gets its name, so only the last
-//!   segment (by order) can have a torn tail, and every position outside
-//!   the active segment is durable.
+//!   segment that holds records can have a torn tail (the segments after it
+//!   are empty: the spare a roll made ahead of time), and every position
+//!   outside the active segment is durable.
+//! - No roll holds the writer lock across I/O: appenders (who hold a shard
+//!   lock) never wait for a disk, so neither do readers of that shard.
 
 mod crc;
 mod group_commit;
@@ -52,31 +62,73 @@ pub(crate) use rewrite::ClosedSegment;
 
 /// Bits of a position that hold the offset inside a segment.
 const OFFSET_BITS: u32 = 40;
-/// The largest segment id a position can name.
-const MAX_SEGMENT_ID: u64 = (1 << (64 - OFFSET_BITS)) - 1;
+/// Slots are 1 to `SLOTS - 1` (what 24 bits hold; 0 names no segment).
+const SLOTS: u64 = 1 << (64 - OFFSET_BITS);
 
-/// The position of `offset` in segment `id`.
-pub(crate) fn pos(id: u64, offset: u64) -> u64 {
-    id << OFFSET_BITS | offset
+/// The position of `offset` in the segment in `slot`.
+pub(crate) fn pos(slot: u64, offset: u64) -> u64 {
+    slot << OFFSET_BITS | offset
 }
 
 fn split(pos: u64) -> (u64, u64) {
     (pos >> OFFSET_BITS, pos & ((1 << OFFSET_BITS) - 1))
 }
 
-/// The file number of a position.
-pub(crate) fn file_of(pos: u64) -> u64 {
+/// The slot of a position.
+pub(crate) fn slot_of(pos: u64) -> u64 {
     split(pos).0
 }
 
-/// The file name of segment `id`.
-pub(crate) fn segment_name(id: u64) -> String {
-    format!("{id:06x}.log")
+/// The file name of segment number `number`: at least six hex digits.
+pub(crate) fn segment_name(number: u64) -> String {
+    format!("{number:06x}.log")
 }
 
 /// The name a compaction output is written under before it is published.
-fn temp_name(id: u64) -> String {
-    format!("{id:06x}.log.tmp")
+fn temp_name(number: u64) -> String {
+    format!("{number:06x}.log.tmp")
+}
+
+/// The slots in use, and where the round-robin search for a free one
+/// resumes.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    next: u64,
+    used: std::collections::HashSet<u64>,
+}
+
+impl Slots {
+    /// Slots `1..=taken` in use, the search resuming after them.
+    fn with_taken(taken: u64) -> Slots {
+        Slots {
+            next: taken % (SLOTS - 1) + 1,
+            used: (1..=taken).collect(),
+        }
+    }
+
+    /// Takes the next free slot.
+    ///
+    /// # Errors
+    /// [`Error::Exhausted`] with 2^24 - 1 segments open at once.
+    fn take(&mut self) -> Result<u64> {
+        if self.used.len() as u64 >= SLOTS - 1 {
+            return Err(Error::Exhausted {
+                what: "segment slots (2^24 - 1 segments at once)",
+            });
+        }
+        loop {
+            let slot = self.next;
+            self.next = slot % (SLOTS - 1) + 1;
+            if self.used.insert(slot) {
+                return Ok(slot);
+            }
+        }
+    }
+
+    /// Gives a slot back.
+    fn free(&mut self, slot: u64) {
+        self.used.remove(&slot);
+    }
 }
 
 /// A record read back from the log; its fields share one buffer.
@@ -115,6 +167,8 @@ impl ReadRecord {
 #[derive(Clone, Debug)]
 pub(crate) struct Segment {
     file: Arc<dyn StorageFile>,
+    /// The number in its name and header.
+    number: u64,
     /// Where it replays.
     order: u64,
     /// Records in the file (the writer counts appends to the active one).
@@ -125,10 +179,11 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// A new active segment: it replays in the order of its file number.
-    fn active(file: &Arc<dyn StorageFile>, id: u64) -> Segment {
+    fn active(file: &Arc<dyn StorageFile>, number: u64) -> Segment {
         Segment {
             file: Arc::clone(file),
-            order: id,
+            number,
+            order: number,
             records: Arc::new(AtomicU64::new(0)),
             pinned: Pin::default(),
         }
@@ -164,23 +219,26 @@ impl Pin {
 /// a body of up to about 400 bytes.
 const FIRST_READ: usize = 512;
 
-/// Reads the record at `at` from `segments`, checking its CRC.
+/// Reads the record at `at` from `segments` (by slot), checking its CRC.
 fn read_from(
     storage: &dyn Storage,
     segments: &BTreeMap<u64, Segment>,
     at: u64,
 ) -> Result<ReadRecord> {
-    let (id, offset) = split(at);
-    let path = || storage.path(&segment_name(id));
+    let (slot, offset) = split(at);
+    let segment = segments.get(&slot);
+    let path = || {
+        segment.map_or_else(
+            || storage.path(""),
+            |s| storage.path(&segment_name(s.number)),
+        )
+    };
     let dangling = || Error::Corrupt {
         file: path(),
         offset,
         kind: CorruptKind::Dangling,
     };
-    let file = segments
-        .get(&id)
-        .map(|s| Arc::clone(&s.file))
-        .ok_or_else(dangling)?;
+    let file = segment.map(|s| Arc::clone(&s.file)).ok_or_else(dangling)?;
     // One read covers a typical record (header, ids, a body of a few
     // hundred bytes); a longer one takes a second read for the rest. The
     // frame's length is checked against the file before anything is
@@ -230,10 +288,17 @@ pub(crate) struct Log {
     writer: Mutex<Writer>,
     /// Set while an appender spins on a taken writer lock (at most one).
     spinning: AtomicBool,
-    /// Every segment on disk by file number, for reads and compaction.
+    /// Every segment on disk by slot, for reads and compaction.
     segments: RwLock<BTreeMap<u64, Segment>>,
+    /// The slots in use.
+    slots: Mutex<Slots>,
     /// The next file number to create.
     next_file: AtomicU64,
+    /// Held by a roll from start to end (and by close), so rolls run one at
+    /// a time; holds the spare segment made ahead of time for the next roll.
+    roll: Mutex<Option<writer::Spare>>,
+    /// Bytes of the spare's file (its header), or 0 without a spare.
+    spare_bytes: AtomicU64,
     /// End position of everything appended.
     written: AtomicU64,
     /// End position of everything known durable in the active segment.
@@ -383,7 +448,7 @@ impl Log {
     /// they are left or published), or before the synced end.
     pub fn is_durable(&self, at: u64) -> bool {
         let durable = self.durable.load(Ordering::Acquire);
-        file_of(at) != file_of(durable) || at < durable
+        slot_of(at) != slot_of(durable) || at < durable
     }
 
     /// Waits until the record at `pos` is as durable as the mode promises:
@@ -397,7 +462,15 @@ impl Log {
 
     /// The path of the segment that holds `pos`, for error messages.
     pub fn path_of(&self, at: u64) -> PathBuf {
-        self.storage.path(&segment_name(file_of(at)))
+        self.path_of_slot(slot_of(at))
+    }
+
+    /// The path of the segment in `slot` (the directory if none is there).
+    pub(crate) fn path_of_slot(&self, slot: u64) -> PathBuf {
+        match self.segments.read().get(&slot) {
+            Some(s) => self.storage.path(&segment_name(s.number)),
+            None => self.storage.path(""),
+        }
     }
 
     /// The offset of `pos` inside its segment.
@@ -412,15 +485,25 @@ impl Log {
 
     /// Bytes in all segment files.
     pub fn disk_bytes(&self) -> u64 {
-        self.segments
+        let segments: u64 = self
+            .segments
             .read()
             .values()
             .map(|s| s.file.len().unwrap_or(0))
-            .sum()
+            .sum();
+        segments + self.spare_bytes.load(Ordering::Relaxed)
     }
 
-    /// Stops the flusher, refuses further appends and syncs what was written.
+    /// Marks the files given up (the engine released the directory): no
+    /// call still running may change a file after this returns.
+    pub fn release_files(&self) {
+        self.writer.lock().release();
+    }
+
+    /// Waits for a roll in progress, stops the flusher, refuses further
+    /// appends and syncs what was written.
     pub fn close(&self) -> Result<()> {
+        let _no_roll = self.roll.lock();
         let first = self.writer.lock().close();
         self.commit.stop_flusher();
         if !first {
@@ -437,13 +520,33 @@ impl Log {
 
 /// The header bytes of a new active segment: it replays after every
 /// existing segment, in the order of its file number.
-fn new_header(id: u64, token_floor: u64, clock: &dyn Clock) -> [u8; HEADER_LEN] {
+fn new_header(number: u64, token_floor: u64, clock: &dyn Clock) -> [u8; HEADER_LEN] {
     SegmentHeader {
-        file: id,
-        order: id,
+        file: number,
+        order: number,
         replaces: 0,
         token_floor,
         created_ms: clock.now_ms(),
     }
     .encode()
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::{SLOTS, Slots};
+
+    #[test]
+    fn slots_are_taken_round_robin_skipping_used_ones_and_wrap_past_the_last() {
+        let mut slots = Slots::with_taken(3);
+        assert_eq!(slots.take().unwrap(), 4);
+        slots.free(2);
+        // A freed slot comes back only after the search wraps around.
+        assert_eq!(slots.take().unwrap(), 5);
+        slots.next = SLOTS - 1;
+        assert_eq!(slots.take().unwrap(), SLOTS - 1);
+        // Past the last slot the search wraps to 1 (never 0), skipping the
+        // slots in use.
+        assert_eq!(slots.take().unwrap(), 2);
+        assert_eq!(slots.take().unwrap(), 6);
+    }
 }

@@ -11,7 +11,7 @@ use super::group_commit::GroupCommit;
 use super::reader::{Tail, replay_segment, scan_segment};
 use super::record::{HEADER_LEN, Record, SegmentHeader};
 use super::writer::{Writer, create_segment};
-use super::{Log, Pin, ReadRecord, Segment, new_header, pos, read_from, segment_name};
+use super::{Log, Pin, ReadRecord, Segment, Slots, pos, read_from, segment_name};
 use crate::error::{CorruptKind, Error, IoOp, Result};
 use crate::options::{Durability, Options};
 use crate::stats::Counters;
@@ -30,13 +30,15 @@ impl Replayed<'_> {
     }
 }
 
-/// The segment id in a file name, if it is a segment's name.
+/// The file number in a segment's name (6 to 16 hex digits), if it is one.
 fn parse_name(name: &str, suffix: &str) -> Option<u64> {
     let hex = name.strip_suffix(suffix)?;
-    if hex.len() != 6 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !(6..=16).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    let number = u64::from_str_radix(hex, 16).ok()?;
+    // One spelling per number: what `segment_name` writes.
+    (segment_name(number).strip_suffix(".log") == Some(hex)).then_some(number)
 }
 
 /// Reads a whole file into `buf` (reused from segment to segment, so a
@@ -71,6 +73,7 @@ const PARALLEL_MIN: usize = 256 << 10;
 fn scan_lanes<F>(
     buf: &[u8],
     id: u64,
+    slot: u64,
     lanes: usize,
     apply: &F,
 ) -> (
@@ -82,7 +85,7 @@ where
     F: Fn(usize, Record<'_>, u64) + Sync,
 {
     // Lane 0 decides how the bytes end; the other lanes only apply records.
-    let lane = |l: usize| replay_segment(buf, id, |rec, offset| apply(l, rec, pos(id, offset)));
+    let lane = |l: usize| replay_segment(buf, id, |rec, offset| apply(l, rec, pos(slot, offset)));
     std::thread::scope(|s| {
         let mut inline = Vec::new();
         for l in 1..lanes {
@@ -101,7 +104,7 @@ where
         let scanned = scan_segment(buf, id, |rec, offset| {
             records += 1;
             max_token = max_token.max(rec.token);
-            apply(0, rec, pos(id, offset));
+            apply(0, rec, pos(slot, offset));
         });
         for l in inline {
             lane(l);
@@ -170,8 +173,10 @@ fn replay_order(found: &BTreeMap<u64, (Arc<dyn StorageFile>, Option<SegmentHeade
 }
 
 /// Where the valid bytes of a segment of `len` bytes end, given how its
-/// scan ended: a torn tail is tolerated only in the last segment (the one a
-/// crash can have interrupted); anywhere else it is corruption.
+/// scan ended: a torn tail is tolerated only in the last segment that holds
+/// records (the one a crash can have interrupted: `is_last` is true when
+/// every later segment is empty, like the spare a roll makes ahead of
+/// time); anywhere else it is corruption.
 fn valid_end(tail: Tail, len: usize, is_last: bool, path: &std::path::Path) -> Result<usize> {
     match tail {
         Tail::Clean => Ok(len),
@@ -188,6 +193,31 @@ fn valid_end(tail: Tail, len: usize, is_last: bool, path: &std::path::Path) -> R
             kind: CorruptKind::BadHeader,
         }),
     }
+}
+
+/// For each segment in `ordered`, whether every segment after it holds no
+/// record (its file is no longer than a segment header).
+fn later_empty(
+    ordered: &[u64],
+    found: &BTreeMap<u64, (Arc<dyn StorageFile>, Option<SegmentHeader>)>,
+) -> Vec<bool> {
+    let empty: Vec<bool> = ordered
+        .iter()
+        .map(|id| {
+            found
+                .get(id)
+                .is_none_or(|(file, _)| file.len().is_ok_and(|len| len <= HEADER_LEN as u64))
+        })
+        .collect();
+    let mut out = vec![true; ordered.len()];
+    let mut all_empty = true;
+    for (i, e) in empty.iter().enumerate().rev() {
+        if let Some(slot) = out.get_mut(i) {
+            *slot = all_empty;
+        }
+        all_empty &= *e;
+    }
+    out
 }
 
 /// What [`verify`] found in a data directory.
@@ -210,6 +240,7 @@ pub(crate) fn verify(storage: &dyn Storage) -> Result<Verified> {
         found.remove(id);
     }
     let ordered = replay_order(&found);
+    let last = later_empty(&ordered, &found);
     let mut report = Verified::default();
     let mut buf = Vec::new();
     for (i, &id) in ordered.iter().enumerate() {
@@ -225,7 +256,7 @@ pub(crate) fn verify(storage: &dyn Storage) -> Result<Verified> {
             offset: offset as u64,
             kind,
         })?;
-        let end = valid_end(tail, buf.len(), i + 1 == ordered.len(), &path)?;
+        let end = valid_end(tail, buf.len(), last.get(i) == Some(&true), &path)?;
         if end < buf.len() {
             report.torn_tail = Some((path, end as u64));
         }
@@ -275,22 +306,28 @@ impl Log {
             .sync_dir()
             .map_err(|e| Error::io(IoOp::SyncDir, &dir, e))?;
         let ordered = replay_order(&found);
+        let last = later_empty(&ordered, &found);
         let max_file = found.keys().copied().max().unwrap_or(0);
+        // Slots 1..=n, in replay order.
+        let slot_of: BTreeMap<u64, u64> =
+            ordered.iter().zip(1u64..).map(|(&n, s)| (n, s)).collect();
         let segments: BTreeMap<u64, Segment> = found
             .into_iter()
-            .map(|(id, (file, h))| {
+            .filter_map(|(id, (file, h))| {
                 let segment = Segment {
                     file,
+                    number: id,
                     order: h.map_or(id, |h| h.order),
                     records: Arc::new(AtomicU64::new(0)),
                     pinned: Pin::default(),
                 };
-                (id, segment)
+                Some((*slot_of.get(&id)?, segment))
             })
             .collect();
 
         let mut max_token = 0u64;
         let mut active = None;
+        let mut active_header: Option<SegmentHeader> = None;
         let replayed = Replayed {
             storage: &*storage,
             segments: &segments,
@@ -299,14 +336,17 @@ impl Log {
         let mut buf = Vec::new();
         for (i, &id) in ordered.iter().enumerate() {
             let path = storage.path(&segment_name(id));
-            let Some(segment) = segments.get(&id) else {
+            let Some(&slot) = slot_of.get(&id) else {
+                continue;
+            };
+            let Some(segment) = segments.get(&slot) else {
                 continue;
             };
             let file = Arc::clone(&segment.file);
             read_all(&*file, &path, &mut buf)?;
             let len = buf.len();
             let is_last = i + 1 == ordered.len();
-            let (scanned, records, top) = scan_lanes(&buf, id, lanes.max(1), &apply);
+            let (scanned, records, top) = scan_lanes(&buf, id, slot, lanes.max(1), &apply);
             max_token = max_token.max(top);
             let (header, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
                 file: path.clone(),
@@ -317,7 +357,7 @@ impl Log {
                 .records
                 .store(records, std::sync::atomic::Ordering::Relaxed);
             max_token = max_token.max(header.token_floor.saturating_sub(1));
-            let end = valid_end(tail, len, is_last, &path)?;
+            let end = valid_end(tail, len, last.get(i) == Some(&true), &path)?;
             if end < len {
                 crate::trace::event!(warn, file = %path.display(), offset = end, dropped = len - end, "cutting off a torn tail");
                 file.truncate(end as u64)
@@ -325,48 +365,104 @@ impl Log {
                     .map_err(|e| Error::io(IoOp::Truncate, &path, e))?;
             }
             if is_last {
-                active = Some((id, Arc::clone(&segment.records), file, end as u64));
+                active = Some((slot, id, Arc::clone(&segment.records), file, end as u64));
+                active_header = Some(header);
             }
         }
 
         let mut segments = segments;
         let next_token = max_token.saturating_add(1);
-        let (id, records, file, offset) = match active {
-            Some((id, records, file, 0)) => {
+        let taken = segments.len() as u64;
+        let mut slots = Slots::with_taken(taken);
+        let (slot, id, records, file, offset) = match active {
+            Some((slot, id, records, file, 0)) => {
                 // The last segment lost its header in a crash while it was
-                // being created: write it again.
-                let header = new_header(id, next_token, options.clock.as_ref());
+                // being created: write it again. It replays last: give it
+                // an order above every other segment's.
+                let order = segments
+                    .values()
+                    .map(|s| s.order)
+                    .filter(|o| *o != u64::MAX)
+                    .max()
+                    .unwrap_or(0)
+                    .max(id)
+                    .saturating_add(1);
+                let header = SegmentHeader {
+                    file: id,
+                    order,
+                    replaces: 0,
+                    token_floor: next_token,
+                    created_ms: options.clock.now_ms(),
+                }
+                .encode();
                 let path = storage.path(&segment_name(id));
                 file.append(&header)
                     .and_then(|()| file.sync())
                     .map_err(|e| Error::io(IoOp::Write, path, e))?;
-                if let Some(segment) = segments.get_mut(&id) {
-                    segment.order = id;
+                if let Some(segment) = segments.get_mut(&slot) {
+                    segment.order = order;
                 }
-                (id, records, file, HEADER_LEN as u64)
+                (slot, id, records, file, HEADER_LEN as u64)
+            }
+            Some((slot, id, records, file, offset))
+                if offset == HEADER_LEN as u64
+                    && active_header.is_some_and(|h| h.token_floor < next_token) =>
+            {
+                // The spare a roll made ahead of time, empty, with a token
+                // floor from before a reservation in an earlier segment:
+                // were that segment compacted away while this one is
+                // active, a crash would hand its tokens out again. It holds
+                // no record: write its header again with the floor now.
+                let header = SegmentHeader {
+                    token_floor: next_token,
+                    ..active_header.unwrap_or(SegmentHeader {
+                        file: id,
+                        order: id,
+                        replaces: 0,
+                        token_floor: next_token,
+                        created_ms: 0,
+                    })
+                }
+                .encode();
+                let path = storage.path(&segment_name(id));
+                file.truncate(0)
+                    .and_then(|()| file.append(&header))
+                    .and_then(|()| file.sync())
+                    .map_err(|e| Error::io(IoOp::Write, path, e))?;
+                (slot, id, records, file, offset)
             }
             Some(active) => active,
             None => {
                 let id = max_file + 1;
+                let slot = slots.take()?;
                 let file = create_segment(&*storage, id, next_token, options.clock.as_ref())?;
                 let segment = Segment::active(&file, id);
                 let records = Arc::clone(&segment.records);
-                segments.insert(id, segment);
-                (id, records, file, HEADER_LEN as u64)
+                segments.insert(slot, segment);
+                (slot, id, records, file, HEADER_LEN as u64)
             }
         };
-        let end = pos(id, offset);
-        let next_file = segments.keys().copied().max().unwrap_or(id).max(id) + 1;
+        let end = pos(slot, offset);
+        let next_file = segments
+            .values()
+            .map(|s| s.number)
+            .max()
+            .unwrap_or(id)
+            .max(id)
+            .saturating_add(1);
         let log = Arc::new(Log {
             storage,
             durability: options.durability,
             segment_bytes: options.segment_bytes,
             clock: Arc::clone(&options.clock),
             counters,
-            writer: Mutex::new(Writer::new(id, file, offset, records)),
+            writer: Mutex::new(Writer::new(slot, id, file, offset, records)),
             spinning: AtomicBool::new(false),
             segments: RwLock::new(segments),
+            slots: Mutex::new(slots),
             next_file: AtomicU64::new(next_file),
+            roll: Mutex::new(None),
+            spare_bytes: AtomicU64::new(0),
             written: AtomicU64::new(end),
             durable: AtomicU64::new(end),
             poison: OnceLock::new(),

@@ -2,8 +2,9 @@
 //! publishing its rewrite crash-safely.
 //!
 //! A rewrite of segment `F` is written to `M.log.tmp` (a fresh file number
-//! `M`), synced, renamed to `M.log`, and the directory is synced; only then
-//! does the index move to `M`, and only then is `F` removed. `M`'s header
+//! `M`, and a free slot), synced, renamed to `M.log`, and the directory is
+//! synced; only then does the index move to `M`, and only then is `F`
+//! removed (and its slot freed). `M`'s header
 //! carries `order = order(F)` (it replays where `F` did) and `replaces = F`,
 //! so after a crash at any step recovery finds either `F` alone, or `M`
 //! (whose presence retires `F`). An unfinished `.tmp` file is removed.
@@ -18,8 +19,10 @@ use crate::error::{Error, IoOp, Result};
 /// What the compactor sees of a closed (not active) segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ClosedSegment {
-    /// File number.
+    /// Its slot (what log positions in it carry).
     pub file: u64,
+    /// The number in its name and header.
+    pub number: u64,
     /// Records in the file.
     pub records: u64,
     /// Records an earlier rewrite kept as tombstones.
@@ -31,7 +34,7 @@ pub(crate) struct ClosedSegment {
 impl Log {
     /// Every segment but the active one, in replay order, as of `now_ms`.
     pub fn closed_segments(&self, now_ms: u64) -> Vec<ClosedSegment> {
-        let active = self.writer.lock().id();
+        let active = self.writer.lock().slot();
         let segments = self.segments.read();
         let mut closed: Vec<(u64, ClosedSegment)> = segments
             .iter()
@@ -39,6 +42,7 @@ impl Log {
             .map(|(&file, s)| {
                 let info = ClosedSegment {
                     file,
+                    number: s.number,
                     records: s.records.load(Ordering::Relaxed),
                     pinned: s.pinned.live(now_ms, active),
                     bytes: s.file.len().unwrap_or(0),
@@ -50,28 +54,33 @@ impl Log {
         closed.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Every segment: file number, path, size, records, and whether it is
-    /// the active one; in file-number order.
-    pub fn segments(&self) -> Vec<(u64, std::path::PathBuf, u64, u64, bool)> {
-        let active = self.writer.lock().id();
-        self.segments
+    /// Every segment: slot, file number, path, size, records, and whether
+    /// it is the active one; in file-number order.
+    #[allow(clippy::type_complexity)]
+    pub fn segments(&self) -> Vec<(u64, u64, std::path::PathBuf, u64, u64, bool)> {
+        let active = self.writer.lock().slot();
+        let mut all: Vec<_> = self
+            .segments
             .read()
             .iter()
-            .map(|(&id, s)| {
+            .map(|(&slot, s)| {
                 (
-                    id,
-                    self.storage.path(&segment_name(id)),
+                    slot,
+                    s.number,
+                    self.storage.path(&segment_name(s.number)),
                     s.file.len().unwrap_or(0),
                     s.records.load(Ordering::Relaxed),
-                    id == active,
+                    slot == active,
                 )
             })
-            .collect()
+            .collect();
+        all.sort_unstable_by_key(|s| s.1);
+        all
     }
 
-    /// The file number of the active segment, its record count and size.
+    /// The slot of the active segment, its record count and size.
     pub fn active_segment(&self) -> (u64, u64, u64) {
-        let id = self.writer.lock().id();
+        let id = self.writer.lock().slot();
         let segments = self.segments.read();
         let (records, bytes) = segments.get(&id).map_or((0, 0), |s| {
             (s.records.load(Ordering::Relaxed), s.file.len().unwrap_or(0))
@@ -82,18 +91,18 @@ impl Log {
     /// Rolls to a new active segment if the current one holds records, so
     /// that compaction can rewrite it.
     pub fn roll_if_used(&self) -> Result<()> {
-        let mut w = self.writer.lock();
-        if w.is_empty() {
+        let mut spare = self.roll.lock();
+        if self.writer.lock().is_empty() {
             return Ok(());
         }
         self.check_poison()?;
-        self.roll(&mut w)
+        self.roll(&mut spare)
     }
 
-    /// Reads a whole segment.
+    /// Reads a whole segment (by slot).
     pub fn read_segment(&self, file: u64) -> Result<Vec<u8>> {
         let handle = self.segments.read().get(&file).map(|s| Arc::clone(&s.file));
-        let path = self.storage.path(&segment_name(file));
+        let path = self.path_of_slot(file);
         let handle = handle
             .ok_or_else(|| Error::io(IoOp::Open, &path, std::io::ErrorKind::NotFound.into()))?;
         let len = handle.len().map_err(|e| Error::io(IoOp::Read, &path, e))?;
@@ -106,8 +115,8 @@ impl Log {
 
     /// Publishes `frames` (whole encoded records, `records` of them, of which
     /// `pinned` were kept although no entry points at them) as the
-    /// replacement of segment `input`, and
-    /// returns its file number. Durable and named when this returns.
+    /// replacement of the segment in slot `input`, and returns the slot of
+    /// the output. Durable and named when this returns.
     pub fn publish_rewrite(
         &self,
         input: u64,
@@ -116,23 +125,53 @@ impl Log {
         pinned: Pin,
     ) -> Result<u64> {
         self.check_poison()?;
-        let order = self
+        let (order, replaces) = self
             .segments
             .read()
             .get(&input)
-            .map(|s| s.order)
+            .map(|s| (s.order, s.number))
             .ok_or_else(|| {
                 Error::io(
                     IoOp::Open,
-                    self.storage.path(&segment_name(input)),
+                    self.path_of_slot(input),
                     std::io::ErrorKind::NotFound.into(),
                 )
             })?;
-        let id = self.new_file_number()?;
+        let (slot, id) = self.new_segment_ids()?;
+        let published = self.write_rewrite(id, order, replaces, frames);
+        let file = match published {
+            Ok(file) => file,
+            Err(e) => {
+                self.free_slot(slot);
+                return Err(e);
+            }
+        };
+        self.segments.write().insert(
+            slot,
+            Segment {
+                file,
+                number: id,
+                order,
+                records: Arc::new(AtomicU64::new(records)),
+                pinned,
+            },
+        );
+        Ok(slot)
+    }
+
+    /// Writes, syncs and names compaction output number `id`; removes its
+    /// temporary file if any step fails.
+    fn write_rewrite(
+        &self,
+        id: u64,
+        order: u64,
+        replaces: u64,
+        frames: &[u8],
+    ) -> Result<Arc<dyn crate::storage::StorageFile>> {
         let header = SegmentHeader {
             file: id,
             order,
-            replaces: input,
+            replaces,
             token_floor: self.token_floor(),
             created_ms: self.clock.now_ms(),
         }
@@ -168,16 +207,7 @@ impl Log {
             }
         };
         self.sync_dir()?;
-        self.segments.write().insert(
-            id,
-            Segment {
-                file,
-                order,
-                records: Arc::new(AtomicU64::new(records)),
-                pinned,
-            },
-        );
-        Ok(id)
+        Ok(file)
     }
 
     /// Forgets segment `file` and removes it. The removal becomes durable
@@ -188,8 +218,11 @@ impl Log {
     /// later compaction rewrote its replacement nothing would name it any
     /// more, so recovery would replay its stale records again.
     pub fn retire(&self, file: u64) -> Result<()> {
-        self.segments.write().remove(&file);
-        let name = segment_name(file);
+        let Some(segment) = self.segments.write().remove(&file) else {
+            return Ok(());
+        };
+        self.free_slot(file);
+        let name = segment_name(segment.number);
         let result = self
             .storage
             .remove(&name)

@@ -1,5 +1,12 @@
-//! The single appender: encodes records into the active segment and rolls
-//! to a new segment at `segment_bytes`.
+//! The single appender: encodes records into the active segment, and the
+//! roll to the next segment at `segment_bytes`.
+//!
+//! A roll never holds the writer lock across I/O. It marks the writer
+//! `rolling` (appends then answer "no room", so their callers release
+//! their shard locks and wait in [`Log::make_room`]), syncs the active
+//! segment outside every lock but its own, swaps in the spare segment (made
+//! and synced ahead of time, by the previous roll) under the writer lock,
+//! and makes the spare for the next roll.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -7,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::atomic::AtomicU64;
 
 use super::record::{HEADER_LEN, Record};
-use super::{Log, MAX_SEGMENT_ID, Segment, new_header, pos, segment_name};
+use super::{Log, Segment, new_header, pos, segment_name};
 use crate::clock::Clock;
 use crate::error::{Error, IoOp, Result};
 use crate::options::Durability;
@@ -16,10 +23,16 @@ use crate::storage::{Storage, StorageFile};
 /// The active segment, owned by whoever holds the writer lock.
 #[derive(Debug)]
 pub(super) struct Writer {
-    id: u64,
+    slot: u64,
+    number: u64,
     file: Arc<dyn StorageFile>,
     offset: u64,
     closed: bool,
+    /// A roll is under way: appends answer "no room" until it ends.
+    rolling: bool,
+    /// The engine closed and released the directory: nothing may change a
+    /// file any more.
+    released: bool,
     /// The record count of the active segment.
     records: Arc<AtomicU64>,
     /// Scratch space for encoding, reused across appends.
@@ -28,16 +41,20 @@ pub(super) struct Writer {
 
 impl Writer {
     pub fn new(
-        id: u64,
+        slot: u64,
+        number: u64,
         file: Arc<dyn StorageFile>,
         offset: u64,
         records: Arc<AtomicU64>,
     ) -> Writer {
         Writer {
-            id,
+            slot,
+            number,
             file,
             offset,
             closed: false,
+            rolling: false,
+            released: false,
             records,
             buf: Vec::new(),
         }
@@ -53,9 +70,9 @@ impl Writer {
         Ok(())
     }
 
-    /// The file number of the active segment.
-    pub fn id(&self) -> u64 {
-        self.id
+    /// The slot of the active segment.
+    pub fn slot(&self) -> u64 {
+        self.slot
     }
 
     /// Whether nothing was appended to the active segment.
@@ -63,31 +80,59 @@ impl Writer {
         self.offset <= HEADER_LEN as u64
     }
 
+    /// Whether the files were given up ([`Log::release_files`]).
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
+    /// Marks the files given up.
+    pub fn release(&mut self) {
+        self.released = true;
+    }
+
     /// Marks the writer closed; true the first time.
     pub fn close(&mut self) -> bool {
         !std::mem::replace(&mut self.closed, true)
     }
 
-    /// The active file and the end position of what was appended to it.
+    /// The active file, its slot and the end position of what was appended
+    /// to it.
     pub fn tail(&self) -> (Arc<dyn StorageFile>, u64, u64) {
-        (Arc::clone(&self.file), self.id, pos(self.id, self.offset))
+        (
+            Arc::clone(&self.file),
+            self.slot,
+            pos(self.slot, self.offset),
+        )
     }
 }
 
-/// Creates segment `id` with its header, synced, and syncs the directory.
+/// A segment made ahead of time for the next roll: created with its header,
+/// synced, and its name made durable; not yet in the log's segment table
+/// (it holds no record), so compaction does not see it.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    slot: u64,
+    number: u64,
+    file: Arc<dyn StorageFile>,
+    /// The token floor in its header.
+    floor: u64,
+}
+
+/// Creates segment `number` with its header, synced, and syncs the
+/// directory.
 pub(super) fn create_segment(
     storage: &dyn Storage,
-    id: u64,
+    number: u64,
     token_floor: u64,
     clock: &dyn Clock,
 ) -> Result<Arc<dyn StorageFile>> {
-    let name = segment_name(id);
+    let name = segment_name(number);
     let path = storage.path(&name);
     let file = storage
         .create(&name)
         .map_err(|e| Error::io(IoOp::Create, &path, e))?;
     let finished = file
-        .append(&new_header(id, token_floor, clock))
+        .append(&new_header(number, token_floor, clock))
         .map_err(|e| Error::io(IoOp::Write, &path, e))
         .and_then(|()| file.sync().map_err(|e| Error::io(IoOp::Sync, &path, e)))
         .and_then(|()| {
@@ -111,15 +156,19 @@ pub(super) fn create_segment(
 const SPIN_FOR: std::time::Duration = std::time::Duration::from_micros(20);
 
 impl Log {
-    /// Takes the next file number.
-    pub(super) fn new_file_number(&self) -> Result<u64> {
-        let id = self.next_file.fetch_add(1, Ordering::SeqCst);
-        if id > MAX_SEGMENT_ID {
-            return Err(Error::Exhausted {
-                what: "segment file numbers",
-            });
-        }
-        Ok(id)
+    /// Takes the next file number and a free slot for a new segment.
+    ///
+    /// # Errors
+    /// [`Error::Exhausted`] with 2^24 - 1 segments at once (file numbers
+    /// are 64-bit and never run out).
+    pub(super) fn new_segment_ids(&self) -> Result<(u64, u64)> {
+        let slot = self.slots.lock().take()?;
+        Ok((slot, self.next_file.fetch_add(1, Ordering::SeqCst)))
+    }
+
+    /// Gives a slot back (its segment is gone).
+    pub(super) fn free_slot(&self, slot: u64) {
+        self.slots.lock().free(slot);
     }
 
     /// Appends one record and returns its position. It is not durable yet:
@@ -137,13 +186,13 @@ impl Log {
         }
         self.check_poison()?;
         let len = record.encoded_len() as u64;
-        if self.needs_roll(&w, len) {
+        if w.rolling || self.needs_roll(&w, len) {
             return Ok(None);
         }
         let mut buf = std::mem::take(&mut w.buf);
         buf.clear();
         record.encode(&mut buf);
-        let at = pos(w.id, w.offset);
+        let at = pos(w.slot, w.offset);
         let result = w.file.append(&buf);
         w.buf = buf;
         if let Err(e) = result {
@@ -153,13 +202,13 @@ impl Log {
             let _ = w.file.truncate(w.offset);
             return Err(Error::io(
                 IoOp::Write,
-                self.storage.path(&segment_name(w.id)),
+                self.storage.path(&segment_name(w.number)),
                 e,
             ));
         }
         w.offset += len;
         w.records.fetch_add(1, Ordering::Relaxed);
-        self.written.store(pos(w.id, w.offset), Ordering::Release);
+        self.written.store(pos(w.slot, w.offset), Ordering::Release);
         self.counters
             .bytes_written
             .fetch_add(len, Ordering::Relaxed);
@@ -217,43 +266,132 @@ impl Log {
     }
 
     /// Rolls to a new segment if a record of `len` bytes does not fit in
-    /// the active one. Call it holding no shard lock: it fsyncs.
+    /// the active one, or waits for a roll under way. Call it holding no
+    /// shard lock: it may fsync.
     pub fn make_room(&self, len: usize) -> Result<()> {
-        let mut w = self.writer.lock();
-        if w.closed {
-            return Err(Error::Closed);
+        let mut spare = self.roll.lock();
+        {
+            let w = self.writer.lock();
+            if w.closed {
+                return Err(Error::Closed);
+            }
+            self.check_poison()?;
+            if !self.needs_roll(&w, len as u64) {
+                return Ok(());
+            }
         }
-        self.check_poison()?;
-        if self.needs_roll(&w, len as u64) {
-            self.roll(&mut w)?;
-        }
+        self.roll(&mut spare)
+    }
+
+    /// Rolls: stops appends to the active segment, syncs it, swaps in the
+    /// spare (or a new segment), then makes the spare for the next roll.
+    /// The caller holds the roll lock (`spare` is behind it) and no shard
+    /// lock; the writer lock is taken only to flip `rolling` and to swap.
+    pub(super) fn roll(&self, spare: &mut Option<Spare>) -> Result<()> {
+        let (file, slot, end) = {
+            let mut w = self.writer.lock();
+            if w.closed {
+                return Err(Error::Closed);
+            }
+            w.rolling = true;
+            w.tail()
+        };
+        let result = self.seal_and_swap(spare, &file, slot, end);
+        self.writer.lock().rolling = false;
+        result?;
+        // Ahead of time, for the next roll: its appenders then wait only
+        // for the fdatasync of the segment they filled.
+        let made = self.make_spare();
+        *spare = Some(self.poison_on(made)?);
+        self.spare_bytes.store(HEADER_LEN as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Closes the active segment (synced) and starts the next one.
-    pub(super) fn roll(&self, w: &mut Writer) -> Result<()> {
-        if let Err(e) = self.sync_segment(&w.file, w.id, pos(w.id, w.offset)) {
-            self.drop_unsynced(w);
+    /// The roll's I/O and its swap (see [`Log::roll`]).
+    fn seal_and_swap(
+        &self,
+        spare: &mut Option<Spare>,
+        file: &Arc<dyn StorageFile>,
+        slot: u64,
+        end: u64,
+    ) -> Result<()> {
+        if let Err(e) = self.sync_segment(file, slot, end) {
+            let mut w = self.writer.lock();
+            self.drop_unsynced(&mut w);
             return Err(e);
         }
-        let id = self.new_file_number()?;
+        loop {
+            // A spare made before a token reservation has a floor below it:
+            // were it the active segment when the reservation's record is
+            // compacted away, a crash could reissue reserved tokens. Make a
+            // new one then (rare: once per reservation).
+            self.spare_bytes.store(0, Ordering::Relaxed);
+            let next = match spare.take() {
+                Some(s) if s.floor >= self.token_floor() => s,
+                stale => {
+                    if let Some(s) = stale {
+                        let removed = self.discard(s);
+                        self.poison_on(removed)?;
+                    }
+                    let made = self.make_spare();
+                    self.poison_on(made)?
+                }
+            };
+            let mut w = self.writer.lock();
+            if w.closed {
+                // Not reached: close waits for the roll lock. Leave the
+                // spare (an empty segment replays nothing).
+                return Err(Error::Closed);
+            }
+            if next.floor < self.token_floor() {
+                // A reservation came in meanwhile: make another one.
+                drop(w);
+                let removed = self.discard(next);
+                self.poison_on(removed)?;
+                continue;
+            }
+            let segment = Segment::active(&next.file, next.number);
+            let records = Arc::clone(&segment.records);
+            self.segments.write().insert(next.slot, segment);
+            w.slot = next.slot;
+            w.number = next.number;
+            w.file = next.file;
+            w.offset = HEADER_LEN as u64;
+            w.records = records;
+            let start = pos(next.slot, w.offset);
+            self.written.store(start, Ordering::Release);
+            self.durable.store(start, Ordering::Release);
+            return Ok(());
+        }
+    }
+
+    /// Makes a spare segment: a new file number and slot, the file created
+    /// with its header (the current token floor), synced, its name durable.
+    fn make_spare(&self) -> Result<Spare> {
+        let (slot, number) = self.new_segment_ids()?;
         let floor = self.token_floor();
-        let file = self.poison_on(create_segment(
-            &*self.storage,
-            id,
-            floor,
-            self.clock.as_ref(),
-        ))?;
-        let segment = Segment::active(&file, id);
-        let records = Arc::clone(&segment.records);
-        self.segments.write().insert(id, segment);
-        w.id = id;
-        w.file = file;
-        w.offset = HEADER_LEN as u64;
-        w.records = records;
-        let start = pos(id, w.offset);
-        self.written.store(start, Ordering::Release);
-        self.durable.fetch_max(start, Ordering::AcqRel);
-        Ok(())
+        match create_segment(&*self.storage, number, floor, self.clock.as_ref()) {
+            Ok(file) => Ok(Spare {
+                slot,
+                number,
+                file,
+                floor,
+            }),
+            Err(e) => {
+                self.free_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops a spare that will not be used: removes its file. (Were the
+    /// removal lost, the empty segment would replay nothing, and compaction
+    /// removes it once it is not the last; a failure still fails the call.)
+    fn discard(&self, spare: Spare) -> Result<()> {
+        let name = segment_name(spare.number);
+        self.free_slot(spare.slot);
+        self.storage
+            .remove(&name)
+            .map_err(|e| Error::io(IoOp::Remove, self.storage.path(&name), e))
     }
 }
