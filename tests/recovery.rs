@@ -483,3 +483,48 @@ fn a_large_segment_of_many_users_recovers_with_parallel_lanes() {
         }
     }
 }
+
+/// Directories written by the format before token reservations, 64-bit
+/// segment numbers and spare segments (made by commit c974420 with
+/// `tests/fixtures/v1-written-by-c974420/make_fixture.rs.txt`) still open,
+/// replay exactly, and hand out tokens above every token they hold.
+#[test]
+fn a_directory_written_before_the_hardening_opens_and_replays_exactly() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v1-written-by-c974420");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    assert!(idemkv::verify(dir.path()).is_ok());
+    // The fixture was written at 2100-01-01 (ms 4_102_444_800_000).
+    let clock = Arc::new(ManualClock::new(4_102_444_800_000));
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    for i in 0..40 {
+        let body = format!("receipt {i} {}", "x".repeat(90));
+        assert_eq!(
+            replay(&engine, "u", &format!("done-{i}"), b"req"),
+            outcome(201, &body)
+        );
+    }
+    for i in 40..45 {
+        assert_eq!(
+            replay(&engine, "", &format!("done-{i}"), b"req"),
+            outcome(200, "after compaction")
+        );
+    }
+    assert_eq!(engine.get("u", "released").unwrap(), None);
+    let pending = engine.get("w", "pending").unwrap().expect("in progress");
+    assert_eq!(pending.state, idemkv::RecordState::InProgress);
+    let fresh = started(&engine, "u", "fresh", b"req");
+    assert!(fresh.token() > 45, "token {} reissued", fresh.token());
+    drop(engine);
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(
+        replay(&engine, "", "done-44", b"req"),
+        outcome(200, "after compaction")
+    );
+}
