@@ -156,6 +156,12 @@ impl Compactor {
         self.holder.load(Ordering::Acquire) == thread_no()
     }
 
+    /// Asks a running pass to stop at its next segment (the first step of
+    /// closing, before the background thread is joined).
+    pub fn request_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
     /// Stops compaction for good: asks a running pass to stop at its next
     /// segment, waits for it, and refuses every later pass. After this
     /// returns no compaction touches the directory. The caller checks

@@ -112,7 +112,8 @@ pub enum Error {
     },
 
     /// A counter that has a fixed width on disk or in memory ran out (fencing
-    /// tokens past 2^48, segment ids past 2^24); nothing was changed.
+    /// tokens past 2^48, more than 2^24 - 1 segment files at once); nothing was
+    /// changed.
     #[error("{what} are exhausted")]
     Exhausted {
         /// What ran out.

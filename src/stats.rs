@@ -35,7 +35,8 @@ pub struct Stats {
     pub fsyncs: u64,
     /// Records held by the index (expired ones not yet swept included).
     pub live_records: u64,
-    /// Log segment files on disk.
+    /// Log segment files on disk that belong to the log (the empty spare a
+    /// roll makes ahead of time for the next roll is not counted).
     pub segments: u64,
     /// Expired records and leases the sweeper removed from the index.
     pub swept: u64,
@@ -45,7 +46,7 @@ pub struct Stats {
     pub bytes_reclaimed: u64,
     /// How long the last compaction pass took, in microseconds.
     pub last_compaction_us: u64,
-    /// Bytes in all segment files now.
+    /// Bytes in all segment files now (the spare's header included).
     pub disk_bytes: u64,
     /// Estimated bytes of live records on disk, as of the last compaction
     /// pass (each segment's size times its live fraction).

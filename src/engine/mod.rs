@@ -290,6 +290,9 @@ impl Engine {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // A pass under way (background or another thread's compact) stops
+        // at its next segment rather than finishing.
+        self.compactor.request_stop();
         if let Some(background) = &self.background {
             background.stop();
         }
