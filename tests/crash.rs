@@ -133,7 +133,7 @@ fn gen_case(seed: u64, durability: Durability) -> Case {
         one_shard: rng.below(4) == 0,
         restart_after_failed_sync: true,
         durability,
-        restart_syncs_what_it_found: false,
+        restart_syncs_what_it_found: true,
     };
     let len = 10 + rng.below(70) as usize;
     Case {
@@ -573,7 +573,7 @@ fn must_hold_with_real_restarts(ops: &[Op]) {
                 one_shard: false,
                 restart_after_failed_sync: true,
                 durability,
-                restart_syncs_what_it_found: false,
+                restart_syncs_what_it_found: true,
             },
             ops: ops.to_vec(),
         };
@@ -834,7 +834,7 @@ fn ops_crash_seeds() -> Vec<(String, Case)> {
         one_shard: false,
         restart_after_failed_sync: true,
         durability: Durability::Sync,
-        restart_syncs_what_it_found: false,
+        restart_syncs_what_it_found: true,
     };
     let named = |name: &str, ops: Vec<Op>| (name.to_owned(), Case { config, ops });
     let mut seeds = vec![
@@ -930,7 +930,7 @@ fn non_sync_seeds() -> Vec<(String, Case)> {
         one_shard: false,
         restart_after_failed_sync: true,
         durability,
-        restart_syncs_what_it_found: false,
+        restart_syncs_what_it_found: true,
     };
     let periodic = Durability::Periodic(LONG_PERIOD);
     let named = |name: &str, durability, ops: Vec<Op>| {
@@ -1275,7 +1275,6 @@ fn fencing_tokens_are_never_reissued_after_a_crash_in_any_durability_mode() {
 /// takes the lease back although the engine that showed it closed cleanly.
 /// Ignored until recovery syncs what it replays (or marks it not durable).
 #[test]
-#[ignore = "engine finding, reported: recovery takes the bytes it reads for durable"]
 fn restart_after_a_close_that_could_not_sync_makes_what_it_shows_durable() {
     for durability in [Durability::None, Durability::Periodic(LONG_PERIOD)] {
         let case = Case {
@@ -1315,7 +1314,6 @@ fn restart_after_a_close_that_could_not_sync_makes_what_it_shows_durable() {
 /// shown a state a crash could take back; a power loss then takes it back,
 /// and the next retry starts the work a second time.
 #[test]
-#[ignore = "engine finding, reported: recovery takes the bytes it reads for durable"]
 fn restart_in_sync_mode_shows_no_state_a_power_loss_takes_back() {
     use idemkv::storage::{SimDisk, Storage, Tear};
     use idemkv::{Begin, Engine, Fingerprint, ManualClock, Options, Outcome};
@@ -1373,7 +1371,6 @@ fn restart_in_sync_mode_shows_no_state_a_power_loss_takes_back() {
 /// loss recovery finds a bad frame followed by valid ones:
 /// `Corrupt { 000001.log, offset 117, Malformed }`.
 #[test]
-#[ignore = "engine finding, reported: a failed fsync after a restart on unsynced bytes corrupts the log"]
 fn failed_fsync_after_a_restart_on_unsynced_records_leaves_a_log_that_opens() {
     for durability in [Durability::None, Durability::Periodic(LONG_PERIOD)] {
         let case = Case {
@@ -1382,7 +1379,7 @@ fn failed_fsync_after_a_restart_on_unsynced_records_leaves_a_log_that_opens() {
                 one_shard: true,
                 restart_after_failed_sync: true,
                 durability,
-                restart_syncs_what_it_found: false,
+                restart_syncs_what_it_found: true,
             },
             ops: vec![
                 begin(0, 1),

@@ -364,6 +364,14 @@ impl Log {
                     .and_then(|()| file.sync())
                     .map_err(|e| Error::io(IoOp::Truncate, &path, e))?;
             }
+            if last.get(i) == Some(&true) && end == len {
+                // The last segment holding records (and the empty ones after
+                // it) may hold bytes the previous engine appended but never
+                // synced, still in the page cache: sync them now, so that
+                // nothing this engine shows (and builds on) can be taken
+                // back by a power loss. (A cut tail was synced above.)
+                file.sync().map_err(|e| Error::io(IoOp::Sync, &path, e))?;
+            }
             if is_last {
                 active = Some((slot, id, Arc::clone(&segment.records), file, end as u64));
                 active_header = Some(header);

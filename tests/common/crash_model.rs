@@ -210,12 +210,12 @@ pub struct Config {
     /// Without `Sync`: whether an engine opened on bytes that no sync
     /// covered (a restart after a close that could not sync, because the
     /// engine was poisoned) must make them durable by its own clean close,
-    /// as it must everything it shows. The engine does not yet: recovery
-    /// takes every byte it reads for durable, so that close syncs nothing
-    /// unless the engine appended something (`tests/crash.rs`,
-    /// `restart_after_a_close_that_could_not_sync_makes_what_it_shows_durable`,
-    /// ignored until that is fixed). [`decode`] sets `false`, which checks
-    /// such a close by what the files show only.
+    /// as it must everything it shows. Recovery syncs the last segment that
+    /// holds records (and the empty ones after it) before it serves, so it
+    /// must (`tests/crash.rs`,
+    /// `restart_after_a_close_that_could_not_sync_makes_what_it_shows_durable`).
+    /// [`decode`] sets `true`; `false` checks such a close by what the files
+    /// show only.
     pub restart_syncs_what_it_found: bool,
 }
 
@@ -333,7 +333,7 @@ pub fn decode(data: &[u8]) -> Case {
         one_shard: flags & 4 != 0,
         restart_after_failed_sync: true,
         durability: durability_of(flags),
-        restart_syncs_what_it_found: false,
+        restart_syncs_what_it_found: true,
     };
     let mut ops = Vec::new();
     while !r.done() && ops.len() < MAX_OPS {
@@ -541,7 +541,7 @@ pub fn run_in(durability: Durability, ops: &[Op]) -> Result<RunStats, String> {
             one_shard: false,
             restart_after_failed_sync: true,
             durability,
-            restart_syncs_what_it_found: false,
+            restart_syncs_what_it_found: true,
         },
         ops: ops.to_vec(),
     })
