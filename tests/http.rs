@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,11 +27,14 @@ use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use idemkv::http::{IdempotencyLayer, X_USER_ID};
-use idemkv::storage::{SimDisk, Storage, StorageFile};
+use idemkv::storage::SimDisk;
 use idemkv::{Durability, Engine, ManualClock, Options, SystemClock};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
+
+mod common;
+use common::gate::{Call, Gated, Gates};
 use tokio::sync::{Notify, mpsc};
 use tower::ServiceExt;
 
@@ -1115,96 +1117,6 @@ async fn heartbeat_stops_at_heartbeat_limit() {
     assert_eq!(app.engine.stats().takeovers, 1);
 }
 
-/// A gate in front of `sync`: while closed, every sync waits for it.
-#[derive(Debug, Default)]
-struct Gate {
-    closed: Mutex<bool>,
-    opened: Condvar,
-    /// Syncs that found the gate closed.
-    blocked: AtomicU64,
-}
-
-impl Gate {
-    fn pass(&self) {
-        let mut closed = self.closed.lock();
-        if *closed {
-            self.blocked.fetch_add(1, Ordering::SeqCst);
-        }
-        while *closed {
-            self.opened.wait(&mut closed);
-        }
-    }
-
-    fn set(&self, closed: bool) {
-        *self.closed.lock() = closed;
-        self.opened.notify_all();
-    }
-}
-
-/// A [`SimDisk`] whose file syncs pass a [`Gate`].
-#[derive(Debug)]
-struct GatedDisk {
-    disk: SimDisk,
-    gate: Arc<Gate>,
-}
-
-#[derive(Debug)]
-struct GatedFile {
-    file: Arc<dyn StorageFile>,
-    gate: Arc<Gate>,
-}
-
-impl Storage for GatedDisk {
-    fn create(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
-        let file = self.disk.create(name)?;
-        Ok(Arc::new(GatedFile {
-            file,
-            gate: Arc::clone(&self.gate),
-        }))
-    }
-    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
-        let file = self.disk.open(name)?;
-        Ok(Arc::new(GatedFile {
-            file,
-            gate: Arc::clone(&self.gate),
-        }))
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.disk.list()
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.disk.remove(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.disk.rename(from, to)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.disk.sync_dir()
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.disk.path(name)
-    }
-}
-
-impl StorageFile for GatedFile {
-    fn append(&self, data: &[u8]) -> io::Result<()> {
-        self.file.append(data)
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_at(offset, buf)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.file.len()
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.gate.pass();
-        self.file.sync()
-    }
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        self.file.truncate(len)
-    }
-}
-
 /// Waits up to 5 s for `done`.
 async fn eventually(mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1221,16 +1133,13 @@ async fn eventually(mut done: impl FnMut() -> bool) -> bool {
 // but before its handler ran left the key answering 409 for `lease_ttl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_dropped_before_its_handler_runs_releases_the_key() {
-    let gate = Arc::new(Gate::default());
-    let disk = GatedDisk {
-        disk: SimDisk::new(),
-        gate: Arc::clone(&gate),
-    };
+    let gates = Arc::new(Gates::default());
+    let disk = Gated::new(Arc::new(SimDisk::new()), &gates);
     let options = Options {
         background: false,
         ..options()
     };
-    let engine = Arc::new(Engine::open_with_storage(Arc::new(disk), options).unwrap());
+    let engine = Arc::new(Engine::open_with_storage(disk, options).unwrap());
     let handlers = Arc::new(Handlers::default());
     let service =
         routes(&handlers).layer(IdempotencyLayer::new(Arc::clone(&engine)).fixed_user("alice"));
@@ -1252,12 +1161,16 @@ async fn request_dropped_before_its_handler_runs_releases_the_key() {
     }
 
     // The request's begin waits for its fsync; the request is dropped then.
-    gate.set(true);
+    gates.close(Call::Sync);
     let dropped = tokio::spawn(service.clone().oneshot(request()));
-    assert!(eventually(|| gate.blocked.load(Ordering::SeqCst) > 0).await);
+    let waiting = Arc::clone(&gates);
+    let blocked = tokio::task::spawn_blocking(move || {
+        waiting.wait_entered(Call::Sync, 1, Duration::from_secs(5))
+    });
+    assert!(blocked.await.unwrap(), "begin never reached its fsync");
     dropped.abort();
     assert!(dropped.await.unwrap_err().is_cancelled());
-    gate.set(false);
+    gates.open(Call::Sync);
 
     // Its begin returns Started to nobody: the key is released anyway.
     assert!(
