@@ -138,80 +138,111 @@ impl Engine {
         self.check_open()?;
         self.validate(user, key)?;
         bump(&self.counters.begins);
-        let id = KeyId::new(user, key);
         let now = self.clock.now()?;
-        // The position of an entry found to belong to another key with the
-        // same digest: it counts as absent for this key.
         let mut foreign = None;
         loop {
-            let mut shard = self.index.shard(&id).lock();
-            let current = shard.get(&id, user, key).filter(|e| Some(e.pos) != foreign);
-            let entry = match state::begin_step(current, now) {
-                BeginStep::Live(entry) => entry,
-                BeginStep::Start { expired, takeover } => {
-                    let Some(token) = self.log.next_token()? else {
-                        // The reserved tokens are used up: reserve more
-                        // (an fsync) without holding the shard lock.
-                        drop(shard);
-                        self.log.reserve_tokens()?;
-                        continue;
-                    };
-                    let deadline_ms = deadline(now.lease, self.options.lease_ttl);
-                    let record = Record {
-                        kind: Kind::Begin,
-                        token,
-                        deadline_ms,
-                        time_ms: now.wall,
-                        lease_ms: deadline_ms,
-                        fingerprint: fingerprint.0,
-                        user,
-                        key,
-                        status: 0,
-                        body: b"",
-                    };
-                    let Some(pos) = self.log.append(&record)? else {
-                        drop(shard);
-                        self.log.make_room(record.encoded_len())?;
-                        continue;
-                    };
-                    let entry = Entry {
-                        token,
-                        deadline_ms,
-                        pos,
-                        status: 0,
-                        state: RecordState::InProgress,
-                    };
-                    shard.start(&id, user, key, entry, now);
-                    drop(shard);
+            match self.begin_step(user, key, fingerprint, now, &mut foreign)? {
+                BeginStep2::Started(lease, pos) => {
                     self.log.wait_durable(pos)?;
-                    bump(&self.counters.started);
-                    if expired {
-                        bump(&self.counters.expirations);
-                    }
-                    if takeover {
-                        bump(&self.counters.takeovers);
-                    }
-                    return Ok(Begin::Started(Lease {
-                        engine: self.instance,
-                        user: Bytes::copy_from_slice(user),
-                        key: Bytes::copy_from_slice(key),
-                        fingerprint,
-                        token,
-                        expires_at_ms: deadline_ms,
-                    }));
+                    return Ok(Begin::Started(lease));
                 }
-            };
-            drop(shard);
-            let record = match self.read_record(&entry, user, key)? {
-                Found::Own(record) => record,
-                Found::Foreign => {
-                    foreign = Some(entry.pos);
-                    continue;
+                BeginStep2::Answer(answer) => return Ok(answer),
+                BeginStep2::NotDurable(pos) => self.log.wait_durable(pos)?,
+                BeginStep2::Again => {}
+            }
+        }
+    }
+
+    /// One try of `begin` that never waits for a sync: grants a lease (its
+    /// record appended, durable once `pos` is), answers from a live record
+    /// that is durable, or says which position must become durable first.
+    /// May block briefly on a segment roll or a token reservation (an
+    /// fdatasync once per segment or per 2^20 leases).
+    pub(crate) fn begin_step(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+        now: crate::clock::Now,
+        foreign: &mut Option<u64>,
+    ) -> Result<BeginStep2> {
+        let id = KeyId::new(user, key);
+        // `foreign`: the position of an entry found to belong to another key
+        // with the same digest; it counts as absent for this key.
+        let mut shard = self.index.shard(&id).lock();
+        let current = shard
+            .get(&id, user, key)
+            .filter(|e| Some(e.pos) != *foreign);
+        let entry = match state::begin_step(current, now) {
+            BeginStep::Live(entry) => entry,
+            BeginStep::Start { expired, takeover } => {
+                let Some(token) = self.log.next_token()? else {
+                    // The reserved tokens are used up: reserve more (an
+                    // fsync) without holding the shard lock.
+                    drop(shard);
+                    self.log.reserve_tokens()?;
+                    return Ok(BeginStep2::Again);
+                };
+                let deadline_ms = deadline(now.lease, self.options.lease_ttl);
+                let record = Record {
+                    kind: Kind::Begin,
+                    token,
+                    deadline_ms,
+                    time_ms: now.wall,
+                    lease_ms: deadline_ms,
+                    fingerprint: fingerprint.0,
+                    user,
+                    key,
+                    status: 0,
+                    body: b"",
+                };
+                let Some(pos) = self.log.append(&record)? else {
+                    drop(shard);
+                    self.log.make_room(record.encoded_len())?;
+                    return Ok(BeginStep2::Again);
+                };
+                let entry = Entry {
+                    token,
+                    deadline_ms,
+                    pos,
+                    status: 0,
+                    state: RecordState::InProgress,
+                };
+                shard.start(&id, user, key, entry, now);
+                drop(shard);
+                bump(&self.counters.started);
+                if expired {
+                    bump(&self.counters.expirations);
                 }
-                Found::Moved => continue,
-            };
-            let same = record.fingerprint == fingerprint.0;
-            return Ok(match state::live_answer(&entry, same, now) {
+                if takeover {
+                    bump(&self.counters.takeovers);
+                }
+                let lease = Lease {
+                    engine: self.instance,
+                    user: Bytes::copy_from_slice(user),
+                    key: Bytes::copy_from_slice(key),
+                    fingerprint,
+                    token,
+                    expires_at_ms: deadline_ms,
+                };
+                return Ok(BeginStep2::Started(lease, pos));
+            }
+        };
+        drop(shard);
+        if !self.log.is_durable_enough(entry.pos) {
+            return Ok(BeginStep2::NotDurable(entry.pos));
+        }
+        let record = match self.read_record(&entry, user, key)? {
+            Found::Own(record) => record,
+            Found::Foreign => {
+                *foreign = Some(entry.pos);
+                return Ok(BeginStep2::Again);
+            }
+            Found::Moved => return Ok(BeginStep2::Again),
+        };
+        let same = record.fingerprint == fingerprint.0;
+        Ok(BeginStep2::Answer(
+            match state::live_answer(&entry, same, now) {
                 LiveAnswer::Replay => {
                     bump(&self.counters.replays);
                     Begin::Replay(record.into_outcome())
@@ -224,8 +255,8 @@ impl Engine {
                     bump(&self.counters.mismatches);
                     Begin::Mismatch
                 }
-            });
-        }
+            },
+        ))
     }
 
     /// A snapshot of the engine's counters.
@@ -373,6 +404,19 @@ fn instance_id() -> u64 {
     h.write_u64(OPENS.fetch_add(1, Ordering::Relaxed));
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// What one try of `begin` did (see [`Engine::begin_step`]).
+pub(crate) enum BeginStep2 {
+    /// A lease was granted; it is acknowledged once `pos` is durable.
+    Started(Lease, u64),
+    /// The answer, from a live record that is durable.
+    Answer(Begin),
+    /// The live record's state is not durable yet: wait for `pos`, then try
+    /// again.
+    NotDurable(u64),
+    /// Try again (a roll, a reservation, a moved or colliding record).
+    Again,
 }
 
 /// `now + by` in ms, clamped to the latest deadline an entry can hold.

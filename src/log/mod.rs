@@ -451,6 +451,12 @@ impl Log {
         slot_of(at) != slot_of(durable) || at < durable
     }
 
+    /// Whether the record at `at` is as durable as the mode promises now
+    /// ([`Log::wait_durable`] would return at once).
+    pub fn is_durable_enough(&self, at: u64) -> bool {
+        self.durability != Durability::Sync || self.is_durable(at)
+    }
+
     /// Waits until the record at `pos` is as durable as the mode promises:
     /// synced under `Sync`; at once otherwise.
     pub fn wait_durable(&self, at: u64) -> Result<()> {
