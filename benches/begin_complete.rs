@@ -35,11 +35,12 @@ mod common;
 use common::{KEY_LEN, key};
 
 use std::cell::OnceCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use idemkv::{Begin, Durability, Engine, Fingerprint, Options, Outcome};
+use idemkv::{AsyncEngine, Begin, Durability, Engine, Fingerprint, Options, Outcome};
 
 /// Distinct user ids the records are spread over.
 const USERS: u64 = 10_000;
@@ -243,5 +244,73 @@ fn contention(c: &mut Criterion) {
     engine.close().expect("close");
 }
 
-criterion_group!(benches, begin_complete, replay, contention);
+/// Durable begin+complete pairs through `AsyncEngine`: `tasks` tasks on a
+/// 2-worker tokio runtime, each running `iters` pairs (issue 12's target
+/// row: 4 096 tasks).
+fn begin_complete_async(c: &mut Criterion) {
+    let users = Arc::new(users());
+    let fingerprint = Fingerprint::of(b"req");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("begin_complete_async");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    for tasks in [64usize, 4096] {
+        group.throughput(Throughput::Elements(tasks as u64));
+        let scratch: OnceCell<(AsyncEngine, tempfile::TempDir)> = OnceCell::new();
+        let next = Arc::new(AtomicU64::new(0));
+        group.bench_function(BenchmarkId::new("sync", format!("{tasks}_tasks")), |b| {
+            let (engine, _) = scratch.get_or_init(|| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let engine = open(&dir, options(Durability::Sync));
+                (AsyncEngine::new(Arc::new(engine)), dir)
+            });
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    let handles: Vec<_> = (0..tasks)
+                        .map(|_| {
+                            let (engine, users, next) =
+                                (engine.clone(), Arc::clone(&users), Arc::clone(&next));
+                            tokio::spawn(async move {
+                                for _ in 0..iters {
+                                    let i = next.fetch_add(1, Ordering::Relaxed);
+                                    let user = &users[(i % USERS) as usize];
+                                    let Begin::Started(lease) = engine
+                                        .begin(user, key(i), fingerprint)
+                                        .await
+                                        .expect("begin")
+                                    else {
+                                        panic!("record {i}: a fresh key was not started");
+                                    };
+                                    let outcome = Outcome {
+                                        status: 200,
+                                        body: bytes::Bytes::from_static(BODY),
+                                    };
+                                    engine.complete(&lease, outcome).await.expect("complete");
+                                }
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        h.await.expect("task");
+                    }
+                    started.elapsed()
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    begin_complete,
+    replay,
+    contention,
+    begin_complete_async
+);
 criterion_main!(benches);

@@ -2,9 +2,12 @@
 //! runs `begin`; `owner.rs` holds the lease owner's calls, `read.rs` the
 //! reading calls, `inspect.rs` the operator's views.
 
+mod asynch;
 mod inspect;
 mod owner;
 mod read;
+
+pub use asynch::AsyncEngine;
 
 pub use inspect::{Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage};
 

@@ -35,6 +35,18 @@ impl Engine {
     /// As [`Engine::complete`]; [`Error::InvalidArgument`] for a zero `ttl`
     /// (nothing changes).
     pub fn complete_with_ttl(&self, lease: &Lease, outcome: Outcome, ttl: Duration) -> Result<()> {
+        let pos = self.complete_write(lease, outcome, ttl)?;
+        self.log.wait_durable(pos)
+    }
+
+    /// The write of `complete_with_ttl`: the record appended and the index
+    /// updated; acknowledged once its position is durable.
+    pub(super) fn complete_write(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<u64> {
         self.check_open()?;
         if outcome.body.len() > self.options.max_response_len {
             return Err(Error::ResponseTooLarge {
@@ -53,7 +65,7 @@ impl Engine {
         let pos = self.owner_write(lease, now, Kind::Complete, deadline_ms, &outcome)?;
         bump(&self.counters.completions);
         self.waiters.notify();
-        self.log.wait_durable(pos)
+        Ok(pos)
     }
 
     /// Gives up the lease's key: the record is forgotten, so a retry can
@@ -63,6 +75,12 @@ impl Engine {
     /// [`Error::LeaseLost`] if the lease no longer owns the key;
     /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn release(&self, lease: &Lease) -> Result<()> {
+        let pos = self.release_write(lease)?;
+        self.log.wait_durable(pos)
+    }
+
+    /// The write of `release`; acknowledged once its position is durable.
+    pub(super) fn release_write(&self, lease: &Lease) -> Result<u64> {
         self.check_open()?;
         let now = self.clock.now()?;
         let none = Outcome {
@@ -72,7 +90,7 @@ impl Engine {
         let pos = self.owner_write(lease, now, Kind::Release, 0, &none)?;
         bump(&self.counters.releases);
         self.waiters.notify();
-        self.log.wait_durable(pos)
+        Ok(pos)
     }
 
     /// Heartbeat: moves the lease's deadline to now + `by` and returns the
@@ -83,6 +101,14 @@ impl Engine {
     /// [`Error::LeaseLost`] if the lease already expired or was taken over;
     /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
+        let (extended, pos) = self.extend_write(lease, by)?;
+        self.log.wait_durable(pos)?;
+        Ok(extended)
+    }
+
+    /// The write of `extend`: the extended lease, acknowledged once the
+    /// position is durable.
+    pub(super) fn extend_write(&self, lease: &Lease, by: Duration) -> Result<(Lease, u64)> {
         self.check_open()?;
         if by.is_zero() {
             return Err(Error::InvalidArgument {
@@ -97,11 +123,13 @@ impl Engine {
             body: Bytes::new(),
         };
         let pos = self.owner_write(lease, now, Kind::Extend, deadline_ms, &none)?;
-        self.log.wait_durable(pos)?;
-        Ok(Lease {
-            expires_at_ms: deadline_ms,
-            ..lease.clone()
-        })
+        Ok((
+            Lease {
+                expires_at_ms: deadline_ms,
+                ..lease.clone()
+            },
+            pos,
+        ))
     }
 
     /// The write of an owner call: checks the lease owns the record, appends

@@ -149,17 +149,21 @@ impl Engine {
 
     /// The live entry of `(user, key)`, once the state it shows is durable.
     pub(super) fn lookup(&self, user: &[u8], key: &[u8]) -> Result<Option<Entry>> {
-        let id = KeyId::new(user, key);
-        let now = self.clock.now()?;
-        let (entry, pos) = {
-            let shard = self.index.shard(&id).lock();
-            match shard.get(&id, user, key) {
-                Some(e) if e.is_live(now) => (Some(e), e.pos),
-                _ => (None, shard.removed_pos()),
-            }
-        };
+        let (entry, pos) = self.lookup_step(user, key)?;
         self.log.wait_durable(pos)?;
         Ok(entry)
+    }
+
+    /// The live entry of `(user, key)` and the position that must be
+    /// durable before it (or its absence) may be shown.
+    pub(super) fn lookup_step(&self, user: &[u8], key: &[u8]) -> Result<(Option<Entry>, u64)> {
+        let id = KeyId::new(user, key);
+        let now = self.clock.now()?;
+        let shard = self.index.shard(&id).lock();
+        Ok(match shard.get(&id, user, key) {
+            Some(e) if e.is_live(now) => (Some(e), e.pos),
+            _ => (None, shard.removed_pos()),
+        })
     }
 
     /// Reads the record an entry points at, once durable, and tells whether

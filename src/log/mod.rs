@@ -36,6 +36,7 @@ mod open;
 pub(crate) mod reader;
 pub(crate) mod record;
 mod rewrite;
+pub(crate) mod syncer;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -316,6 +317,8 @@ pub(crate) struct Log {
     /// One reservation at a time.
     reserving: Mutex<()>,
     commit: GroupCommit,
+    /// The thread that syncs for futures ([`syncer::Durable`]).
+    syncer: syncer::Syncer,
 }
 
 /// How many fencing tokens one reservation covers: about a second of
@@ -515,12 +518,22 @@ impl Log {
         if !first {
             return Ok(());
         }
-        self.check_poison()?;
-        let end = self.written.load(Ordering::Acquire);
-        if self.is_durable(end.saturating_sub(1)) {
-            return Ok(());
-        }
-        self.sync_past(end.saturating_sub(1))
+        let result = self.check_poison().and_then(|()| {
+            let end = self.written.load(Ordering::Acquire);
+            if self.is_durable(end.saturating_sub(1)) {
+                return Ok(());
+            }
+            self.sync_past(end.saturating_sub(1))
+        });
+        // Futures still waiting see the final sync's result (or Closed).
+        self.syncer.stop();
+        result
+    }
+
+    /// A future that resolves once the record at `at` is as durable as the
+    /// mode promises, woken by the syncer thread (see `syncer.rs`).
+    pub fn durable(self: &Arc<Self>, at: u64) -> syncer::Durable {
+        syncer::Durable::new(self, at)
     }
 }
 

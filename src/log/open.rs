@@ -481,6 +481,7 @@ impl Log {
             reserve_target: AtomicU64::new(next_token),
             reserving: Mutex::new(()),
             commit: GroupCommit::default(),
+            syncer: super::syncer::Syncer::default(),
         });
         if let Durability::Periodic(every) = options.durability {
             GroupCommit::start_flusher(&log, every);

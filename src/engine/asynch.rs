@@ -1,0 +1,242 @@
+//! [`AsyncEngine`]: the engine's calls as futures.
+//!
+//! Each call does its work in memory and appends its record like the
+//! blocking call, then awaits a [`Durable`](crate::log::syncer::Durable)
+//! future instead of parking its thread on the group commit: the log's own
+//! syncer thread fdatasyncs (sharing rounds with blocking callers) and wakes
+//! the future. No async runtime is involved, so the futures run on any
+//! executor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{BeginStep2, Engine};
+use crate::error::Result;
+use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
+use crate::stats::bump;
+
+use super::read::Found;
+
+/// The async face of an [`Engine`]: the same calls, the same answers and
+/// errors, as futures that never block the thread that polls them on an
+/// fsync. `Clone + Send + Sync`; clones share the engine.
+///
+/// Works on any executor (tokio's current-thread and multi-thread
+/// runtimes, smol, a plain `block_on`): the futures are woken by the
+/// engine's own syncer thread when their group commit lands. The blocking
+/// [`Engine`] and any number of `AsyncEngine`s can be used on one engine at
+/// once; they share one index, one log and one group commit.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idemkv::{AsyncEngine, Begin, Engine, Fingerprint, Options, Outcome};
+///
+/// # fn main() -> idemkv::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let engine = AsyncEngine::new(Arc::new(Engine::open(dir.path(), Options::default())?));
+/// let charge = async {
+///     let fp = Fingerprint::of(b"amount=10");
+///     let Begin::Started(lease) = engine.begin("user", "order-1", fp).await? else {
+///         unreachable!("a new key is started")
+///     };
+///     engine.complete(&lease, Outcome { status: 201, body: "charged".into() }).await?;
+///     engine.begin("user", "order-1", fp).await
+/// };
+/// let replay = futures::executor::block_on(charge)?;
+/// assert!(matches!(replay, Begin::Replay(_)));
+/// # Ok(()) }
+/// ```
+///
+/// Not yet async (this release): a segment roll or a token reservation
+/// (once per `segment_bytes` of log, once per 2^20 leases) still runs its
+/// fdatasync on the calling thread; `wait`, `begin_wait` and `run_once`
+/// have no async form yet.
+#[derive(Clone, Debug)]
+pub struct AsyncEngine {
+    engine: Arc<Engine>,
+}
+
+/// Releases a lease that its `begin` future granted but never handed out
+/// (the future was dropped while the lease's record was being synced).
+struct ReleaseUnlessTaken<'a> {
+    engine: &'a Engine,
+    lease: Option<Lease>,
+}
+
+impl ReleaseUnlessTaken<'_> {
+    fn take(mut self) -> Option<Lease> {
+        self.lease.take()
+    }
+}
+
+impl Drop for ReleaseUnlessTaken<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            // The work never ran: free the key for a retry. Its record
+            // becomes durable with the next sync; if it never does, the
+            // lease expires on its own. A failure (a closed or poisoned
+            // engine) leaves the lease to expire too.
+            let _ = self.engine.release_write(&lease);
+        }
+    }
+}
+
+impl AsyncEngine {
+    /// The async face of `engine`.
+    pub fn new(engine: Arc<Engine>) -> AsyncEngine {
+        AsyncEngine { engine }
+    }
+
+    /// The engine behind it (for the blocking calls, `stats`, `close`).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// [`Engine::begin`] as a future.
+    ///
+    /// Cancellation: dropped before it resolves, it leaves nothing behind.
+    /// If it had granted a lease whose record was still being synced, the
+    /// lease is released (the work cannot have run); if it was waiting to
+    /// read a live record, nothing changed.
+    ///
+    /// # Errors
+    /// As [`Engine::begin`].
+    pub async fn begin(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+    ) -> Result<Begin> {
+        let e = &*self.engine;
+        let (user, key) = (user.as_ref(), key.as_ref());
+        e.check_open()?;
+        e.validate(user, key)?;
+        bump(&e.counters.begins);
+        let now = e.clock.now()?;
+        let mut foreign = None;
+        loop {
+            match e.begin_step(user, key, fingerprint, now, &mut foreign)? {
+                BeginStep2::Started(lease, pos) => {
+                    let guard = ReleaseUnlessTaken {
+                        engine: e,
+                        lease: Some(lease),
+                    };
+                    e.log.durable(pos).await?;
+                    if let Some(lease) = guard.take() {
+                        return Ok(Begin::Started(lease));
+                    }
+                }
+                BeginStep2::Answer(answer) => return Ok(answer),
+                BeginStep2::NotDurable(pos) => e.log.durable(pos).await?,
+                BeginStep2::Again => {}
+            }
+        }
+    }
+
+    /// [`Engine::complete`] as a future.
+    ///
+    /// Cancellation: dropped before its first poll, nothing happened;
+    /// dropped later, the outcome was stored (in memory and in the log) and
+    /// becomes durable with the next sync, like any unacknowledged write: it
+    /// is never half stored.
+    ///
+    /// # Errors
+    /// As [`Engine::complete`].
+    pub async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<()> {
+        let ttl = self.engine.options.record_ttl;
+        self.complete_with_ttl(lease, outcome, ttl).await
+    }
+
+    /// [`Engine::complete_with_ttl`] as a future (cancellation as
+    /// [`AsyncEngine::complete`]).
+    ///
+    /// # Errors
+    /// As [`Engine::complete_with_ttl`].
+    pub async fn complete_with_ttl(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<()> {
+        let pos = self.engine.complete_write(lease, outcome, ttl)?;
+        self.engine.log.durable(pos).await
+    }
+
+    /// [`Engine::release`] as a future (cancellation as
+    /// [`AsyncEngine::complete`]: released or not, never half).
+    ///
+    /// # Errors
+    /// As [`Engine::release`].
+    pub async fn release(&self, lease: &Lease) -> Result<()> {
+        let pos = self.engine.release_write(lease)?;
+        self.engine.log.durable(pos).await
+    }
+
+    /// [`Engine::extend`] as a future (cancellation as
+    /// [`AsyncEngine::complete`]: a dropped future may have moved the
+    /// deadline; the caller's lease is still valid either way).
+    ///
+    /// # Errors
+    /// As [`Engine::extend`].
+    pub async fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
+        let (extended, pos) = self.engine.extend_write(lease, by)?;
+        self.engine.log.durable(pos).await?;
+        Ok(extended)
+    }
+
+    /// [`Engine::get`] as a future: it awaits only the durability of the
+    /// state it shows (under `Sync`). Cancellation: nothing changes.
+    ///
+    /// # Errors
+    /// As [`Engine::get`].
+    pub async fn get(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<RecordView>> {
+        let e = &*self.engine;
+        let (user, key) = (user.as_ref(), key.as_ref());
+        e.check_open()?;
+        e.validate(user, key)?;
+        loop {
+            let (entry, pos) = e.lookup_step(user, key)?;
+            if e.log.is_durable_enough(pos) {
+                return Ok(entry.map(|entry| entry.view()));
+            }
+            e.log.durable(pos).await?;
+        }
+    }
+
+    /// [`Engine::outcome`] as a future: it may do one positional read of
+    /// the body. Cancellation: nothing changes.
+    ///
+    /// # Errors
+    /// As [`Engine::outcome`].
+    pub async fn outcome(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Outcome>> {
+        let e = &*self.engine;
+        let (user, key) = (user.as_ref(), key.as_ref());
+        e.check_open()?;
+        e.validate(user, key)?;
+        loop {
+            let (entry, pos) = e.lookup_step(user, key)?;
+            if !e.log.is_durable_enough(pos) {
+                e.log.durable(pos).await?;
+                continue;
+            }
+            return match entry {
+                Some(entry) if entry.state == RecordState::Completed => {
+                    match e.read_record(&entry, user, key)? {
+                        Found::Own(record) => Ok(Some(record.into_outcome())),
+                        Found::Foreign => Ok(None),
+                        Found::Moved => continue,
+                    }
+                }
+                _ => Ok(None),
+            };
+        }
+    }
+}

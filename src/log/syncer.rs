@@ -1,0 +1,190 @@
+//! The syncer: the log's own thread that fdatasyncs for futures.
+//!
+//! A [`Durable`] future registers its position and waker; the syncer thread
+//! (started by the first registration) syncs everything appended so far
+//! through the same group commit as blocking callers (so both share
+//! fdatasyncs), then wakes every future its sync covered. No future ever
+//! blocks the thread that polls it: that is what lets the async engine run
+//! on any executor (tokio, smol, a plain `block_on`) without a blocking pool.
+//!
+//! # Invariants
+//! - A future resolves `Ok` only once `Log::is_durable` says its position
+//!   is durable (under `Durability::Sync`; other modes resolve at once).
+//! - After a failed sync every registered future is woken and resolves with
+//!   the error ([`Error::Poisoned`]); after `close` a future whose position
+//!   is not durable resolves with [`Error::Closed`]. No waker is lost: a
+//!   future re-checks after registering.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::Log;
+use crate::error::{Error, Result};
+
+/// The futures waiting for a sync, and the thread that serves them.
+#[derive(Debug, Default)]
+pub(crate) struct Syncer {
+    state: Mutex<SyncerState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncerState {
+    /// Registered futures: position and waker.
+    waiting: Vec<(u64, Waker)>,
+    /// Set by `Log::close`: the thread ends, waking everyone.
+    stopped: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    /// Registers a waker for position `at`, starting the thread if needed.
+    fn register(&self, log: &Arc<Log>, at: u64, waker: &Waker) {
+        let mut s = self.state.lock();
+        if s.stopped {
+            drop(s);
+            waker.wake_by_ref();
+            return;
+        }
+        match s
+            .waiting
+            .iter_mut()
+            .find(|(p, w)| *p == at && w.will_wake(waker))
+        {
+            Some(_) => {}
+            None => s.waiting.push((at, waker.clone())),
+        }
+        if s.thread.is_none() {
+            let weak = Arc::downgrade(log);
+            s.thread = std::thread::Builder::new()
+                .name("idemkv-sync".into())
+                .spawn(move || run(&weak))
+                .ok();
+            if s.thread.is_none() {
+                // No thread: wake the future, which then syncs inline.
+                drop(s);
+                waker.wake_by_ref();
+                return;
+            }
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Whether the thread could not be started (futures then sync inline).
+    fn unavailable(&self) -> bool {
+        let s = self.state.lock();
+        s.thread.is_none() && !s.waiting.is_empty()
+    }
+
+    /// Stops the thread, waking every registered future; joins it.
+    pub fn stop(&self) {
+        let (waiting, thread) = {
+            let mut s = self.state.lock();
+            s.stopped = true;
+            (std::mem::take(&mut s.waiting), s.thread.take())
+        };
+        self.wake.notify_all();
+        for (_, w) in waiting {
+            w.wake();
+        }
+        if let Some(t) = thread
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The syncer thread: sleep until a future waits, sync what was appended,
+/// wake the futures that sync covered (all of them after a failure).
+fn run(log: &Weak<Log>) {
+    loop {
+        let Some(log) = log.upgrade() else { return };
+        {
+            let mut s = log.syncer.state.lock();
+            while s.waiting.is_empty() && !s.stopped {
+                log.syncer.wake.wait(&mut s);
+            }
+            if s.stopped {
+                return;
+            }
+        }
+        let end = log.written.load(std::sync::atomic::Ordering::Acquire);
+        let result = log.sync_past(end.saturating_sub(1));
+        let ready: Vec<Waker> = {
+            let mut s = log.syncer.state.lock();
+            let mut ready = Vec::new();
+            s.waiting.retain(|(at, w)| {
+                let done = result.is_err() || log.is_durable(*at);
+                if done {
+                    ready.push(w.clone());
+                }
+                !done
+            });
+            ready
+        };
+        for w in ready {
+            w.wake();
+        }
+    }
+}
+
+/// A future that resolves once the record at a log position is as durable
+/// as the engine's mode promises (see the module docs). Dropping it changes
+/// nothing: the record was appended already and becomes durable with the
+/// next sync (or is lost in a crash, like any record not yet acknowledged).
+#[derive(Debug)]
+pub(crate) struct Durable {
+    log: Arc<Log>,
+    at: u64,
+}
+
+impl Durable {
+    /// Waits for position `at` of `log`.
+    pub fn new(log: &Arc<Log>, at: u64) -> Durable {
+        Durable {
+            log: Arc::clone(log),
+            at,
+        }
+    }
+
+    fn check(&self) -> Option<Result<()>> {
+        if self.log.is_durable_enough(self.at) {
+            return Some(Ok(()));
+        }
+        if let Err(e) = self.log.check_poison() {
+            return Some(Err(e));
+        }
+        if self.log.syncer.state.lock().stopped {
+            return Some(Err(Error::Closed));
+        }
+        None
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if let Some(done) = self.check() {
+            return Poll::Ready(done);
+        }
+        self.log.syncer.register(&self.log, self.at, cx.waker());
+        if self.log.syncer.unavailable() {
+            // No syncer thread could be started: sync here.
+            return Poll::Ready(self.log.wait_durable(self.at));
+        }
+        // Re-check: the sync may have landed between the check and the
+        // registration.
+        match self.check() {
+            Some(done) => Poll::Ready(done),
+            None => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The async engine (issue 12, first part): the same answers as the
+//! blocking calls on every executor (tokio current-thread and multi-thread,
+//! `futures::executor::block_on`), durable futures that do not block the
+//! thread polling them, a dropped `begin` future that releases the lease it
+//! granted, and a failed sync that wakes every waiting future with the
+//! error.
+
+mod common;
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::gate::{Call, Gated, Gates};
+use idemkv::storage::{Fault, SimDisk, SimOp, Storage};
+use idemkv::{
+    AsyncEngine, Begin, Durability, Engine, Error, Fingerprint, ManualClock, Options, Outcome,
+    RecordState,
+};
+
+fn options(clock: &Arc<ManualClock>) -> Options {
+    Options {
+        durability: Durability::Sync,
+        background: false,
+        clock: clock.clone(),
+        ..Options::default()
+    }
+}
+
+fn fp(s: &str) -> Fingerprint {
+    Fingerprint::of(s.as_bytes())
+}
+
+fn outcome(status: u16, body: &str) -> Outcome {
+    Outcome {
+        status,
+        body: Bytes::from(body.to_owned()),
+    }
+}
+
+/// The contract of the sync API, asked through the async one.
+async fn contract(engine: &AsyncEngine, clock: &ManualClock) {
+    let Begin::Started(lease) = engine.begin("u", "k", fp("a")).await.unwrap() else {
+        panic!("a fresh key is started")
+    };
+    assert!(matches!(
+        engine.begin("u", "k", fp("a")).await.unwrap(),
+        Begin::InFlight { .. }
+    ));
+    assert!(matches!(
+        engine.begin("u", "k", fp("b")).await.unwrap(),
+        Begin::Mismatch
+    ));
+    let view = engine.get("u", "k").await.unwrap().expect("in progress");
+    assert_eq!(
+        (view.state, view.token),
+        (RecordState::InProgress, lease.token())
+    );
+    assert_eq!(engine.outcome("u", "k").await.unwrap(), None);
+    assert!(matches!(
+        engine.extend(&lease, Duration::ZERO).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+    let lease = engine
+        .extend(&lease, Duration::from_secs(60))
+        .await
+        .unwrap();
+    engine
+        .complete(&lease, outcome(201, "charged"))
+        .await
+        .unwrap();
+    match engine.begin("u", "k", fp("a")).await.unwrap() {
+        Begin::Replay(o) => assert_eq!(o, outcome(201, "charged")),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    assert_eq!(
+        engine.outcome("u", "k").await.unwrap(),
+        Some(outcome(201, "charged"))
+    );
+    assert!(matches!(
+        engine.complete(&lease, outcome(200, "again")).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    // Release, and a takeover after expiry.
+    let Begin::Started(second) = engine.begin("u", "k2", fp("a")).await.unwrap() else {
+        panic!("a fresh key is started")
+    };
+    engine.release(&second).await.unwrap();
+    assert_eq!(engine.get("u", "k2").await.unwrap(), None);
+    let Begin::Started(third) = engine.begin("u", "k2", fp("a")).await.unwrap() else {
+        panic!("a released key starts again")
+    };
+    assert!(third.token() > second.token());
+    clock.advance(Duration::from_secs(31));
+    let Begin::Started(fourth) = engine.begin("u", "k2", fp("a")).await.unwrap() else {
+        panic!("an expired lease is taken over")
+    };
+    assert!(fourth.token() > third.token());
+    engine
+        .complete_with_ttl(&fourth, outcome(200, "short"), Duration::from_secs(1))
+        .await
+        .unwrap();
+    // Bad input is refused as by the sync API.
+    assert!(matches!(
+        engine.begin("u", "", fp("a")).await,
+        Err(Error::InvalidKey { .. })
+    ));
+    assert!(matches!(
+        engine.get("u", "bad key").await,
+        Err(Error::InvalidKey { .. })
+    ));
+}
+
+fn fresh() -> (tempfile::TempDir, Arc<ManualClock>, AsyncEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let engine = Engine::open(dir.path(), options(&clock)).unwrap();
+    (dir, clock, AsyncEngine::new(Arc::new(engine)))
+}
+
+#[test]
+fn the_async_api_answers_as_the_sync_one_under_block_on() {
+    let (_dir, clock, engine) = fresh();
+    futures::executor::block_on(contract(&engine, &clock));
+}
+
+#[test]
+fn the_async_api_answers_as_the_sync_one_on_a_current_thread_runtime() {
+    let (_dir, clock, engine) = fresh();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(contract(&engine, &clock));
+}
+
+#[test]
+fn the_async_api_answers_as_the_sync_one_on_a_multi_thread_runtime() {
+    let (_dir, clock, engine) = fresh();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let (e, c) = (engine.clone(), Arc::clone(&clock));
+    rt.block_on(async move { tokio::spawn(async move { contract(&e, &c).await }).await })
+        .unwrap();
+}
+
+/// On a current-thread runtime, one OS thread polls every task: had a
+/// durable call blocked it on its fsync, every write would have had an
+/// fdatasync of its own. Group commit across the tasks shows that their
+/// futures were pending side by side while the syncer synced.
+#[test]
+fn durable_futures_do_not_block_the_thread_that_polls_them() {
+    let (_dir, _clock, engine) = fresh();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let tasks = 64;
+    let per_task = 10;
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let engine = engine.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    let key = format!("t{t}-{i}");
+                    let Begin::Started(lease) = engine.begin("u", &key, fp(&key)).await.unwrap()
+                    else {
+                        panic!("fresh key")
+                    };
+                    engine.complete(&lease, outcome(200, &key)).await.unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    let s = engine.engine().stats();
+    assert_eq!(s.completions, (tasks * per_task) as u64);
+    assert!(
+        s.fsyncs * 4 < s.records_written,
+        "no group commit across tasks: {} fsyncs for {} records",
+        s.fsyncs,
+        s.records_written
+    );
+}
+
+/// Polls `f` once with a waker that does nothing.
+fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    let waker = futures::task::noop_waker();
+    f.poll(&mut Context::from_waker(&waker))
+}
+
+#[test]
+fn a_dropped_begin_future_releases_the_lease_it_granted() {
+    let gates = Arc::new(Gates::default());
+    let disk = SimDisk::new();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let storage: Arc<dyn Storage> = Gated::new(Arc::new(disk), &gates);
+    let engine = Arc::new(Engine::open_with_storage(storage, options(&clock)).unwrap());
+    let ae = AsyncEngine::new(Arc::clone(&engine));
+    // The first lease also reserves tokens (a sync of its own): take it now.
+    let Begin::Started(warm) = engine.begin("u", "warm-up", fp("a")).unwrap() else {
+        panic!("fresh key")
+    };
+    engine.release(&warm).unwrap();
+    gates.close(Call::Sync);
+    {
+        let begin = pin!(ae.begin("u", "k", fp("a")));
+        let mut begin = begin;
+        // The lease is granted in memory; its record waits for a sync that
+        // the gate holds.
+        assert!(poll_once(begin.as_mut()).is_pending());
+        assert!(gates.wait_entered(Call::Sync, 1, Duration::from_secs(10)));
+    } // dropped here, before the lease was acknowledged
+    gates.open(Call::Sync);
+    assert_eq!(
+        engine.get("u", "k").unwrap(),
+        None,
+        "the key stayed claimed"
+    );
+    assert_eq!(engine.stats().releases, 2);
+    assert!(matches!(
+        engine.begin("u", "k", fp("a")).unwrap(),
+        Begin::Started(_)
+    ));
+}
+
+#[test]
+fn a_failed_sync_wakes_every_waiting_future_with_the_error() {
+    let disk = SimDisk::new();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let storage: Arc<dyn Storage> = Arc::new(disk.clone());
+    let engine = Arc::new(Engine::open_with_storage(storage, options(&clock)).unwrap());
+    let ae = AsyncEngine::new(Arc::clone(&engine));
+    let Begin::Started(warm) = engine.begin("u", "warm-up", fp("a")).unwrap() else {
+        panic!("fresh key")
+    };
+    engine.release(&warm).unwrap();
+    disk.inject(Fault {
+        op: SimOp::Sync,
+        after: 0,
+        kind: std::io::ErrorKind::Other,
+        sticky: true,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let results = rt.block_on(async {
+        let mut handles = Vec::new();
+        for i in 0..16 {
+            let ae = ae.clone();
+            handles.push(tokio::spawn(async move {
+                ae.begin("u", format!("k{i}"), fp("a")).await
+            }));
+        }
+        let mut results = Vec::new();
+        for h in handles {
+            results.push(h.await.unwrap());
+        }
+        results
+    });
+    for r in &results {
+        assert!(
+            matches!(r, Err(Error::Io { .. } | Error::Poisoned { .. })),
+            "a begin whose record was never synced answered {r:?}"
+        );
+    }
+    disk.clear_faults();
+}
+
+#[test]
+fn futures_after_close_answer_closed() {
+    let (_dir, _clock, engine) = fresh();
+    engine.engine().close().unwrap();
+    futures::executor::block_on(async {
+        assert!(matches!(
+            engine.begin("u", "k", fp("a")).await,
+            Err(Error::Closed)
+        ));
+        assert!(matches!(engine.get("u", "k").await, Err(Error::Closed)));
+    });
+}
