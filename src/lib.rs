@@ -43,6 +43,11 @@
 //! - Bad input, corrupt files and full disks give a typed [`Error`], never
 //!   a panic.
 //!
+//! ## Async
+//! [`AsyncEngine`] offers the same calls as futures that never block the
+//! thread polling them on an fsync (the engine's own syncer thread wakes
+//! them), on any executor.
+//!
 //! ## Cargo features
 //! None is on by default: a service that links only the engine compiles only
 //! the engine.
