@@ -286,3 +286,70 @@ fn futures_after_close_answer_closed() {
         assert!(matches!(engine.get("u", "k").await, Err(Error::Closed)));
     });
 }
+
+/// Futures dropped at random points, many times: a dropped `begin` never
+/// leaves its key claimed, and a dropped `complete` leaves the record
+/// either completed with its outcome or still in progress, never anything
+/// else.
+#[test]
+fn futures_dropped_at_random_points_leave_no_key_claimed_and_nothing_half_done() {
+    let (_dir, _clock, engine) = fresh();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut owned = Vec::new();
+    let mut dropped = Vec::new();
+    for i in 0..300 {
+        let key = format!("k{i}");
+        let polls = next(4);
+        let mut begin = Box::pin(engine.begin("u", key.clone(), fp("a")));
+        let mut answer = None;
+        for _ in 0..polls {
+            if let Poll::Ready(r) = poll_once(begin.as_mut()) {
+                answer = Some(r.unwrap());
+                break;
+            }
+            if next(2) == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        drop(begin);
+        match answer {
+            Some(Begin::Started(lease)) => owned.push((key, lease)),
+            Some(other) => panic!("{key}: a fresh key answered {other:?}"),
+            None => dropped.push(key),
+        }
+    }
+    // Dropped begins: the key is free (released, or never begun).
+    for key in &dropped {
+        assert_eq!(
+            engine.engine().get("u", key).unwrap(),
+            None,
+            "{key} stayed claimed by a dropped begin"
+        );
+    }
+    // Completes dropped at random points: completed or in progress, whole.
+    for (key, lease) in &owned {
+        let polls = next(3);
+        let mut complete = Box::pin(engine.complete(lease, outcome(201, key)));
+        for _ in 0..polls {
+            if poll_once(complete.as_mut()).is_ready() {
+                break;
+            }
+        }
+        drop(complete);
+        let view = engine.engine().get("u", key).unwrap().expect("still there");
+        match view.state {
+            RecordState::Completed => assert_eq!(
+                engine.engine().outcome("u", key).unwrap(),
+                Some(outcome(201, key))
+            ),
+            RecordState::InProgress => assert_eq!(view.token, lease.token()),
+        }
+    }
+    assert!(!dropped.is_empty() && !owned.is_empty(), "both paths ran");
+}
