@@ -353,3 +353,138 @@ fn futures_dropped_at_random_points_leave_no_key_claimed_and_nothing_half_done()
     }
     assert!(!dropped.is_empty() && !owned.is_empty(), "both paths ran");
 }
+
+#[test]
+fn async_begin_wait_answers_as_the_sync_one() {
+    let (_dir, clock, engine) = fresh();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Replay for the same request once the holder completes.
+        let Begin::Started(lease) = engine.begin("u", "k", fp("a")).await.unwrap() else {
+            panic!("fresh key")
+        };
+        let (e, l) = (engine.clone(), lease.clone());
+        let waiter = tokio::spawn(async move {
+            e.begin_wait("u", "k", fp("a"), Duration::from_secs(30))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        engine.complete(&l, outcome(201, "made")).await.unwrap();
+        match waiter.await.unwrap().unwrap() {
+            Begin::Replay(o) => assert_eq!(o, outcome(201, "made")),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        // Mismatch at once for another request.
+        assert!(matches!(
+            engine
+                .begin_wait("u", "k", fp("b"), Duration::from_secs(30))
+                .await
+                .unwrap(),
+            Begin::Mismatch
+        ));
+        // Started once the holder's lease expires on the engine clock.
+        let Begin::Started(held) = engine.begin("u", "k2", fp("a")).await.unwrap() else {
+            panic!("fresh key")
+        };
+        let e = engine.clone();
+        let waiter = tokio::spawn(async move {
+            e.begin_wait("u", "k2", fp("a"), Duration::from_secs(30))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        clock.advance(Duration::from_secs(31));
+        match waiter.await.unwrap().unwrap() {
+            Begin::Started(next) => assert!(next.token() > held.token()),
+            other => panic!("expected Started, got {other:?}"),
+        }
+        // InFlight only after the timeout.
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            engine
+                .begin_wait("u", "k2", fp("a"), Duration::from_millis(80))
+                .await
+                .unwrap(),
+            Begin::InFlight { .. }
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(80));
+    });
+}
+
+#[test]
+fn async_wait_returns_only_an_outcome_stored_for_the_same_request() {
+    let (_dir, _clock, engine) = fresh();
+    futures::executor::block_on(async {
+        let Begin::Started(lease) = engine.begin("u", "k", fp("b")).await.unwrap() else {
+            panic!("fresh key")
+        };
+        let (e, l) = (engine.clone(), lease.clone());
+        let completer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            e.engine().complete(&l, outcome(200, "b's body")).unwrap();
+        });
+        assert_eq!(
+            engine
+                .wait("u", "k", fp("a"), Duration::from_secs(30))
+                .await
+                .unwrap(),
+            None,
+            "request a got request b's body"
+        );
+        completer.join().unwrap();
+        assert_eq!(
+            engine
+                .wait("u", "k", fp("b"), Duration::from_secs(30))
+                .await
+                .unwrap(),
+            Some(outcome(200, "b's body"))
+        );
+    });
+}
+
+/// 1 000 retries waiting on one in-flight key hold no thread: on a
+/// current-thread runtime (one thread for everything) an unrelated request
+/// runs to its end while all of them still wait.
+#[test]
+fn a_thousand_waiting_retries_do_not_hold_the_only_thread() {
+    let (_dir, _clock, engine) = fresh();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let Begin::Started(lease) = engine.begin("u", "hot", fp("a")).await.unwrap() else {
+            panic!("fresh key")
+        };
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut waiters = Vec::new();
+        for _ in 0..1_000 {
+            let (e, done) = (engine.clone(), Arc::clone(&done));
+            waiters.push(tokio::spawn(async move {
+                let answer = e
+                    .begin_wait("u", "hot", fp("a"), Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                answer
+            }));
+        }
+        tokio::task::yield_now().await;
+        // The unrelated request.
+        let Begin::Started(other) = engine.begin("v", "cold", fp("a")).await.unwrap() else {
+            panic!("fresh key")
+        };
+        engine.complete(&other, outcome(200, "cold")).await.unwrap();
+        assert_eq!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the waiters finished before the holder completed"
+        );
+        engine.complete(&lease, outcome(201, "hot")).await.unwrap();
+        for w in waiters {
+            assert!(matches!(w.await.unwrap(), Begin::Replay(_)));
+        }
+    });
+}

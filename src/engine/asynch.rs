@@ -8,10 +8,11 @@
 //! executor.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{BeginStep2, Engine};
 use crate::error::Result;
+use crate::notify::Change;
 use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
 use crate::stats::bump;
 
@@ -47,10 +48,16 @@ use super::read::Found;
 /// # Ok(()) }
 /// ```
 ///
+/// Waiting for an in-flight key ([`AsyncEngine::begin_wait`],
+/// [`AsyncEngine::wait`]) holds no thread: the future is woken when any key
+/// is completed or released, and by the engine's ticker thread every
+/// 10 ms (a lease's expiry on the engine's clock is only seen by looking
+/// again), and looks again.
+///
 /// Not yet async (this release): a segment roll or a token reservation
 /// (once per `segment_bytes` of log, once per 2^20 leases) still runs its
-/// fdatasync on the calling thread; `wait`, `begin_wait` and `run_once`
-/// have no async form yet.
+/// fdatasync on the calling thread; `run_once` and lease heartbeats have no
+/// async form yet.
 #[derive(Clone, Debug)]
 pub struct AsyncEngine {
     engine: Arc<Engine>,
@@ -237,6 +244,93 @@ impl AsyncEngine {
                 }
                 _ => Ok(None),
             };
+        }
+    }
+
+    /// [`Engine::begin_wait`] as a future: while another live lease holds
+    /// the key it waits (holding no thread) up to `timeout` of wall time for
+    /// that lease to end, then answers as `begin` would; `InFlight` only
+    /// once `timeout` has passed. Cancellation: as [`AsyncEngine::begin`]
+    /// (a lease it granted but never handed out is released).
+    ///
+    /// # Errors
+    /// As [`Engine::begin_wait`].
+    pub async fn begin_wait(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<Begin> {
+        let (user, key) = (user.as_ref(), key.as_ref());
+        let start = Instant::now();
+        let deadline = start
+            .checked_add(timeout)
+            .unwrap_or(start + Duration::from_secs(1 << 30));
+        let waiters = &self.engine.waiters;
+        let _waiting = waiters.enter();
+        loop {
+            let seen = waiters.generation();
+            let answer = self.begin(user, key, fingerprint).await?;
+            let Begin::InFlight { retry_after } = answer else {
+                return Ok(answer);
+            };
+            if Instant::now() >= deadline {
+                return Ok(Begin::InFlight { retry_after });
+            }
+            Change::new(waiters, seen, deadline).await;
+        }
+    }
+
+    /// [`Engine::wait`] as a future (holding no thread): resolves with the
+    /// outcome once the record is completed for `fingerprint`, with `None`
+    /// once it ends otherwise or `timeout` of wall time passes.
+    /// Cancellation: nothing changes.
+    ///
+    /// # Errors
+    /// As [`Engine::wait`].
+    pub async fn wait(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<Option<Outcome>> {
+        let e = &*self.engine;
+        let (user, key) = (user.as_ref(), key.as_ref());
+        e.check_open()?;
+        e.validate(user, key)?;
+        let start = Instant::now();
+        let deadline = start
+            .checked_add(timeout)
+            .unwrap_or(start + Duration::from_secs(1 << 30));
+        let _waiting = e.waiters.enter();
+        loop {
+            let seen = e.waiters.generation();
+            e.check_open()?;
+            let (entry, pos) = e.lookup_step(user, key)?;
+            if !e.log.is_durable_enough(pos) {
+                e.log.durable(pos).await?;
+                continue;
+            }
+            let Some(entry) = entry else {
+                return Ok(None);
+            };
+            let record = match e.read_record(&entry, user, key)? {
+                Found::Own(record) => record,
+                Found::Foreign => return Ok(None),
+                Found::Moved => continue,
+            };
+            if record.fingerprint != fingerprint.0 {
+                return Ok(None);
+            }
+            if entry.state == RecordState::Completed {
+                return Ok(Some(record.into_outcome()));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            Change::new(&e.waiters, seen, deadline).await;
         }
     }
 }

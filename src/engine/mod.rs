@@ -51,7 +51,7 @@ pub struct Engine {
     background: Option<Background>,
     storage: Arc<dyn Storage>,
     counters: Arc<Counters>,
-    waiters: Waiters,
+    waiters: Arc<Waiters>,
     closed: AtomicBool,
 }
 
@@ -112,7 +112,7 @@ impl Engine {
             background,
             storage,
             counters,
-            waiters: Waiters::default(),
+            waiters: Arc::default(),
             closed: AtomicBool::new(false),
         })
     }
@@ -338,6 +338,7 @@ impl Engine {
         self.log.release_files();
         self.storage.close();
         self.waiters.notify();
+        self.waiters.stop();
         result
     }
 
