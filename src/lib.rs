@@ -91,7 +91,8 @@ mod trace;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compact::CompactionReport;
 pub use engine::{
-    AsyncEngine, Engine, Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage,
+    AsyncEngine, AsyncRunContext, Engine, Inspection, RecordDump, SegmentInfo, VerifyReport,
+    verify, verify_storage,
 };
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
 pub use once::{BODY_NOT_KEPT, Delivery, Done, RunContext, RunError, RunOptions, WorkError};

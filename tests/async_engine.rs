@@ -488,3 +488,87 @@ fn a_thousand_waiting_retries_do_not_hold_the_only_thread() {
         }
     });
 }
+
+#[test]
+fn async_run_once_runs_the_work_once_and_stores_or_releases_by_its_verdict() {
+    use idemkv::{AsyncRunContext, RunError, WorkError};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let engine = Engine::open(
+        dir.path(),
+        Options {
+            max_response_len: 64,
+            ..options(&clock)
+        },
+    )
+    .unwrap();
+    let engine = AsyncEngine::new(Arc::new(engine));
+    let runs = Arc::new(AtomicU32::new(0));
+    futures::executor::block_on(async {
+        let counted = |body: &'static str| {
+            let runs = Arc::clone(&runs);
+            move |ctx: AsyncRunContext| async move {
+                assert!(ctx.token() > 0);
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, WorkError<String>>(outcome(201, body))
+            }
+        };
+        let first = engine
+            .run_once("u", "k", b"req", counted("charged"))
+            .await
+            .unwrap();
+        let retry = engine
+            .run_once("u", "k", b"req", counted("charged"))
+            .await
+            .unwrap();
+        assert_eq!((first.replayed, retry.replayed), (false, true));
+        assert_eq!(retry.outcome, outcome(201, "charged"));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            engine.run_once("u", "k", b"other", counted("x")).await,
+            Err(RunError::Mismatch)
+        ));
+        // Too large to keep: stored as the status and BODY_NOT_KEPT, never
+        // released.
+        let big: &'static str = Box::leak("y".repeat(100).into_boxed_str());
+        let done = engine
+            .run_once("u", "big", b"req", counted(big))
+            .await
+            .unwrap();
+        assert_eq!(done.outcome.body.len(), 100);
+        let retry = engine
+            .run_once("u", "big", b"req", counted(big))
+            .await
+            .unwrap();
+        assert!(retry.replayed);
+        assert_eq!(&retry.outcome.body[..], idemkv::BODY_NOT_KEPT);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        // Retryable: released, so the next try runs again.
+        let failing = |_: AsyncRunContext| async {
+            Err::<Outcome, _>(WorkError::Retryable("timeout".to_owned()))
+        };
+        assert!(matches!(
+            engine.run_once("u", "flaky", b"req", failing).await,
+            Err(RunError::Work { stored: false, .. })
+        ));
+        let done = engine
+            .run_once("u", "flaky", b"req", counted("ok"))
+            .await
+            .unwrap();
+        assert!(!done.replayed);
+        // Final: stored and replayed.
+        let declined = |_: AsyncRunContext| async {
+            Err::<Outcome, _>(WorkError::Final("no".to_owned(), outcome(402, "declined")))
+        };
+        assert!(matches!(
+            engine.run_once("u", "card", b"req", declined).await,
+            Err(RunError::Work { stored: true, .. })
+        ));
+        let retry = engine
+            .run_once("u", "card", b"req", counted("never"))
+            .await
+            .unwrap();
+        assert_eq!(retry.outcome, outcome(402, "declined"));
+    });
+}

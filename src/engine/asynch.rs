@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::{BeginStep2, Engine};
 use crate::error::Result;
 use crate::notify::Change;
+use crate::once::{BODY_NOT_KEPT, Done, RunError, WorkError};
 use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
 use crate::stats::bump;
 
@@ -56,8 +57,8 @@ use super::read::Found;
 ///
 /// Not yet async (this release): a segment roll or a token reservation
 /// (once per `segment_bytes` of log, once per 2^20 leases) still runs its
-/// fdatasync on the calling thread; `run_once` and lease heartbeats have no
-/// async form yet.
+/// fdatasync on the calling thread; lease heartbeats have no async form
+/// yet (`run_once` has no heartbeat).
 #[derive(Clone, Debug)]
 pub struct AsyncEngine {
     engine: Arc<Engine>,
@@ -332,5 +333,127 @@ impl AsyncEngine {
             }
             Change::new(&e.waiters, seen, deadline).await;
         }
+    }
+
+    /// [`Engine::run_once`] for async work: begins with the fingerprint of
+    /// `request`; if this caller owns the key, awaits `work(ctx)`, stores
+    /// its outcome (or a [`WorkError::Final`] outcome; an outcome too large
+    /// to keep is stored with its status and [`BODY_NOT_KEPT`]) or releases
+    /// the key on a [`WorkError::Retryable`] error; a key completed before
+    /// returns the stored outcome without running `work`.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use idemkv::{AsyncEngine, Engine, Options, Outcome, WorkError};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let engine = AsyncEngine::new(Arc::new(Engine::open(dir.path(), Options::default()).unwrap()));
+    /// let charge = |ctx: idemkv::AsyncRunContext| async move {
+    ///     let _token = ctx.token(); // pass it downstream for fencing
+    ///     Ok::<_, WorkError<std::io::Error>>(Outcome { status: 201, body: "ch_1".into() })
+    /// };
+    /// futures::executor::block_on(async {
+    ///     let first = engine.run_once("user", "order-1", b"amount=10", charge).await.unwrap();
+    ///     let retry = engine.run_once("user", "order-1", b"amount=10", charge).await.unwrap();
+    ///     assert!(!first.replayed && retry.replayed);
+    /// });
+    /// ```
+    ///
+    /// Cancellation: dropped before the key is claimed, nothing happened (a
+    /// lease granted but not handed to `work` is released); dropped while
+    /// `work` runs or its outcome is stored, the work may have had effects,
+    /// so the key stays claimed until its lease expires (as after a panic).
+    ///
+    /// # Errors
+    /// As [`Engine::run_once`].
+    pub async fn run_once<E, F, Fut>(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        request: &[u8],
+        work: F,
+    ) -> std::result::Result<Done, RunError<E>>
+    where
+        F: FnOnce(AsyncRunContext) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Outcome, WorkError<E>>>,
+    {
+        let fingerprint = Fingerprint::of(request);
+        let lease = match self.begin(user, key, fingerprint).await? {
+            Begin::Started(lease) => lease,
+            Begin::Replay(outcome) => {
+                return Ok(Done {
+                    outcome,
+                    replayed: true,
+                });
+            }
+            Begin::Mismatch => return Err(RunError::Mismatch),
+            Begin::InFlight { retry_after } => return Err(RunError::InFlight { retry_after }),
+        };
+        let result = work(AsyncRunContext {
+            lease: lease.clone(),
+        })
+        .await;
+        match result {
+            Ok(outcome) => {
+                self.store(&lease, &outcome).await?;
+                Ok(Done {
+                    outcome,
+                    replayed: false,
+                })
+            }
+            Err(WorkError::Final(error, outcome)) => {
+                self.store(&lease, &outcome).await?;
+                Err(RunError::Work {
+                    error,
+                    stored: true,
+                })
+            }
+            Err(WorkError::Retryable(error)) => {
+                self.release(&lease).await?;
+                Err(RunError::Work {
+                    error,
+                    stored: false,
+                })
+            }
+        }
+    }
+
+    /// Completes `lease` with `outcome`, or with its status and
+    /// [`BODY_NOT_KEPT`] if the body is too large to keep.
+    async fn store(&self, lease: &Lease, outcome: &Outcome) -> Result<()> {
+        match self.complete(lease, outcome.clone()).await {
+            Err(crate::Error::ResponseTooLarge { max, .. }) => {
+                let note = if BODY_NOT_KEPT.len() <= max {
+                    BODY_NOT_KEPT
+                } else {
+                    b""
+                };
+                let kept = Outcome {
+                    status: outcome.status,
+                    body: bytes::Bytes::from_static(note),
+                };
+                self.complete(lease, kept).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// What async work run by [`AsyncEngine::run_once`] gets of its claim: an
+/// owned value, so the work's future can keep it across awaits.
+#[derive(Clone, Debug)]
+pub struct AsyncRunContext {
+    lease: Lease,
+}
+
+impl AsyncRunContext {
+    /// The fencing token of this run: pass it to downstream systems so they
+    /// can refuse a late write from an older run of the same key.
+    pub fn token(&self) -> u64 {
+        self.lease.token()
+    }
+
+    /// The lease this run holds.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 }

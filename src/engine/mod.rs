@@ -7,7 +7,7 @@ mod inspect;
 mod owner;
 mod read;
 
-pub use asynch::AsyncEngine;
+pub use asynch::{AsyncEngine, AsyncRunContext};
 
 pub use inspect::{Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage};
 
