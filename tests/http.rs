@@ -684,7 +684,9 @@ async fn key_in_flight_waits_for_the_answer_when_configured() {
     assert_eq!((second.status, second.body.as_str()), (201, "slow done"));
     assert_eq!(second.header("idempotent-replayed"), "true");
     assert_eq!(app.handlers.slow.load(Ordering::SeqCst), 1);
-    assert_eq!(app.engine.stats().in_flight, 1);
+    // The waiting retry saw the key in flight (it looks again at every
+    // completion and every 10 ms tick while it waits).
+    assert!(app.engine.stats().in_flight >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1231,4 +1233,61 @@ async fn slow_request_body_holds_no_key() {
     assert_eq!(reply.status, 201);
     assert_eq!(app.engine.stats().in_flight, 0);
     drop(stalled);
+}
+
+/// Issue 12: the layer runs on `AsyncEngine`. 1 000 retries waiting on one
+/// in-flight key, on a runtime with 2 workers and 2 blocking threads, hold
+/// no thread: an unrelated request runs to its end while the key's first
+/// request is still running (before, each wait held a blocking-pool thread
+/// and the unrelated request's engine calls queued behind them).
+#[test]
+fn a_thousand_waiting_retries_do_not_delay_an_unrelated_request() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let engine =
+            Arc::new(Engine::open_with_storage(Arc::new(SimDisk::new()), options()).unwrap());
+        let handlers = Arc::new(Handlers::default());
+        let service = routes(&handlers).layer(
+            IdempotencyLayer::new(Arc::clone(&engine))
+                .fixed_user("alice")
+                .wait_in_flight(Duration::from_secs(60)),
+        );
+        let request = |path: &str, key: &str| {
+            axum::http::Request::post(path)
+                .header("idempotency-key", key)
+                .body(Body::from("1"))
+                .unwrap()
+        };
+        let first = tokio::spawn(service.clone().oneshot(request("/slow", "hot")));
+        handlers.entered.notified().await;
+        let retries: Vec<_> = (0..1_000)
+            .map(|_| tokio::spawn(service.clone().oneshot(request("/slow", "hot"))))
+            .collect();
+        // Every retry has seen the key in flight and is waiting.
+        while engine.stats().in_flight < 1_000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let unrelated = tokio::time::timeout(
+            Duration::from_secs(20),
+            service.clone().oneshot(request("/charge", "cold")),
+        )
+        .await
+        .expect("the unrelated request was held up by the waiting retries")
+        .unwrap();
+        assert_eq!(unrelated.status(), StatusCode::CREATED);
+        assert_eq!(handlers.slow.load(Ordering::SeqCst), 1);
+        handlers.proceed.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::CREATED);
+        for r in retries {
+            let r = r.await.unwrap().unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            assert_eq!(r.headers()["idempotent-replayed"], "true");
+        }
+        assert_eq!(handlers.slow.load(Ordering::SeqCst), 1);
+    });
 }

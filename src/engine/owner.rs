@@ -79,6 +79,14 @@ impl Engine {
         self.log.wait_durable(pos)
     }
 
+    /// Releases without waiting for the record's sync (the HTTP layer's
+    /// release of a request dropped before its handler ran: if a crash
+    /// takes the release back, the lease expires on its own).
+    #[cfg(feature = "http")]
+    pub(crate) fn release_unsynced(&self, lease: &Lease) -> Result<()> {
+        self.release_write(lease).map(|_| ())
+    }
+
     /// The write of `release`; acknowledged once its position is durable.
     pub(super) fn release_write(&self, lease: &Lease) -> Result<u64> {
         self.check_open()?;

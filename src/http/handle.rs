@@ -1,7 +1,7 @@
 //! Handling one request: the key, the fingerprint, begin, and what to do
 //! with each answer.
 
-use crate::{Begin, Engine, Error, Fingerprint, KeyPart, Outcome};
+use crate::{AsyncEngine, Begin, Engine, Error, Fingerprint, KeyPart, Outcome};
 use axum::body::{Body, HttpBody};
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -137,21 +137,22 @@ pub(super) struct Call {
 
 impl Call {
     /// `begin_wait` with `wait`: while another request holds the key, waits
-    /// up to `wait` for its lease to end. A started lease is wrapped in a
-    /// [`Claim`] on the blocking thread, so that it is released even if
-    /// this request is dropped before `begin` returns.
+    /// up to `wait` for its lease to end, holding no thread. A started
+    /// lease is wrapped in a [`Claim`] in the same poll that receives it;
+    /// a request dropped before that is covered by the async `begin`, which
+    /// releases a lease it granted but never handed out.
     async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
-        let engine = Arc::clone(&self.engine);
-        let (user, key, fingerprint) = (self.user.clone(), self.key.clone(), self.fingerprint);
-        blocking(move || {
-            Ok(match engine.begin_wait(user, key, fingerprint, wait)? {
-                Begin::Started(lease) => Answer::Started(Claim::new(engine, lease)),
-                Begin::Replay(outcome) => Answer::Replay(outcome),
-                Begin::Mismatch => Answer::Mismatch,
-                Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
-            })
+        let engine = AsyncEngine::new(Arc::clone(&self.engine));
+        let answer = engine
+            .begin_wait(&self.user, &self.key, self.fingerprint, wait)
+            .await
+            .map_err(Failure::Engine)?;
+        Ok(match answer {
+            Begin::Started(lease) => Answer::Started(Claim::new(Arc::clone(&self.engine), lease)),
+            Begin::Replay(outcome) => Answer::Replay(outcome),
+            Begin::Mismatch => Answer::Mismatch,
+            Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
         })
-        .await
     }
 }
 
@@ -159,8 +160,6 @@ impl Call {
 pub(super) enum Failure {
     /// The engine returned an error.
     Engine(Error),
-    /// The blocking task panicked or was cancelled.
-    Task,
 }
 
 impl Failure {
@@ -176,25 +175,12 @@ impl Failure {
                 "The user id of the request is longer than the idempotency store accepts.",
             ),
             Failure::Engine(Error::InvalidKey { .. }) => bad_key(),
-            Failure::Engine(_) | Failure::Task => problem(
+            Failure::Engine(_) => problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Idempotency store unavailable",
                 "The request was not processed; retry later with the same Idempotency-Key.",
             ),
         }
-    }
-}
-
-/// Runs a blocking engine call on tokio's blocking pool.
-pub(super) async fn blocking<T, F>(f: F) -> Result<T, Failure>
-where
-    F: FnOnce() -> crate::Result<T> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(Failure::Engine(e)),
-        Err(_) => Err(Failure::Task),
     }
 }
 

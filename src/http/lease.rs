@@ -9,19 +9,17 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{Engine, Lease};
+use crate::{AsyncEngine, Engine, Lease};
 
 /// A lease whose handler has not been called yet.
 ///
-/// Dropping an armed claim releases the key (on tokio's blocking pool when
-/// a runtime is at hand, else at once): the request went away before any
-/// work began, so a retry must be able to run. [`Claim::into_lease`]
-/// disarms it just before the handler is called.
-///
-/// The claim is made on the blocking thread that ran `begin`, so a request
-/// dropped while its `begin` is still running (waiting for an fsync, or
-/// for another request's lease in `begin_wait`) releases the key as soon
-/// as that `begin` returns.
+/// Dropping an armed claim releases the key at once (its record appended;
+/// the fsync is not waited for): the request went away before any work
+/// began, so a retry must be able to run. [`Claim::into_lease`] disarms it
+/// just before the handler is called. A request dropped while its `begin`
+/// is still waiting for the lease's fsync is covered by
+/// [`AsyncEngine::begin`](crate::AsyncEngine::begin), which releases a lease
+/// it granted but never handed out.
 pub(super) struct Claim {
     engine: Arc<Engine>,
     lease: Lease,
@@ -49,17 +47,10 @@ impl Drop for Claim {
         if !self.armed {
             return;
         }
-        let engine = Arc::clone(&self.engine);
-        let lease = self.lease.clone();
-        // A failed release leaves the lease to expire.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn_blocking(move || engine.release(&lease));
-            }
-            Err(_) => {
-                let _ = engine.release(&lease);
-            }
-        }
+        // The release record is appended now (no fsync is waited for: if a
+        // crash takes it back, the lease expires on its own). A failed
+        // release leaves the lease to expire too.
+        let _ = self.engine.release_unsynced(&self.lease);
     }
 }
 
@@ -89,7 +80,7 @@ impl Heartbeat {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let ttl = engine.lease_ttl();
         let every = (ttl / 3).max(Duration::from_millis(1));
-        let (engine, lease) = (Arc::clone(engine), lease.clone());
+        let (engine, lease) = (AsyncEngine::new(Arc::clone(engine)), lease.clone());
         let task = tokio::spawn(async move {
             let started = Instant::now();
             loop {
@@ -100,10 +91,8 @@ impl Heartbeat {
                 if started.elapsed() >= limit {
                     return;
                 }
-                let (engine, lease) = (Arc::clone(&engine), lease.clone());
-                match tokio::task::spawn_blocking(move || engine.extend(&lease, ttl)).await {
-                    Ok(Ok(_)) => {}
-                    _ => return,
+                if engine.extend(&lease, ttl).await.is_err() {
+                    return;
                 }
             }
         });

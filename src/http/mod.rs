@@ -190,8 +190,11 @@
 //!   claimed (retries get `409`) until then. Once the layer has the whole
 //!   answer, its store (or release) runs on a task of its own and
 //!   finishes even if the request is dropped meanwhile.
-//! - Every engine call blocks on fsync, so it runs on tokio's blocking pool
-//!   ([`tokio::task::spawn_blocking`]); the layer needs a tokio runtime.
+//! - Engine calls go through [`AsyncEngine`](crate::AsyncEngine): a durable
+//!   call awaits its fsync without holding a thread (no `spawn_blocking`),
+//!   and a request waiting for an in-flight key (`wait_in_flight`) holds no
+//!   thread either. The layer needs a tokio runtime for its heartbeat and
+//!   its store-or-release task.
 //!
 //! # Defaults
 //! [`IdempotencyLayer::new`]: methods `POST` and `PATCH`; key required; no

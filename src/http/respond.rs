@@ -18,7 +18,7 @@ use super::headers::{not_kept_headers, not_kept_marker};
 use super::lease::{Claim, Heartbeat};
 use super::stored::{StoredResponse, problem};
 use super::{BoxError, Config};
-use crate::{Engine, Error, Lease, Outcome};
+use crate::{AsyncEngine, Engine, Error, Lease, Outcome};
 
 /// `http_body::Frame<Bytes>`, named through `http-body-util` (the crate
 /// has no direct dependency on `http-body`, and neither axum nor
@@ -81,7 +81,7 @@ where
     match buffer(body, limit).await {
         Buffered::Whole(bytes) => {
             let body = bytes.clone();
-            let _ = settle(heartbeat, move || stored.store(Some(body))).await;
+            let _ = settle(heartbeat, stored.store(Some(body))).await;
             Ok(Response::from_parts(parts, Body::from(bytes)))
         }
         Buffered::Failed => {
@@ -110,24 +110,24 @@ where
 }
 
 /// What the layer does once the handler's answer is known: stops the
-/// heartbeat, then runs `then` (a blocking engine call) on the blocking
-/// pool. It runs on a task of its own, so it finishes even if the request
-/// is dropped meanwhile (the client hung up after the work was done); the
-/// handle resolves when it has. (Its only error, a panic in the engine
-/// call, is ignored: the lease then expires.)
-fn settle(heartbeat: Heartbeat, then: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+/// heartbeat, then awaits `then` (an async engine call, which holds no
+/// thread while its fsync runs). It runs on a task of its own, so it
+/// finishes even if the request is dropped meanwhile (the client hung up
+/// after the work was done); the handle resolves when it has. (Its only
+/// error, a panic, is ignored: the lease then expires.)
+fn settle(heartbeat: Heartbeat, then: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
     tokio::spawn(async move {
         heartbeat.stop().await;
-        let _ = tokio::task::spawn_blocking(then).await;
+        then.await;
     })
 }
 
 /// Releases `lease`, ignoring failure (a lost lease no longer holds the
 /// key; a failing engine lets the lease expire).
-fn release(engine: &Arc<Engine>, lease: Lease) -> impl FnOnce() + Send + 'static {
-    let engine = Arc::clone(engine);
-    move || {
-        let _ = engine.release(&lease);
+fn release(engine: &Arc<Engine>, lease: Lease) -> impl Future<Output = ()> + Send + 'static {
+    let engine = AsyncEngine::new(Arc::clone(engine));
+    async move {
+        let _ = engine.release(&lease).await;
     }
 }
 
@@ -179,11 +179,11 @@ pub(super) struct Stored {
 }
 
 impl Stored {
-    /// [`Stored::store_blocking`], ignoring failure: a lost lease or a disk
+    /// [`Stored::store_forms`], ignoring failure: a lost lease or a disk
     /// error leaves the lease to expire (the work ran, so the key is not
     /// released).
-    fn store(self, body: Option<Bytes>) {
-        let _ = self.store_blocking(body);
+    async fn store(self, body: Option<Bytes>) {
+        let _ = self.store_forms(body).await;
     }
 
     /// Completes the lease with the response and `body`; with `None`, or if
@@ -192,7 +192,7 @@ impl Stored {
     /// the body, `Idempotent-Body-Not-Kept: true` and the not-kept problem
     /// body; else the status and the marker alone; else the status with an
     /// empty stored body (replayed with the marker too).
-    pub(super) fn store_blocking(&self, body: Option<Bytes>) -> crate::Result<()> {
+    pub(super) async fn store_forms(&self, body: Option<Bytes>) -> crate::Result<()> {
         let full = body.map(|body| StoredResponse {
             headers: self.kept.clone(),
             body,
@@ -210,13 +210,15 @@ impl Stored {
             .chain([not_kept, marker])
             .map(|stored| stored.encode())
             .chain([Bytes::new()]);
+        let engine = AsyncEngine::new(Arc::clone(&self.engine));
+        let forms: Vec<Bytes> = forms.collect();
         let mut result = Ok(());
         for body in forms {
             let outcome = Outcome {
                 status: self.status,
                 body,
             };
-            result = self.engine.complete(&self.lease, outcome);
+            result = engine.complete(&self.lease, outcome).await;
             if !matches!(result, Err(Error::ResponseTooLarge { .. })) {
                 break;
             }
@@ -258,7 +260,7 @@ impl<B> Streamed<B> {
             Some((stored, heartbeat)) if error.is_some() => {
                 settle(heartbeat, release(&stored.engine, stored.lease))
             }
-            Some((stored, heartbeat)) => settle(heartbeat, move || stored.store(None)),
+            Some((stored, heartbeat)) => settle(heartbeat, stored.store(None)),
             // (Not reached: the body finishes once.)
             None => tokio::spawn(std::future::ready(())),
         };

@@ -314,9 +314,10 @@ fn too_large_outcome_is_stored_in_the_largest_not_kept_form_that_fits() {
             status: 201,
             kept: kept.clone(),
         };
-        stored_response
-            .store_blocking(Some(Bytes::from(vec![b'x'; 4096])))
-            .unwrap();
+        futures::executor::block_on(
+            stored_response.store_forms(Some(Bytes::from(vec![b'x'; 4096]))),
+        )
+        .unwrap();
         let Begin::Replay(outcome) = engine.begin("u", "k", Fingerprint::of(b"r")).unwrap() else {
             panic!("completed");
         };
