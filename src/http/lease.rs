@@ -61,8 +61,8 @@ impl Drop for Claim {
 /// # Invariants
 /// After [`Heartbeat::stop`] returns, no extend of this heartbeat is
 /// running or will run. Dropping it only asks the task to stop: an extend
-/// already on the blocking pool finishes (harmlessly: it fails once the
-/// lease is completed or released).
+/// already under way finishes (harmlessly: it fails once the lease is
+/// completed or released).
 pub(super) struct Heartbeat {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
