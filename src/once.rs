@@ -101,6 +101,35 @@ impl RunContext<'_> {
 /// stores an empty body instead.)
 pub const BODY_NOT_KEPT: &[u8] = b"idemkv: the original response body was too large to store";
 
+/// What `run_once` (sync or async) does with `begin`'s answer: the lease to
+/// run the work under, or the call's result without running it.
+pub(crate) fn lease_or_done<E>(answer: Begin) -> Result<Lease, Result<Done, RunError<E>>> {
+    match answer {
+        Begin::Started(lease) => Ok(lease),
+        Begin::Replay(outcome) => Err(Ok(Done {
+            outcome,
+            replayed: true,
+        })),
+        Begin::Mismatch => Err(Err(RunError::Mismatch)),
+        Begin::InFlight { retry_after } => Err(Err(RunError::InFlight { retry_after })),
+    }
+}
+
+/// The outcome stored in place of one with status `status` whose body is
+/// larger than `max`: [`BODY_NOT_KEPT`] as the body, or an empty one if
+/// even that is larger.
+pub(crate) fn not_kept(status: u16, max: usize) -> Outcome {
+    let note = if BODY_NOT_KEPT.len() <= max {
+        BODY_NOT_KEPT
+    } else {
+        b""
+    };
+    Outcome {
+        status,
+        body: bytes::Bytes::from_static(note),
+    }
+}
+
 /// Ends a heartbeat when dropped: on return or while a panic unwinds.
 struct StopOnDrop<'a>(&'a (Mutex<bool>, Condvar));
 
@@ -180,16 +209,9 @@ impl Engine {
         // holds the key, wait for its lease to end and answer as begin
         // would then (its outcome is replayed only for the same
         // fingerprint; if it released or expired, this caller takes over).
-        let lease = match self.begin_wait(user, key, fingerprint, options.wait)? {
-            Begin::Started(lease) => lease,
-            Begin::Replay(outcome) => {
-                return Ok(Done {
-                    outcome,
-                    replayed: true,
-                });
-            }
-            Begin::Mismatch => return Err(RunError::Mismatch),
-            Begin::InFlight { retry_after } => return Err(RunError::InFlight { retry_after }),
+        let lease = match lease_or_done(self.begin_wait(user, key, fingerprint, options.wait)?) {
+            Ok(lease) => lease,
+            Err(done) => return done,
         };
         let result = match options.heartbeat {
             Some(every) if !every.is_zero() => self.with_heartbeat(&lease, every, work),
@@ -230,18 +252,7 @@ impl Engine {
     fn store(&self, lease: &Lease, outcome: &Outcome) -> crate::Result<()> {
         match self.complete(lease, outcome.clone()) {
             Err(Error::ResponseTooLarge { max, .. }) => {
-                let note = if BODY_NOT_KEPT.len() <= max {
-                    BODY_NOT_KEPT
-                } else {
-                    b""
-                };
-                self.complete(
-                    lease,
-                    Outcome {
-                        status: outcome.status,
-                        body: bytes::Bytes::from_static(note),
-                    },
-                )
+                self.complete(lease, not_kept(outcome.status, max))
             }
             other => other,
         }

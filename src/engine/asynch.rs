@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::{BeginStep2, Engine};
 use crate::error::Result;
 use crate::notify::Change;
-use crate::once::{BODY_NOT_KEPT, Done, RunError, WorkError};
+use crate::once::{Done, RunError, WorkError, lease_or_done, not_kept};
 use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
 use crate::stats::bump;
 
@@ -338,7 +338,7 @@ impl AsyncEngine {
     /// [`Engine::run_once`] for async work: begins with the fingerprint of
     /// `request`; if this caller owns the key, awaits `work(ctx)`, stores
     /// its outcome (or a [`WorkError::Final`] outcome; an outcome too large
-    /// to keep is stored with its status and [`BODY_NOT_KEPT`]) or releases
+    /// to keep is stored with its status and [`BODY_NOT_KEPT`](crate::BODY_NOT_KEPT)) or releases
     /// the key on a [`WorkError::Retryable`] error; a key completed before
     /// returns the stored outcome without running `work`.
     ///
@@ -377,16 +377,9 @@ impl AsyncEngine {
         Fut: std::future::Future<Output = std::result::Result<Outcome, WorkError<E>>>,
     {
         let fingerprint = Fingerprint::of(request);
-        let lease = match self.begin(user, key, fingerprint).await? {
-            Begin::Started(lease) => lease,
-            Begin::Replay(outcome) => {
-                return Ok(Done {
-                    outcome,
-                    replayed: true,
-                });
-            }
-            Begin::Mismatch => return Err(RunError::Mismatch),
-            Begin::InFlight { retry_after } => return Err(RunError::InFlight { retry_after }),
+        let lease = match lease_or_done(self.begin(user, key, fingerprint).await?) {
+            Ok(lease) => lease,
+            Err(done) => return done,
         };
         let result = work(AsyncRunContext {
             lease: lease.clone(),
@@ -418,20 +411,11 @@ impl AsyncEngine {
     }
 
     /// Completes `lease` with `outcome`, or with its status and
-    /// [`BODY_NOT_KEPT`] if the body is too large to keep.
+    /// [`BODY_NOT_KEPT`](crate::BODY_NOT_KEPT) if the body is too large to keep.
     async fn store(&self, lease: &Lease, outcome: &Outcome) -> Result<()> {
         match self.complete(lease, outcome.clone()).await {
             Err(crate::Error::ResponseTooLarge { max, .. }) => {
-                let note = if BODY_NOT_KEPT.len() <= max {
-                    BODY_NOT_KEPT
-                } else {
-                    b""
-                };
-                let kept = Outcome {
-                    status: outcome.status,
-                    body: bytes::Bytes::from_static(note),
-                };
-                self.complete(lease, kept).await
+                self.complete(lease, not_kept(outcome.status, max)).await
             }
             other => other,
         }
