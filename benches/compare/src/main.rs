@@ -33,9 +33,17 @@ usage: cargo run --release --manifest-path benches/compare/Cargo.toml -- [option
   --callers C       concurrent callers in the durable phase (default 64)
   --secs S          seconds of each lookup phase (default 3)
   --durable-secs S  seconds of each durable phase (default 3)
-  --only LIST       comma-separated subset of idemkv,hashmap,redb,fjall,redis";
+  --only LIST       comma-separated subset of idemkv,idemkv-async,hashmap,redb,fjall,redis
+  --tasks N         tasks of the async durable phase (idemkv-async; default 4096)";
 
-const SYSTEMS: [&str; 5] = ["idemkv", "hashmap", "redb", "fjall", "redis"];
+const SYSTEMS: [&str; 6] = [
+    "idemkv",
+    "idemkv-async",
+    "hashmap",
+    "redb",
+    "fjall",
+    "redis",
+];
 
 #[derive(Clone)]
 struct Config {
@@ -45,6 +53,8 @@ struct Config {
     callers: usize,
     secs: f64,
     durable_secs: f64,
+    /// Tasks of the async durable phase.
+    tasks: usize,
     only: Vec<String>,
     /// Set in a child: which system, and durable or not.
     child: Option<(String, bool)>,
@@ -60,6 +70,7 @@ impl Config {
             callers: 64,
             secs: 3.0,
             durable_secs: 3.0,
+            tasks: 4096,
             only: SYSTEMS.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -89,6 +100,7 @@ impl Config {
                 "--callers" => c.callers = num(value)?,
                 "--secs" => c.secs = secs(value)?,
                 "--durable-secs" => c.durable_secs = secs(value)?,
+                "--tasks" => c.tasks = num(value)?,
                 "--only" => {
                     c.only = value.split(',').map(str::to_owned).collect();
                     if let Some(bad) = c.only.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
@@ -115,6 +127,7 @@ impl Config {
             ("--callers", self.callers.to_string()),
             ("--secs", self.secs.to_string()),
             ("--durable-secs", self.durable_secs.to_string()),
+            ("--tasks", self.tasks.to_string()),
             ("--child", format!("{system}:{mode}")),
         ]
         .into_iter()
@@ -168,6 +181,12 @@ fn child(c: &Config, system: &str, durable: bool) -> Res<()> {
             "idemkv" => {
                 workload::durable(&Idemkv::open(path, true)?, &work, c.callers, c.durable_secs)?
             }
+            "idemkv-async" => systems::idemkv::async_durable(
+                path,
+                std::sync::Arc::new(work),
+                c.tasks,
+                c.durable_secs,
+            )?,
             "redb" => {
                 workload::durable(&Redb::open(path, true)?, &work, c.callers, c.durable_secs)?
             }
@@ -247,8 +266,13 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
     let fsync_rate = fdatasync_rate(Duration::from_secs(2))?;
 
     let redis = redis_available();
-    let plan: [(&str, bool, &str); 9] = [
+    let async_setting = format!(
+        "Durability::Sync, AsyncEngine, {} tasks on 2 tokio workers",
+        c.tasks
+    );
+    let plan: [(&str, bool, &str); 10] = [
         ("idemkv", true, "Durability::Sync"),
+        ("idemkv-async", true, async_setting.as_str()),
         ("redb", true, "Durability::Immediate"),
         ("fjall", true, "PersistMode::SyncData"),
         ("redis", true, "appendonly yes, appendfsync always"),

@@ -81,3 +81,66 @@ impl Client for Arc<Engine> {
         })
     }
 }
+
+/// The durable phase through `AsyncEngine`: `tasks` tasks on a 2-worker
+/// tokio runtime each claim fresh keys and complete them for `secs`.
+/// Returns pairs per second.
+pub fn async_durable(
+    dir: &Path,
+    work: Arc<crate::workload::Workload>,
+    tasks: usize,
+    secs: f64,
+) -> Res<f64> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let options = Options {
+        durability: Durability::Sync,
+        background: false,
+        ..Options::default()
+    };
+    let engine = idemkv::AsyncEngine::new(Arc::new(Engine::open(dir, options)?));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (elapsed, total) = rt.block_on(async {
+        let handles: Vec<_> = (0..tasks)
+            .map(|t| {
+                let (engine, work, stop) = (engine.clone(), Arc::clone(&work), Arc::clone(&stop));
+                tokio::spawn(async move {
+                    let mut done = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        // Keys beyond the loaded range, a disjoint block per task.
+                        let i = (1 << 40) + ((t as u64) << 32) + done;
+                        let key = crate::workload::uuid(i);
+                        let fp = Fingerprint::from_u128(crate::workload::fingerprint(i));
+                        let Begin::Started(lease) =
+                            engine.begin(work.user(i), &key[..], fp).await?
+                        else {
+                            return Err::<u64, idemkv::Error>(idemkv::Error::Closed);
+                        };
+                        let outcome = Outcome {
+                            status: STATUS,
+                            body: crate::workload::body(i),
+                        };
+                        engine.complete(&lease, outcome).await?;
+                        done += 1;
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0u64;
+        for h in handles {
+            total += h
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>((t0.elapsed(), total))
+    })?;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
