@@ -124,13 +124,14 @@ impl AsyncEngine {
         let mut foreign = None;
         loop {
             match e.begin_step(user, key, fingerprint, now, &mut foreign)? {
-                BeginStep2::Started(lease, pos) => {
+                BeginStep2::Started(lease, pos, count) => {
                     let guard = ReleaseUnlessTaken {
                         engine: e,
                         lease: Some(lease),
                     };
                     e.log.durable(pos).await?;
                     if let Some(lease) = guard.take() {
+                        e.count_started(count);
                         return Ok(Begin::Started(lease));
                     }
                 }

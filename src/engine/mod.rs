@@ -145,8 +145,9 @@ impl Engine {
         let mut foreign = None;
         loop {
             match self.begin_step(user, key, fingerprint, now, &mut foreign)? {
-                BeginStep2::Started(lease, pos) => {
+                BeginStep2::Started(lease, pos, count) => {
                     self.log.wait_durable(pos)?;
+                    self.count_started(count);
                     return Ok(Begin::Started(lease));
                 }
                 BeginStep2::Answer(answer) => return Ok(answer),
@@ -213,13 +214,6 @@ impl Engine {
                 };
                 shard.start(&id, user, key, entry, now);
                 drop(shard);
-                bump(&self.counters.started);
-                if expired {
-                    bump(&self.counters.expirations);
-                }
-                if takeover {
-                    bump(&self.counters.takeovers);
-                }
                 let lease = Lease {
                     engine: self.instance,
                     user: Bytes::copy_from_slice(user),
@@ -228,7 +222,11 @@ impl Engine {
                     token,
                     expires_at_ms: deadline_ms,
                 };
-                return Ok(BeginStep2::Started(lease, pos));
+                return Ok(BeginStep2::Started(
+                    lease,
+                    pos,
+                    StartedCount { expired, takeover },
+                ));
             }
         };
         drop(shard);
@@ -342,6 +340,17 @@ impl Engine {
         result
     }
 
+    /// Counts a `Started` answer, once its lease is acknowledged.
+    pub(crate) fn count_started(&self, count: StartedCount) {
+        bump(&self.counters.started);
+        if count.expired {
+            bump(&self.counters.expirations);
+        }
+        if count.takeover {
+            bump(&self.counters.takeovers);
+        }
+    }
+
     /// The lease TTL this engine grants.
     pub(crate) fn lease_ttl(&self) -> Duration {
         self.options.lease_ttl
@@ -412,8 +421,9 @@ fn instance_id() -> u64 {
 
 /// What one try of `begin` did (see [`Engine::begin_step`]).
 pub(crate) enum BeginStep2 {
-    /// A lease was granted; it is acknowledged once `pos` is durable.
-    Started(Lease, u64),
+    /// A lease was granted; it is acknowledged once `pos` is durable, and
+    /// counted (with what it replaced) only then.
+    Started(Lease, u64, StartedCount),
     /// The answer, from a live record that is durable.
     Answer(Begin),
     /// The live record's state is not durable yet: wait for `pos`, then try
@@ -421,6 +431,15 @@ pub(crate) enum BeginStep2 {
     NotDurable(u64),
     /// Try again (a roll, a reservation, a moved or colliding record).
     Again,
+}
+
+/// What a granted lease replaced, for the counters.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StartedCount {
+    /// An expired record or lease was there.
+    expired: bool,
+    /// The expired thing was a lease.
+    takeover: bool,
 }
 
 /// `now + by` in ms, clamped to the latest deadline an entry can hold.
