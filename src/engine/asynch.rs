@@ -14,10 +14,10 @@ use super::{BeginStep2, Engine};
 use crate::error::Result;
 use crate::notify::Change;
 use crate::once::{Done, RunError, WorkError, lease_or_done, not_kept};
-use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
+use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordView};
 use crate::stats::bump;
 
-use super::read::Found;
+use super::read::WaitAnswer;
 
 /// The async face of an [`Engine`]: the same calls, the same answers and
 /// errors, as futures that never block the thread that polls them on an
@@ -207,13 +207,7 @@ impl AsyncEngine {
         let (user, key) = (user.as_ref(), key.as_ref());
         e.check_open()?;
         e.validate(user, key)?;
-        loop {
-            let (entry, pos) = e.lookup_step(user, key)?;
-            if e.log.is_durable_enough(pos) {
-                return Ok(entry.map(|entry| entry.view()));
-            }
-            e.log.durable(pos).await?;
-        }
+        Ok(self.lookup(user, key).await?.map(|entry| entry.view()))
     }
 
     /// [`Engine::outcome`] as a future: it may do one positional read of
@@ -231,21 +225,9 @@ impl AsyncEngine {
         e.check_open()?;
         e.validate(user, key)?;
         loop {
-            let (entry, pos) = e.lookup_step(user, key)?;
-            if !e.log.is_durable_enough(pos) {
-                e.log.durable(pos).await?;
-                continue;
+            if let Some(answer) = e.outcome_of(self.lookup(user, key).await?, user, key)? {
+                return Ok(answer);
             }
-            return match entry {
-                Some(entry) if entry.state == RecordState::Completed => {
-                    match e.read_record(&entry, user, key)? {
-                        Found::Own(record) => Ok(Some(record.into_outcome())),
-                        Found::Foreign => Ok(None),
-                        Found::Moved => continue,
-                    }
-                }
-                _ => Ok(None),
-            };
         }
     }
 
@@ -310,29 +292,29 @@ impl AsyncEngine {
         loop {
             let seen = e.waiters.generation();
             e.check_open()?;
-            let (entry, pos) = e.lookup_step(user, key)?;
-            if !e.log.is_durable_enough(pos) {
-                e.log.durable(pos).await?;
-                continue;
-            }
-            let Some(entry) = entry else {
-                return Ok(None);
-            };
-            let record = match e.read_record(&entry, user, key)? {
-                Found::Own(record) => record,
-                Found::Foreign => return Ok(None),
-                Found::Moved => continue,
-            };
-            if record.fingerprint != fingerprint.0 {
-                return Ok(None);
-            }
-            if entry.state == RecordState::Completed {
-                return Ok(Some(record.into_outcome()));
+            let entry = self.lookup(user, key).await?;
+            match e.wait_answer(entry, user, key, fingerprint)? {
+                WaitAnswer::Done(answer) => return Ok(answer),
+                WaitAnswer::Again => continue,
+                WaitAnswer::InFlight => {}
             }
             if Instant::now() >= deadline {
                 return Ok(None);
             }
             Change::new(&e.waiters, seen, deadline).await;
+        }
+    }
+
+    /// [`Engine::lookup`] as a future: the live entry of `(user, key)`, once
+    /// the state it shows is durable.
+    async fn lookup(&self, user: &[u8], key: &[u8]) -> Result<Option<crate::index::Entry>> {
+        let e = &*self.engine;
+        loop {
+            let (entry, pos) = e.lookup_step(user, key)?;
+            if e.log.is_durable_enough(pos) {
+                return Ok(entry);
+            }
+            e.log.durable(pos).await?;
         }
     }
 

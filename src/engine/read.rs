@@ -41,17 +41,55 @@ impl Engine {
         self.check_open()?;
         self.validate(user, key)?;
         loop {
-            return match self.lookup(user, key)? {
-                Some(e) if e.state == RecordState::Completed => {
-                    match self.read_record(&e, user, key)? {
-                        Found::Own(record) => Ok(Some(record.into_outcome())),
-                        Found::Foreign => Ok(None),
-                        Found::Moved => continue,
-                    }
-                }
-                _ => Ok(None),
-            };
+            if let Some(answer) = self.outcome_of(self.lookup(user, key)?, user, key)? {
+                return Ok(answer);
+            }
         }
+    }
+
+    /// `outcome`'s answer on the entry a (durable) lookup found: `None` to
+    /// look again (compaction moved the record).
+    pub(super) fn outcome_of(
+        &self,
+        entry: Option<Entry>,
+        user: &[u8],
+        key: &[u8],
+    ) -> Result<Option<Option<Outcome>>> {
+        Ok(match entry {
+            Some(e) if e.state == RecordState::Completed => {
+                match self.read_record(&e, user, key)? {
+                    Found::Own(record) => Some(Some(record.into_outcome())),
+                    Found::Foreign => Some(None),
+                    Found::Moved => None,
+                }
+            }
+            _ => Some(None),
+        })
+    }
+
+    /// `wait`'s answer on the entry a (durable) lookup found.
+    pub(super) fn wait_answer(
+        &self,
+        entry: Option<Entry>,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+    ) -> Result<WaitAnswer> {
+        let Some(e) = entry else {
+            return Ok(WaitAnswer::Done(None));
+        };
+        let record = match self.read_record(&e, user, key)? {
+            Found::Own(record) => record,
+            Found::Foreign => return Ok(WaitAnswer::Done(None)),
+            Found::Moved => return Ok(WaitAnswer::Again),
+        };
+        Ok(if record.fingerprint != fingerprint.0 {
+            WaitAnswer::Done(None)
+        } else if e.state == RecordState::Completed {
+            WaitAnswer::Done(Some(record.into_outcome()))
+        } else {
+            WaitAnswer::InFlight
+        })
     }
 
     /// Blocks until the record of `(user, key)` is completed for the request
@@ -86,19 +124,10 @@ impl Engine {
         loop {
             let seen = self.waiters.generation();
             self.check_open()?;
-            let Some(e) = self.lookup(user, key)? else {
-                return Ok(None);
-            };
-            let record = match self.read_record(&e, user, key)? {
-                Found::Own(record) => record,
-                Found::Foreign => return Ok(None),
-                Found::Moved => continue,
-            };
-            if record.fingerprint != fingerprint.0 {
-                return Ok(None);
-            }
-            if e.state == RecordState::Completed {
-                return Ok(Some(record.into_outcome()));
+            match self.wait_answer(self.lookup(user, key)?, user, key, fingerprint)? {
+                WaitAnswer::Done(answer) => return Ok(answer),
+                WaitAnswer::Again => continue,
+                WaitAnswer::InFlight => {}
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
@@ -220,6 +249,16 @@ impl Engine {
         }
         Ok(Found::Own(record))
     }
+}
+
+/// What a look at a key tells a `wait`.
+pub(super) enum WaitAnswer {
+    /// The wait is over, with this answer.
+    Done(Option<Outcome>),
+    /// In progress for this request: keep waiting.
+    InFlight,
+    /// Compaction moved the record: look again.
+    Again,
 }
 
 /// What reading an entry's record found.
