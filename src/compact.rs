@@ -200,6 +200,7 @@ impl Compactor {
         // After a failed write or sync the index may show states that never
         // reached the disk; dropping what they superseded could lose data.
         self.log.check_poison()?;
+        self.log.flush_pending()?;
         let started = Instant::now();
         let mut report = CompactionReport {
             bytes_before: self.log.disk_bytes(),

@@ -68,7 +68,10 @@ pub struct Options {
     pub ascii_keys: bool,
     /// Whether `open` starts the background thread that sweeps expired
     /// records and compacts segments. Default: `true`. When `false`,
-    /// reclamation happens only through `Engine::compact`.
+    /// reclamation happens only through `Engine::compact`, and without
+    /// `Durability::Sync` appends buffered in memory are written to the
+    /// file only when the buffer fills (256 KiB), at a sync, a roll, a
+    /// compaction or `close` (with it, also every 5 ms).
     pub background: bool,
     /// Wall time between two background passes (sweep, then compaction of
     /// segments below the threshold). Default: 10 seconds.

@@ -33,6 +33,14 @@ pub struct Stats {
     pub records_written: u64,
     /// fdatasync calls on log segments.
     pub fsyncs: u64,
+    /// Write system calls on log segments: appends are buffered by the log
+    /// and written once per group-commit round (or when the buffer fills,
+    /// or on a short timer without `Durability::Sync`).
+    pub log_writes: u64,
+    /// Bytes appended to the log but not yet written to its file (a
+    /// gauge): they reach the file at the next group-commit round, when
+    /// the buffer fills, or on the flusher's timer without `Sync`.
+    pub log_pending_bytes: u64,
     /// Records held by the index (expired ones not yet swept included).
     pub live_records: u64,
     /// Log segment files on disk that belong to the log (the empty spare a
@@ -74,6 +82,7 @@ pub(crate) struct Counters {
     pub bytes_written: AtomicU64,
     pub records_written: AtomicU64,
     pub fsyncs: AtomicU64,
+    pub log_writes: AtomicU64,
     pub swept: AtomicU64,
     pub segments_compacted: AtomicU64,
     pub bytes_reclaimed: AtomicU64,
@@ -105,6 +114,8 @@ impl Counters {
             bytes_written: get(&self.bytes_written),
             records_written: get(&self.records_written),
             fsyncs: get(&self.fsyncs),
+            log_writes: get(&self.log_writes),
+            log_pending_bytes: 0,
             live_records: 0,
             segments: 0,
             swept: get(&self.swept),

@@ -1341,6 +1341,10 @@ fn restart_in_sync_mode_shows_no_state_a_power_loss_takes_back() {
         body: b"charged".to_vec().into(),
     };
     killed.complete(&lease, outcome).expect("complete");
+    // The log buffers appends in memory: a compaction pass writes them to
+    // the file first (without a sync), as the flusher's timer would.
+    killed.compact_below(0.0).expect("compaction pass");
+    assert_eq!(killed.stats().log_pending_bytes, 0);
     // Killed: no close, the page cache keeps the records.
     std::mem::forget(killed);
 

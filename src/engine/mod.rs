@@ -266,6 +266,7 @@ impl Engine {
         stats.live_records = self.index.len() as u64;
         stats.segments = self.log.segment_count() as u64;
         stats.disk_bytes = self.log.disk_bytes();
+        stats.log_pending_bytes = self.log.pending_bytes();
         stats
     }
 

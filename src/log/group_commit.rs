@@ -72,6 +72,9 @@ impl Rounds {
 /// the next round) before checking again.
 const RECHECK: Duration = Duration::from_millis(2);
 
+/// How often the flusher writes pending appends out without `Sync`.
+pub(super) const FLUSH_EVERY: Duration = Duration::from_millis(5);
+
 impl GroupCommit {
     /// The condition variable signalled when round `round` ends.
     fn ended(&self, round: u64) -> &Condvar {
@@ -79,12 +82,25 @@ impl GroupCommit {
         if round.is_multiple_of(2) { even } else { odd }
     }
 
-    /// Starts the background thread of `Durability::Periodic`.
-    pub fn start_flusher(log: &Arc<Log>, every: Duration) {
+    /// Starts the flusher of `Durability::Periodic` and `Durability::None`:
+    /// every [`FLUSH_EVERY`] it writes the appends still pending in memory to
+    /// the file (so a killed process loses at most that much), and with
+    /// `sync_every` it also syncs that often. Without `write_ticks` (no
+    /// background thread: `Options::background` is off) it only syncs, so
+    /// pending appends wait for the buffer to fill, a sync, a roll, a
+    /// compaction or close.
+    pub fn start_flusher(log: &Arc<Log>, sync_every: Option<Duration>, write_ticks: bool) {
+        let tick = match (sync_every, write_ticks) {
+            (None, false) => return,
+            (None, true) => FLUSH_EVERY,
+            (Some(every), false) => every,
+            (Some(every), true) => every.min(FLUSH_EVERY),
+        };
         let weak = Arc::downgrade(log);
         let handle = std::thread::Builder::new()
             .name("idemkv-flush".into())
             .spawn(move || {
+                let mut synced = std::time::Instant::now();
                 loop {
                     let Some(log) = weak.upgrade() else { return };
                     {
@@ -92,15 +108,25 @@ impl GroupCommit {
                         if *stop {
                             return;
                         }
-                        let _ = log.commit.stop_cv.wait_for(&mut stop, every);
+                        let _ = log.commit.stop_cv.wait_for(&mut stop, tick);
                         if *stop {
                             return;
                         }
                     }
+                    if log.poison.get().is_some() {
+                        continue;
+                    }
                     let end = log.written.load(Ordering::Acquire);
-                    if end > 0 && !log.is_durable(end - 1) && log.poison.get().is_none() {
-                        // A failure poisons the log; callers see it on their next write.
-                        let _ = log.sync_past(end - 1);
+                    let sync_due = sync_every.is_some_and(|every| synced.elapsed() >= every);
+                    if sync_due {
+                        synced = std::time::Instant::now();
+                        if end > 0 && !log.is_durable(end - 1) {
+                            // A failure poisons the log; callers see it on
+                            // their next write.
+                            let _ = log.sync_past(end - 1);
+                        }
+                    } else if end > log.flushed.load(Ordering::Acquire) {
+                        let _ = log.flush();
                     }
                 }
             });
@@ -169,6 +195,9 @@ impl Log {
         if slot_of(durable) == w.slot() {
             let keep = durable & ((1 << 40) - 1);
             let _ = w.truncate_to(keep);
+            let (_, _, end) = w.tail();
+            self.written.store(end, Ordering::Release);
+            self.flushed.store(end, Ordering::Release);
         }
     }
 
@@ -229,7 +258,20 @@ impl Log {
             r.started += 1;
             r.next_claimed = false;
             let round = r.started;
-            let (file, id, end) = self.writer.lock().tail();
+            // One write for every record appended since the last round.
+            let (file, id, end) = match self.flush() {
+                Ok(tail) => tail,
+                Err(e) => {
+                    r.finished = round;
+                    let wake_next = r.next_claimed;
+                    drop(r);
+                    self.commit.ended(round).notify_all();
+                    if wake_next {
+                        self.commit.next.notify_all();
+                    }
+                    return Err(e);
+                }
+            };
             r.target = end;
             drop(r);
             let result = self.sync_segment(&file, id, end);

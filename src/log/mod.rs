@@ -27,7 +27,12 @@
 //!   segment that holds records can have a torn tail (the segments after it
 //!   are empty: the spare a roll made ahead of time), and every position
 //!   outside the active segment is durable.
-//! - No roll holds the writer lock across I/O: appenders (who hold a shard
+//! - Appends go to the writer's pending buffer; a flush writes it with one
+//!   write (the group commit leader before its sync, a roll before its
+//!   seal, a compaction pass, close, a full buffer, the flusher's timer).
+//!   Every sync the log makes is preceded by a flush of everything
+//!   appended before it, so "synced" still covers every earlier append.
+//! - No roll holds the writer lock across an fsync: appenders (who hold a shard
 //!   lock) never wait for a disk, so neither do readers of that shard.
 
 mod crc;
@@ -71,7 +76,7 @@ pub(crate) fn pos(slot: u64, offset: u64) -> u64 {
     slot << OFFSET_BITS | offset
 }
 
-fn split(pos: u64) -> (u64, u64) {
+pub(super) fn split(pos: u64) -> (u64, u64) {
     (pos >> OFFSET_BITS, pos & ((1 << OFFSET_BITS) - 1))
 }
 
@@ -152,7 +157,7 @@ impl ReadRecord {
         }
     }
 
-    fn new(content: &Bytes, rec: &Record<'_>) -> ReadRecord {
+    pub(super) fn new(content: &Bytes, rec: &Record<'_>) -> ReadRecord {
         ReadRecord {
             token: rec.token,
             fingerprint: rec.fingerprint,
@@ -302,6 +307,9 @@ pub(crate) struct Log {
     spare_bytes: AtomicU64,
     /// End position of everything appended.
     written: AtomicU64,
+    /// End position of everything written to the active file (appends wait
+    /// in the writer's pending buffer until a flush).
+    flushed: AtomicU64,
     /// End position of everything known durable in the active segment.
     durable: AtomicU64,
     /// Set once by the first failed write or sync.
@@ -443,7 +451,28 @@ impl Log {
     /// that compaction retired is [`CorruptKind::Dangling`]: look the entry
     /// up again.
     pub fn read(&self, at: u64) -> Result<ReadRecord> {
+        let flushed = self.flushed.load(Ordering::Acquire);
+        if slot_of(at) == slot_of(flushed) && at >= flushed {
+            // Not written to the file yet (or just now): copy it out of the
+            // writer's pending buffer.
+            let w = self.writer.lock();
+            if let Some(read) = w.read_pending(at) {
+                return read.map_err(|e| self.name_corrupt(e, at));
+            }
+        }
         read_from(&*self.storage, &self.segments.read(), at)
+    }
+
+    /// Puts the segment's path into a corruption error about `at`.
+    fn name_corrupt(&self, e: Error, at: u64) -> Error {
+        match e {
+            Error::Corrupt { offset, kind, .. } => Error::Corrupt {
+                file: self.path_of(at),
+                offset,
+                kind,
+            },
+            other => other,
+        }
     }
 
     /// Whether the record at `at` is durable: it is outside the active
@@ -485,6 +514,24 @@ impl Log {
     /// The offset of `pos` inside its segment.
     pub fn offset_of(&self, at: u64) -> u64 {
         split(at).1
+    }
+
+    /// Bytes appended but not yet written to the active file.
+    pub fn pending_bytes(&self) -> u64 {
+        let flushed = self.flushed.load(Ordering::Acquire);
+        let written = self.written.load(Ordering::Acquire);
+        if slot_of(written) == slot_of(flushed) {
+            written.saturating_sub(flushed)
+        } else {
+            0
+        }
+    }
+
+    /// Writes the appends still pending in memory to the active file (no
+    /// sync). A compaction pass calls it first, so that every fdatasync the
+    /// engine makes finds nothing of earlier calls held back in memory.
+    pub fn flush_pending(&self) -> Result<()> {
+        self.flush().map(|_| ())
     }
 
     /// Number of segment files.

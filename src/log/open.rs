@@ -472,6 +472,7 @@ impl Log {
             roll: Mutex::new(None),
             spare_bytes: AtomicU64::new(0),
             written: AtomicU64::new(end),
+            flushed: AtomicU64::new(end),
             durable: AtomicU64::new(end),
             poison: OnceLock::new(),
             next_token: AtomicU64::new(next_token),
@@ -483,8 +484,12 @@ impl Log {
             commit: GroupCommit::default(),
             syncer: super::syncer::Syncer::default(),
         });
-        if let Durability::Periodic(every) = options.durability {
-            GroupCommit::start_flusher(&log, every);
+        match options.durability {
+            Durability::Periodic(every) => {
+                GroupCommit::start_flusher(&log, Some(every), options.background);
+            }
+            Durability::None => GroupCommit::start_flusher(&log, None, options.background),
+            Durability::Sync => {}
         }
         Ok(log)
     }

@@ -26,7 +26,10 @@ pub(super) struct Writer {
     slot: u64,
     number: u64,
     file: Arc<dyn StorageFile>,
+    /// The end of what was appended: the file's bytes and `pending`.
     offset: u64,
+    /// The end of what is in the file (`offset` minus `pending`).
+    flushed: u64,
     closed: bool,
     /// A roll is under way: appends answer "no room" until it ends.
     rolling: bool,
@@ -35,9 +38,15 @@ pub(super) struct Writer {
     released: bool,
     /// The record count of the active segment.
     records: Arc<AtomicU64>,
-    /// Scratch space for encoding, reused across appends.
-    buf: Vec<u8>,
+    /// Records appended but not yet written to the file: the bytes from
+    /// `flushed` to `offset`. Written by [`Log::flush`] (once per
+    /// group-commit round, when it grows past [`FLUSH_AT`], or by the
+    /// flusher's timer), so a round of many records costs one write.
+    pending: Vec<u8>,
 }
+
+/// Pending bytes past which an append writes them out before adding more.
+pub(super) const FLUSH_AT: usize = 256 << 10;
 
 impl Writer {
     pub fn new(
@@ -52,22 +61,56 @@ impl Writer {
             number,
             file,
             offset,
+            flushed: offset,
             closed: false,
             rolling: false,
             released: false,
             records,
-            buf: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
-    /// Cuts the active segment to `len` bytes and syncs the cut.
+    /// Cuts the active segment to `len` bytes (dropping whatever was not
+    /// written yet) and syncs the cut.
     pub fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
         if len < self.offset {
-            self.file.truncate(len)?;
+            self.pending.clear();
+            if len < self.flushed {
+                self.file.truncate(len)?;
+                self.file.sync()?;
+            }
             self.offset = len;
-            self.file.sync()?;
+            self.flushed = self.flushed.min(len);
         }
         Ok(())
+    }
+
+    /// The record at `at` if it is still in the pending buffer (a copy of
+    /// its frame, CRC checked), or `None` if it is in the file.
+    pub fn read_pending(&self, at: u64) -> Option<Result<super::ReadRecord>> {
+        let (slot, offset) = super::split(at);
+        if slot != self.slot || offset < self.flushed || offset >= self.offset {
+            return None;
+        }
+        let start = usize::try_from(offset - self.flushed).ok()?;
+        let rest = self.pending.get(start..)?;
+        let corrupt = |kind| Error::Corrupt {
+            file: std::path::PathBuf::new(),
+            offset,
+            kind,
+        };
+        let Some((len, _)) = super::record::frame_header(rest) else {
+            return Some(Err(corrupt(crate::error::CorruptKind::Dangling)));
+        };
+        let Some(frame) = rest.get(..super::FRAME_HEADER.saturating_add(len)) else {
+            return Some(Err(corrupt(crate::error::CorruptKind::Dangling)));
+        };
+        let frame = bytes::Bytes::copy_from_slice(frame);
+        Some(
+            super::record::check_frame(&frame)
+                .map(|(rec, _)| super::ReadRecord::new(&frame, &rec))
+                .map_err(corrupt),
+        )
     }
 
     /// The slot of the active segment.
@@ -185,37 +228,78 @@ impl Log {
             return Err(Error::Closed);
         }
         self.check_poison()?;
-        let len = record.encoded_len() as u64;
-        if w.rolling || self.needs_roll(&w, len) {
+        let len = record.encoded_len();
+        if w.rolling || self.needs_roll(&w, len as u64) {
             return Ok(None);
         }
-        let mut buf = std::mem::take(&mut w.buf);
-        buf.clear();
-        record.encode(&mut buf);
+        if !w.pending.is_empty() && w.pending.len() + len > FLUSH_AT {
+            // Write out what waits first, so that a failure leaves this
+            // record unappended (its caller sees the error) rather than
+            // half written.
+            self.flush_locked(&mut w)?;
+        }
         let at = pos(w.slot, w.offset);
-        let result = w.file.append(&buf);
-        w.buf = buf;
+        record.encode(&mut w.pending);
+        w.offset += len as u64;
+        w.records.fetch_add(1, Ordering::Relaxed);
+        self.written.store(pos(w.slot, w.offset), Ordering::Release);
+        self.counters
+            .bytes_written
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.counters
+            .records_written
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Some(at))
+    }
+
+    /// Writes the pending records of the active segment to its file, with
+    /// one write. The caller holds the writer lock.
+    ///
+    /// # Errors
+    /// [`Error::Io`] / [`Error::NoSpace`] (the log is poisoned then, and
+    /// the pending records are dropped: none of them was acknowledged
+    /// under `Sync`, and without `Sync` every later call is refused).
+    pub(super) fn flush_locked(&self, w: &mut Writer) -> Result<()> {
+        if w.pending.is_empty() {
+            return Ok(());
+        }
+        if w.released {
+            return Err(Error::Closed);
+        }
+        let result = w.file.append(&w.pending);
+        self.counters.log_writes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = result {
             self.set_poison(e.kind());
-            // Best effort: cut off whatever prefix of the record got written,
-            // so a restart without a crash finds a clean end.
-            let _ = w.file.truncate(w.offset);
+            // Best effort: cut off whatever prefix got written, so a
+            // restart without a crash finds a clean end.
+            let _ = w.file.truncate(w.flushed);
+            w.pending.clear();
+            w.offset = w.flushed;
+            self.written.store(pos(w.slot, w.offset), Ordering::Release);
             return Err(Error::io(
                 IoOp::Write,
                 self.storage.path(&segment_name(w.number)),
                 e,
             ));
         }
-        w.offset += len;
-        w.records.fetch_add(1, Ordering::Relaxed);
-        self.written.store(pos(w.slot, w.offset), Ordering::Release);
-        self.counters
-            .bytes_written
-            .fetch_add(len, Ordering::Relaxed);
-        self.counters
-            .records_written
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(Some(at))
+        w.flushed = w.offset;
+        w.pending.clear();
+        if w.pending.capacity() > 4 * FLUSH_AT {
+            // One huge record grew it: give the memory back.
+            w.pending = Vec::new();
+        }
+        self.flushed
+            .store(pos(w.slot, w.flushed), Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes the pending records out (see [`Log::flush_locked`]) and
+    /// returns the active file, its slot and the end of what it now holds:
+    /// what a sync of it makes durable.
+    pub(super) fn flush(&self) -> Result<(Arc<dyn StorageFile>, u64, u64)> {
+        let mut w = self.writer.lock();
+        self.flush_locked(&mut w)?;
+        Ok(w.tail())
     }
 
     /// Takes the writer lock for an append. The lock is held for one short
@@ -294,6 +378,10 @@ impl Log {
                 return Err(Error::Closed);
             }
             w.rolling = true;
+            if let Err(e) = self.flush_locked(&mut w) {
+                w.rolling = false;
+                return Err(e);
+            }
             w.tail()
         };
         let result = self.seal_and_swap(spare, &file, slot, end);
@@ -357,9 +445,11 @@ impl Log {
             w.number = next.number;
             w.file = next.file;
             w.offset = HEADER_LEN as u64;
+            w.flushed = w.offset;
             w.records = records;
             let start = pos(next.slot, w.offset);
             self.written.store(start, Ordering::Release);
+            self.flushed.store(start, Ordering::Release);
             self.durable.store(start, Ordering::Release);
             return Ok(());
         }

@@ -1469,7 +1469,13 @@ impl Harness {
         if all_synced_at.is_some() && !may_have_diverged {
             self.durable_point(Some(before_op));
         }
-        if syncs > 0 && !self.model.may_refuse() && all_synced(&self.disk) {
+        // The files alone do not tell: appends wait in the log's buffer
+        // until a round, a roll, a compaction or the flusher writes them.
+        let nothing_pending = self
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.stats().log_pending_bytes == 0);
+        if syncs > 0 && !self.model.may_refuse() && nothing_pending && all_synced(&self.disk) {
             self.durable_point(None);
         }
         Ok(())
