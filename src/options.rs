@@ -83,6 +83,17 @@ pub struct Options {
     pub compaction_threshold: f64,
     /// The engine's source of time for leases and TTLs. Default: [`SystemClock`].
     pub clock: Arc<dyn Clock>,
+    /// Serve records (replayed bodies included) from read-only memory maps
+    /// of the segment files instead of a `pread` per read. Default: `true`.
+    /// A replay of a durable record is then zero-copy (its body shares the
+    /// map). Maps never reach past what the engine wrote, and the engine
+    /// never cuts a file below what a handed-out body may point at; but a
+    /// disk that fails to read a mapped page back kills the process with
+    /// `SIGBUS` where a `pread` would have returned `Error::Io`, and so
+    /// does another program truncating a segment file. Turn it off to
+    /// trade the speed for those cases. Only storages that can map
+    /// ([`FsStorage`](crate::storage::FsStorage)) do.
+    pub mmap_reads: bool,
 }
 
 impl Default for Options {
@@ -101,6 +112,7 @@ impl Default for Options {
             sweep_interval: Duration::from_secs(10),
             compaction_threshold: 0.5,
             clock: Arc::new(SystemClock),
+            mmap_reads: true,
         }
     }
 }

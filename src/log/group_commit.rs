@@ -194,6 +194,10 @@ impl Log {
         let durable = self.durable.load(Ordering::Acquire);
         if slot_of(durable) == w.slot() {
             let keep = durable & ((1 << 40) - 1);
+            // Readers copying a record that is not durable out of the
+            // segment's map hold the segment table's read lock: the cut
+            // waits for them, and later ones see the shorter file.
+            let _segments = self.segments.write();
             let _ = w.truncate_to(keep);
             let (_, _, end) = w.tail();
             self.written.store(end, Ordering::Release);

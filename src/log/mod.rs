@@ -181,6 +181,9 @@ pub(crate) struct Segment {
     records: Arc<AtomicU64>,
     /// Records a rewrite kept although the index does not point at them.
     pinned: Pin,
+    /// A read-only map of the file, made by the first read that wants one
+    /// (`None` inside: the storage cannot map). See [`read_from`].
+    map: Arc<OnceLock<Option<Bytes>>>,
 }
 
 impl Segment {
@@ -192,7 +195,20 @@ impl Segment {
             order: number,
             records: Arc::new(AtomicU64::new(0)),
             pinned: Pin::default(),
+            map: Arc::default(),
         }
+    }
+
+    /// The segment's map, made on first use: `capacity` bytes (or the
+    /// file's length if larger), so the active segment can grow into it
+    /// without a new map.
+    fn map(&self, capacity: u64) -> Option<&Bytes> {
+        self.map
+            .get_or_init(|| {
+                let len = self.file.len().ok()?.max(capacity);
+                self.file.map(len).ok().flatten()
+            })
+            .as_ref()
     }
 }
 
@@ -225,11 +241,27 @@ impl Pin {
 /// a body of up to about 400 bytes.
 const FIRST_READ: usize = 512;
 
-/// Reads the record at `at` from `segments` (by slot), checking its CRC.
+/// How a read may use a segment's map.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum MapUse {
+    /// Not at all: `pread` (`Options::mmap_reads` off).
+    Off,
+    /// Copy the record out of the map: it is not durable yet, so a failed
+    /// sync may still cut it off the file (which the caller's segment read
+    /// lock keeps from happening during the copy).
+    Copy(u64),
+    /// Share the map: the record is durable, and no byte below the durable
+    /// end is ever cut off a file, so the body may outlive every lock.
+    Share(u64),
+}
+
+/// Reads the record at `at` from `segments` (by slot), checking its CRC:
+/// from the segment's map when `map` allows, else with `pread`.
 fn read_from(
     storage: &dyn Storage,
     segments: &BTreeMap<u64, Segment>,
     at: u64,
+    map: MapUse,
 ) -> Result<ReadRecord> {
     let (slot, offset) = split(at);
     let segment = segments.get(&slot);
@@ -244,7 +276,39 @@ fn read_from(
         offset,
         kind: CorruptKind::Dangling,
     };
-    let file = segment.map(|s| Arc::clone(&s.file)).ok_or_else(dangling)?;
+    let segment = segment.ok_or_else(dangling)?;
+    let file = &segment.file;
+    let file_len = file.len().map_err(|e| Error::io(IoOp::Read, path(), e))?;
+    let available = file_len.saturating_sub(offset);
+    let corrupt = |kind| Error::Corrupt {
+        file: path(),
+        offset,
+        kind,
+    };
+    if let MapUse::Copy(capacity) | MapUse::Share(capacity) = map
+        && let Some(mapped) = segment.map(capacity)
+    {
+        // Only bytes the file holds (the map may reach past its end).
+        let end = (mapped.len() as u64).min(file_len);
+        if let (Ok(start), Ok(end)) = (usize::try_from(offset), usize::try_from(end))
+            && let Some(rest) = mapped.get(start..end)
+        {
+            let (len, _) = frame_header(rest).ok_or_else(dangling)?;
+            let total = FRAME_HEADER.saturating_add(len);
+            if let Some(bytes) = rest.get(..total) {
+                let frame = match map {
+                    MapUse::Share(_) => mapped.slice(start..start + total),
+                    _ => Bytes::copy_from_slice(bytes),
+                };
+                let (rec, _) = check_frame(&frame).map_err(corrupt)?;
+                return Ok(ReadRecord::new(&frame, &rec));
+            }
+            if total as u64 > available {
+                return Err(dangling());
+            }
+            // Longer than the map (a record bigger than a segment): read it.
+        }
+    }
     // One read covers a typical record (header, ids, a body of a few
     // hundred bytes); a longer one takes a second read for the rest. The
     // frame's length is checked against the file before anything is
@@ -253,10 +317,6 @@ fn read_from(
         file.read_at(at, buf)
             .map_err(|e| Error::io(IoOp::Read, path(), e))
     };
-    let available = file
-        .len()
-        .map_err(|e| Error::io(IoOp::Read, path(), e))?
-        .saturating_sub(offset);
     let first = usize::try_from(available.min(FIRST_READ as u64)).unwrap_or(FIRST_READ);
     let mut frame = vec![0u8; first];
     read(offset, &mut frame)?;
@@ -274,11 +334,7 @@ fn read_from(
         frame.truncate(total);
     }
     let frame = Bytes::from(frame);
-    let (rec, _) = check_frame(&frame).map_err(|kind| Error::Corrupt {
-        file: path(),
-        offset,
-        kind,
-    })?;
+    let (rec, _) = check_frame(&frame).map_err(corrupt)?;
     Ok(ReadRecord::new(&frame, &rec))
 }
 
@@ -288,6 +344,8 @@ pub(crate) struct Log {
     storage: Arc<dyn Storage>,
     durability: Durability,
     segment_bytes: u64,
+    /// `Options::mmap_reads`.
+    mmap_reads: bool,
     clock: Arc<dyn Clock>,
     counters: Arc<Counters>,
     /// The active segment, appended under this lock.
@@ -460,7 +518,12 @@ impl Log {
                 return read.map_err(|e| self.name_corrupt(e, at));
             }
         }
-        read_from(&*self.storage, &self.segments.read(), at)
+        let map = match (self.mmap_reads, self.is_durable(at)) {
+            (false, _) => MapUse::Off,
+            (true, true) => MapUse::Share(self.segment_bytes),
+            (true, false) => MapUse::Copy(self.segment_bytes),
+        };
+        read_from(&*self.storage, &self.segments.read(), at, map)
     }
 
     /// Puts the segment's path into a corruption error about `at`.

@@ -26,7 +26,7 @@ pub(crate) struct Replayed<'a> {
 impl Replayed<'_> {
     /// The record at `at` (already replayed).
     pub fn read(&self, at: u64) -> Result<ReadRecord> {
-        read_from(self.storage, self.segments, at)
+        read_from(self.storage, self.segments, at, super::MapUse::Off)
     }
 }
 
@@ -320,6 +320,7 @@ impl Log {
                     order: h.map_or(id, |h| h.order),
                     records: Arc::new(AtomicU64::new(0)),
                     pinned: Pin::default(),
+                    map: Arc::default(),
                 };
                 Some((*slot_of.get(&id)?, segment))
             })
@@ -462,6 +463,7 @@ impl Log {
             storage,
             durability: options.durability,
             segment_bytes: options.segment_bytes,
+            mmap_reads: options.mmap_reads,
             clock: Arc::clone(&options.clock),
             counters,
             writer: Mutex::new(Writer::new(slot, id, file, offset, records)),

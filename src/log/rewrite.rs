@@ -154,6 +154,7 @@ impl Log {
                 order,
                 records: Arc::new(AtomicU64::new(records)),
                 pinned,
+                map: Arc::default(),
             },
         );
         Ok(slot)

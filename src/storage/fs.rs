@@ -170,4 +170,21 @@ impl StorageFile for FsFile {
         self.len.store(len, Ordering::Release);
         Ok(())
     }
+
+    fn map(&self, len: u64) -> io::Result<Option<bytes::Bytes>> {
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        // SAFETY: the map is read-only and shared. The file is appended to
+        // by this process only (the directory's flock keeps other engines
+        // out) and its bytes are never changed in place: appends go past
+        // what was written, and a cut (`truncate`) is made only below bytes
+        // no reader can reach (the engine's contract in `StorageFile::map`).
+        // So the bytes a reader is allowed to see do not change under it.
+        // Another program truncating the file could still fault the
+        // process; `Options::mmap_reads` documents that.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&self.file)? };
+        Ok(Some(bytes::Bytes::from_owner(map)))
+    }
 }

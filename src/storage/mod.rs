@@ -65,4 +65,13 @@ pub trait StorageFile: Send + Sync + Debug + 'static {
     fn sync(&self) -> io::Result<()>;
     /// Cuts the file to `len` bytes.
     fn truncate(&self, len: u64) -> io::Result<()>;
+    /// A read-only memory map of the file's first `len` bytes, as a
+    /// zero-copy buffer, or `None` if this storage cannot map (the default).
+    /// `len` may exceed the file, which may grow into it: the caller must
+    /// only read bytes the file holds (a page wholly past the end faults
+    /// with `SIGBUS`), and must not cut the file below bytes it still reads.
+    fn map(&self, len: u64) -> io::Result<Option<bytes::Bytes>> {
+        let _ = len;
+        Ok(None)
+    }
 }
