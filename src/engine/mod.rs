@@ -360,6 +360,7 @@ impl Engine {
     }
 
     /// The lease TTL this engine grants.
+    #[cfg(feature = "http")]
     pub(crate) fn lease_ttl(&self) -> Duration {
         self.options.lease_ttl
     }
