@@ -60,7 +60,8 @@ pub struct Done {
     pub replayed: bool,
 }
 
-/// Knobs of [`Engine::run_once_with`].
+/// Knobs of [`Engine::run_once_with`] and
+/// [`AsyncEngine::run_once_with`](crate::AsyncEngine::run_once_with).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunOptions {
     /// While the work runs, extend the lease every `heartbeat` (by

@@ -1,16 +1,23 @@
 //! Lease heartbeats by the engine's own thread (issue 12): a heartbeat
 //! keeps a lease past its TTL, ends when its handle is dropped or stopped,
 //! when an extend fails, at `Options::heartbeat_limit` and at `close`; one
-//! thread serves a thousand leases; its extends wait for no fsync.
+//! thread serves a thousand leases; its extends wait for no fsync; async
+//! `run_once_with` keeps a long work's key.
 //!
 //! Leases follow a `ManualClock`; the heartbeat's interval and limit are
 //! real time, so the tests use intervals of a few milliseconds and wait for
 //! the extends they need through `Stats::heartbeats`.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use idemkv::{Begin, Durability, Engine, Fingerprint, Lease, ManualClock, Options, Outcome};
+use idemkv::{
+    AsyncEngine, Begin, Durability, Engine, Fingerprint, Lease, ManualClock, Options, Outcome,
+    RunOptions, WorkError,
+};
 
 const TTL: Duration = Duration::from_secs(1);
 const EVERY: Duration = Duration::from_millis(2);
@@ -279,4 +286,64 @@ fn close_stops_the_heartbeats_and_later_ones_do_nothing() {
     assert_eq!(engine.stats().heartbeats, beats, "extended after close");
     heartbeat.stop();
     assert!(!engine.heartbeat(&lease, EVERY).is_running());
+}
+
+#[test]
+fn async_run_once_with_a_heartbeat_keeps_a_long_works_key() {
+    let clock = Arc::new(ManualClock::new(0));
+    let (_dir, engine) = open(options(&clock));
+    let engine = Arc::new(engine);
+    let async_engine = AsyncEngine::new(Arc::clone(&engine));
+    let options = RunOptions {
+        heartbeat: Some(EVERY),
+        ..RunOptions::default()
+    };
+    let work = |ctx: idemkv::AsyncRunContext| {
+        let (engine, clock) = (Arc::clone(&engine), Arc::clone(&clock));
+        async move {
+            // (Blocking waits are fine on `block_on`'s own thread.)
+            outlive_the_ttl(&engine, &clock);
+            assert!(in_flight(&engine, "k"), "the key was taken over");
+            Ok::<_, WorkError<()>>(Outcome {
+                status: 201,
+                body: format!("token {}", ctx.token()).into(),
+            })
+        }
+    };
+    let done =
+        futures::executor::block_on(async_engine.run_once_with("u", "k", b"req", options, work))
+            .unwrap();
+    assert!(!done.replayed);
+    let stats = engine.stats();
+    assert_eq!((stats.takeovers, stats.lease_lost), (0, 0));
+    assert!(stats.heartbeats >= 12);
+}
+
+#[test]
+fn a_dropped_async_run_once_with_stops_its_heartbeat() {
+    let clock = Arc::new(ManualClock::new(0));
+    let (_dir, engine) = open(options(&clock));
+    let engine = Arc::new(engine);
+    let async_engine = AsyncEngine::new(Arc::clone(&engine));
+    let options = RunOptions {
+        heartbeat: Some(EVERY),
+        ..RunOptions::default()
+    };
+    {
+        let run = async_engine.run_once_with("u", "k", b"req", options, |_| {
+            std::future::pending::<Result<Outcome, WorkError<()>>>()
+        });
+        let mut run = pin!(run);
+        let mut cx = Context::from_waker(Waker::noop());
+        // Begins (no fsync to wait for) and parks in the work.
+        assert!(run.as_mut().poll(&mut cx).is_pending());
+        wait_beats(&engine, 2);
+    }
+    let beats = engine.stats().heartbeats;
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(engine.stats().heartbeats, beats, "extended after the drop");
+    // The work may have run: the key is left to its lease.
+    assert!(in_flight(&engine, "k"));
+    clock.advance(TTL);
+    started(&engine, "k");
 }
