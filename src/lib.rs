@@ -74,6 +74,7 @@ mod compact;
 mod compact_tests;
 mod engine;
 mod error;
+mod heartbeat;
 #[cfg(feature = "http")]
 pub mod http;
 mod index;
@@ -95,6 +96,7 @@ pub use engine::{
     verify, verify_storage,
 };
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
+pub use heartbeat::Heartbeat;
 pub use once::{BODY_NOT_KEPT, Delivery, Done, RunContext, RunError, RunOptions, WorkError};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};

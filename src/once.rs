@@ -2,10 +2,7 @@
 //! this caller owns the key, stores or releases, and answers retries from
 //! the store; [`Engine::consume_once`] does the same for queue messages.
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use parking_lot::{Condvar, Mutex};
 
 use crate::engine::Engine;
 use crate::error::Error;
@@ -63,11 +60,15 @@ pub struct Done {
     pub replayed: bool,
 }
 
-/// Knobs of [`Engine::run_once_with`].
+/// Knobs of [`Engine::run_once_with`] and
+/// [`AsyncEngine::run_once_with`](crate::AsyncEngine::run_once_with).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunOptions {
     /// While the work runs, extend the lease every `heartbeat` (by
-    /// `Options::lease_ttl`), so long work keeps its key. Default: off.
+    /// `Options::lease_ttl`), so long work keeps its key: an
+    /// [`Engine::heartbeat`] for the work's duration, served by the
+    /// engine's heartbeat thread and capped by `Options::heartbeat_limit`.
+    /// Default: off (`None`, or a zero interval).
     pub heartbeat: Option<Duration>,
     /// When the key is in flight, wait up to this long for the other
     /// caller's outcome before answering [`RunError::InFlight`]. Default: 0.
@@ -127,17 +128,6 @@ pub(crate) fn not_kept(status: u16, max: usize) -> Outcome {
     Outcome {
         status,
         body: bytes::Bytes::from_static(note),
-    }
-}
-
-/// Ends a heartbeat when dropped: on return or while a panic unwinds.
-struct StopOnDrop<'a>(&'a (Mutex<bool>, Condvar));
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        let (flag, cv) = self.0;
-        *flag.lock() = true;
-        cv.notify_all();
     }
 }
 
@@ -213,10 +203,11 @@ impl Engine {
             Ok(lease) => lease,
             Err(done) => return done,
         };
-        let result = match options.heartbeat {
-            Some(every) if !every.is_zero() => self.with_heartbeat(&lease, every, work),
-            _ => work(&RunContext { lease: &lease }),
-        };
+        // The heartbeat ends when the work returns, or when its panic
+        // unwinds past the handle (the lease is then left to expire).
+        let heartbeat = options.heartbeat.map(|every| self.heartbeat(&lease, every));
+        let result = work(&RunContext { lease: &lease });
+        drop(heartbeat);
         // Once the work has run, its key is never released because of its
         // result's size: an outcome too large to keep is stored with its
         // status and `BODY_NOT_KEPT` as its body (see `store`).
@@ -256,37 +247,6 @@ impl Engine {
             }
             other => other,
         }
-    }
-
-    /// Runs `work` while a scoped thread extends `lease` every `every`. The
-    /// heartbeat stops as soon as `work` returns or panics (a guard ends it
-    /// while the panic unwinds, so the scope's join does not wait forever);
-    /// after a panic the lease is left to expire.
-    fn with_heartbeat<T>(
-        &self,
-        lease: &Lease,
-        every: Duration,
-        work: impl FnOnce(&RunContext<'_>) -> T,
-    ) -> T {
-        let done: Arc<(Mutex<bool>, Condvar)> = Arc::default();
-        std::thread::scope(|s| {
-            let beat = Arc::clone(&done);
-            s.spawn(move || {
-                let (flag, cv) = &*beat;
-                let mut finished = flag.lock();
-                while !*finished {
-                    if cv.wait_for(&mut finished, every).timed_out() && !*finished {
-                        // A failed extend (lease lost, engine closed) ends
-                        // the heartbeat; complete will report it.
-                        if self.extend(lease, self.lease_ttl()).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-            let _stop = StopOnDrop(&done);
-            work(&RunContext { lease })
-        })
     }
 
     /// Processes a queue message at most once: `user` is the topic or

@@ -81,6 +81,13 @@ pub struct Options {
     /// rewrites a segment that has a live record; whole-dead segments are
     /// always removed).
     pub compaction_threshold: f64,
+    /// The longest a lease heartbeat runs (`Engine::heartbeat`,
+    /// `RunOptions::heartbeat`, the HTTP layer): this long after it was
+    /// started it stops, and the lease ends at most one `lease_ttl` later,
+    /// so work that hangs cannot hold its key forever. Real time, like
+    /// `sweep_interval`. Default: 5 minutes. `Duration::ZERO` turns
+    /// heartbeats off (their handles do nothing).
+    pub heartbeat_limit: Duration,
     /// The engine's source of time for leases and TTLs. Default: [`SystemClock`].
     pub clock: Arc<dyn Clock>,
     /// Serve records (replayed bodies included) from read-only memory maps
@@ -111,6 +118,7 @@ impl Default for Options {
             background: true,
             sweep_interval: Duration::from_secs(10),
             compaction_threshold: 0.5,
+            heartbeat_limit: Duration::from_secs(5 * 60),
             clock: Arc::new(SystemClock),
             mmap_reads: true,
         }

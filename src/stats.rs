@@ -27,6 +27,10 @@ pub struct Stats {
     pub completions: u64,
     /// Successful `release` calls.
     pub releases: u64,
+    /// Lease extends made by the engine's heartbeat thread
+    /// (`Engine::heartbeat`, `run_once_with`'s heartbeat, the HTTP layer);
+    /// `Engine::extend` calls are not counted.
+    pub heartbeats: u64,
     /// Bytes appended to the log (framing included).
     pub bytes_written: u64,
     /// Records appended to the log.
@@ -79,6 +83,7 @@ pub(crate) struct Counters {
     pub expirations: AtomicU64,
     pub completions: AtomicU64,
     pub releases: AtomicU64,
+    pub heartbeats: AtomicU64,
     pub bytes_written: AtomicU64,
     pub records_written: AtomicU64,
     pub fsyncs: AtomicU64,
@@ -111,6 +116,7 @@ impl Counters {
             expirations: get(&self.expirations),
             completions: get(&self.completions),
             releases: get(&self.releases),
+            heartbeats: get(&self.heartbeats),
             bytes_written: get(&self.bytes_written),
             records_written: get(&self.records_written),
             fsyncs: get(&self.fsyncs),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::{BeginStep2, Engine};
 use crate::error::Result;
 use crate::notify::Change;
-use crate::once::{Done, RunError, WorkError, lease_or_done, not_kept};
+use crate::once::{Done, RunError, RunOptions, WorkError, lease_or_done, not_kept};
 use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordView};
 use crate::stats::bump;
 
@@ -55,10 +55,13 @@ use super::read::WaitAnswer;
 /// 10 ms (a lease's expiry on the engine's clock is only seen by looking
 /// again), and looks again.
 ///
+/// Long work keeps its key with [`AsyncEngine::run_once_with`]'s heartbeat
+/// (or [`Engine::heartbeat`] around any work): the engine's heartbeat
+/// thread extends the lease, so no task or timer of the executor is used.
+///
 /// Not yet async (this release): a segment roll or a token reservation
 /// (once per `segment_bytes` of log, once per 2^20 leases) still runs its
-/// fdatasync on the calling thread; lease heartbeats have no async form
-/// yet (`run_once` has no heartbeat).
+/// fdatasync on the calling thread.
 #[derive(Clone, Debug)]
 pub struct AsyncEngine {
     engine: Arc<Engine>,
@@ -359,15 +362,70 @@ impl AsyncEngine {
         F: FnOnce(AsyncRunContext) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Outcome, WorkError<E>>>,
     {
+        self.run_once_with(user, key, request, RunOptions::default(), work)
+            .await
+    }
+
+    /// [`AsyncEngine::run_once`] with a heartbeat for long work and a wait
+    /// for in-flight keys, as [`Engine::run_once_with`]: with
+    /// `options.heartbeat`, the engine's heartbeat thread extends the lease
+    /// while `work` runs (no task is spawned; see [`Engine::heartbeat`]);
+    /// with `options.wait`, a key in flight is waited for (holding no
+    /// thread, as [`AsyncEngine::begin_wait`]) before answering
+    /// [`RunError::InFlight`].
+    ///
+    /// ```
+    /// # use std::{sync::Arc, time::Duration};
+    /// # use idemkv::{AsyncEngine, Engine, Options, Outcome, RunOptions, WorkError};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let engine = AsyncEngine::new(Arc::new(Engine::open(dir.path(), Options::default()).unwrap()));
+    /// let options = RunOptions { heartbeat: Some(Duration::from_secs(10)), ..RunOptions::default() };
+    /// let report = |_ctx: idemkv::AsyncRunContext| async move {
+    ///     // ... work that may outlast `lease_ttl` ...
+    ///     Ok::<_, WorkError<std::io::Error>>(Outcome { status: 200, body: "report".into() })
+    /// };
+    /// let done = futures::executor::block_on(engine.run_once_with("user", "report-1", b"q", options, report));
+    /// assert!(!done.unwrap().replayed);
+    /// ```
+    ///
+    /// Cancellation: as [`AsyncEngine::run_once`]; dropped while `work`
+    /// runs, the heartbeat stops with it and the lease is left to expire.
+    ///
+    /// # Errors
+    /// As [`Engine::run_once`].
+    pub async fn run_once_with<E, F, Fut>(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        request: &[u8],
+        options: RunOptions,
+        work: F,
+    ) -> std::result::Result<Done, RunError<E>>
+    where
+        F: FnOnce(AsyncRunContext) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Outcome, WorkError<E>>>,
+    {
         let fingerprint = Fingerprint::of(request);
-        let lease = match lease_or_done(self.begin(user, key, fingerprint).await?) {
+        let answer = if options.wait.is_zero() {
+            self.begin(user, key, fingerprint).await?
+        } else {
+            self.begin_wait(user, key, fingerprint, options.wait)
+                .await?
+        };
+        let lease = match lease_or_done(answer) {
             Ok(lease) => lease,
             Err(done) => return done,
         };
+        // Held across the work's awaits; dropped (the heartbeat stopped)
+        // before the outcome is stored, or with this future.
+        let heartbeat = options
+            .heartbeat
+            .map(|every| self.engine.heartbeat(&lease, every));
         let result = work(AsyncRunContext {
             lease: lease.clone(),
         })
         .await;
+        drop(heartbeat);
         match result {
             Ok(outcome) => {
                 self.store(&lease, &outcome).await?;

@@ -8,6 +8,7 @@ mod owner;
 mod read;
 
 pub use asynch::{AsyncEngine, AsyncRunContext};
+pub(crate) use owner::Beat;
 
 pub use inspect::{Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage};
 
@@ -22,6 +23,7 @@ use bytes::Bytes;
 use crate::clock::{EngineClock, millis};
 use crate::compact::{Background, CompactionReport, Compactor};
 use crate::error::{Error, KeyPart, KeyProblem, Result};
+use crate::heartbeat::Heartbeats;
 use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
 use crate::log::Log;
 use crate::log::record::{Kind, Record};
@@ -52,6 +54,8 @@ pub struct Engine {
     storage: Arc<dyn Storage>,
     counters: Arc<Counters>,
     waiters: Arc<Waiters>,
+    /// The leases the heartbeat thread keeps alive (`heartbeat.rs`).
+    heartbeats: Arc<Heartbeats>,
     closed: AtomicBool,
 }
 
@@ -113,6 +117,7 @@ impl Engine {
             storage,
             counters,
             waiters: Arc::default(),
+            heartbeats: Arc::default(),
             closed: AtomicBool::new(false),
         })
     }
@@ -305,7 +310,7 @@ impl Engine {
         self.compactor.run(false, Some(threshold))
     }
 
-    /// Syncs the log, stops background work, waits for a `compact` running
+    /// Syncs the log, stops background work (heartbeats included), waits for a `compact` running
     /// on another thread (it stops at its next segment, leaving every file
     /// as it was or replaced by its complete rewrite) and releases the
     /// directory lock. Once it returns, no call that started before it
@@ -323,6 +328,9 @@ impl Engine {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // No extend runs once this returns (an extend under way ends
+        // first), and every heartbeat handle reports it stopped.
+        self.heartbeats.stop();
         // A pass under way (background or another thread's compact) stops
         // at its next segment rather than finishing.
         self.compactor.request_stop();
@@ -353,6 +361,7 @@ impl Engine {
     }
 
     /// The lease TTL this engine grants.
+    #[cfg(feature = "http")]
     pub(crate) fn lease_ttl(&self) -> Duration {
         self.options.lease_ttl
     }

@@ -1,19 +1,23 @@
 //! The owner's calls: `complete`, `release`, `extend`, all through
 //! [`Engine::owner_write`], which judges the lease and writes under the
-//! shard lock.
+//! shard lock; and `heartbeat`, whose extends the heartbeat thread
+//! (`heartbeat.rs`) makes through the same write ([`Beat`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::{Engine, deadline};
-use crate::clock::Now;
+use crate::clock::{EngineClock, Now};
 use crate::error::{Error, Result};
-use crate::index::{Entry, KeyId};
+use crate::heartbeat::Heartbeat;
+use crate::index::{Entry, Index, KeyId};
+use crate::log::Log;
 use crate::log::record::{Kind, Record};
 use crate::outcome::{Lease, Outcome, RecordState};
 use crate::state;
-use crate::stats::bump;
+use crate::stats::{Counters, bump};
 
 impl Engine {
     /// Stores `outcome` for the lease's key, with the default `record_ttl`:
@@ -144,6 +148,140 @@ impl Engine {
     /// the record and updates the index, all under the shard lock. Returns
     /// the record's log position; the caller waits for durability.
     pub(super) fn owner_write(
+        &self,
+        lease: &Lease,
+        now: Now,
+        kind: Kind,
+        deadline_ms: u64,
+        outcome: &Outcome,
+    ) -> Result<u64> {
+        let parts = OwnerParts {
+            instance: self.instance,
+            index: &self.index,
+            log: &self.log,
+            counters: &self.counters,
+        };
+        parts.write(lease, now, kind, deadline_ms, outcome)
+    }
+
+    /// Keeps `lease` alive while long work runs: every `every`, the
+    /// engine's heartbeat thread extends it by `Options::lease_ttl`, until
+    /// the returned handle is stopped or dropped, an extend fails (the
+    /// lease was lost, completed or released; the engine closed or
+    /// failed), or `Options::heartbeat_limit` has passed since this call.
+    /// The lease then ends at most one `lease_ttl` after the last extend.
+    ///
+    /// One thread serves every heartbeat of the engine (started by the
+    /// first one, joined by [`Engine::close`]), so a heartbeat costs a
+    /// timer entry, not a thread or a task: sync, async and HTTP callers
+    /// alike. `every` and the limit are measured in real time
+    /// ([`std::time::Instant`]), like `sweep_interval`; the lease's own
+    /// deadline follows the engine's clock. An extend does not wait for
+    /// its record's fsync (a crash ends the work anyway).
+    ///
+    /// A zero `every` or a zero `Options::heartbeat_limit` gives a handle
+    /// that does nothing, and so does a closed engine. Choose `every` well
+    /// under `lease_ttl` (a third of it, say): a beat that comes after the
+    /// lease expired fails, and the heartbeat stops.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use idemkv::{Begin, Engine, Fingerprint, Options, Outcome};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let engine = Engine::open(dir.path(), Options::default()).unwrap();
+    /// let Begin::Started(lease) = engine.begin("user", "report-9", Fingerprint::of(b"q")).unwrap() else {
+    ///     unreachable!()
+    /// };
+    /// let heartbeat = engine.heartbeat(&lease, Duration::from_secs(10));
+    /// // ... long work: the key stays this caller's past `lease_ttl` ...
+    /// heartbeat.stop();
+    /// engine.complete(&lease, Outcome { status: 200, body: "done".into() }).unwrap();
+    /// ```
+    pub fn heartbeat(&self, lease: &Lease, every: Duration) -> Heartbeat {
+        self.heartbeat_within(lease, every, self.options.heartbeat_limit)
+    }
+
+    /// [`Engine::heartbeat`] capped at `limit` as well as the engine's
+    /// `heartbeat_limit` (the HTTP layer's own cap).
+    pub(crate) fn heartbeat_within(
+        &self,
+        lease: &Lease,
+        every: Duration,
+        limit: Duration,
+    ) -> Heartbeat {
+        let limit = limit.min(self.options.heartbeat_limit);
+        if every.is_zero() || limit.is_zero() || self.check_open().is_err() {
+            return Heartbeat::inert();
+        }
+        let beat = || Beat {
+            instance: self.instance,
+            clock: Arc::clone(&self.clock),
+            index: Arc::clone(&self.index),
+            log: Arc::clone(&self.log),
+            counters: Arc::clone(&self.counters),
+            ttl: self.options.lease_ttl,
+        };
+        self.heartbeats.register(lease, every, limit, beat)
+    }
+}
+
+/// What the heartbeat thread needs of its engine to extend a lease: its own
+/// handles on the engine's layers (the engine is not shared with the
+/// thread; [`Engine::close`] joins the thread before it closes the log).
+#[derive(Debug)]
+pub(crate) struct Beat {
+    instance: u64,
+    clock: Arc<EngineClock>,
+    index: Arc<Index>,
+    log: Arc<Log>,
+    counters: Arc<Counters>,
+    ttl: Duration,
+}
+
+impl Beat {
+    /// Extends `lease` by the engine's `lease_ttl` from now: the write of
+    /// `Engine::extend_write`, without waiting for the record's sync.
+    ///
+    /// The extend record need not be durable. If a crash takes it back,
+    /// the work it kept alive ended with the process anyway, and every
+    /// lease issued before a restart is refused as `ForeignLease`, so no
+    /// one can act on the extension; recovery then sees the lease's earlier
+    /// deadline, which is only sooner. A `begin` of the same key that finds
+    /// the extended state still waits for it to be durable before it
+    /// answers (`BeginStep2::NotDurable`), as for any record.
+    ///
+    /// # Errors
+    /// As [`Engine::extend`] (the heartbeat stops on any).
+    pub(crate) fn extend(&self, lease: &Lease) -> Result<()> {
+        let now = self.clock.now()?;
+        let deadline_ms = deadline(now.lease, self.ttl);
+        let none = Outcome {
+            status: 0,
+            body: Bytes::new(),
+        };
+        let parts = OwnerParts {
+            instance: self.instance,
+            index: &self.index,
+            log: &self.log,
+            counters: &self.counters,
+        };
+        parts.write(lease, now, Kind::Extend, deadline_ms, &none)?;
+        bump(&self.counters.heartbeats);
+        Ok(())
+    }
+}
+
+/// The layers an owner write touches: the engine's, or a [`Beat`]'s.
+struct OwnerParts<'a> {
+    instance: u64,
+    index: &'a Index,
+    log: &'a Log,
+    counters: &'a Counters,
+}
+
+impl OwnerParts<'_> {
+    /// See [`Engine::owner_write`].
+    fn write(
         &self,
         lease: &Lease,
         now: Now,

@@ -1,15 +1,12 @@
 //! The lease of a started request: released if the request is dropped
 //! before its handler is called ([`Claim`]), kept alive while the handler
-//! runs and its body streams ([`Heartbeat`]).
+//! runs and its body streams ([`heartbeat`], on the engine's heartbeat
+//! thread).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
-
-use crate::{AsyncEngine, Engine, Lease};
+use crate::{Engine, Heartbeat, Lease};
 
 /// A lease whose handler has not been called yet.
 ///
@@ -54,66 +51,13 @@ impl Drop for Claim {
     }
 }
 
-/// Extends a lease every third of the engine's `lease_ttl` (by
-/// `lease_ttl`) until it is stopped or dropped, or `limit` has passed since
-/// it started, or an extend fails (the lease was lost, the engine failed).
-///
-/// # Invariants
-/// After [`Heartbeat::stop`] returns, no extend of this heartbeat is
-/// running or will run. Dropping it only asks the task to stop: an extend
-/// already under way finishes (harmlessly: it fails once the lease is
-/// completed or released).
-pub(super) struct Heartbeat {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Heartbeat {
-    /// Starts beating for `lease`; a zero `limit` starts nothing.
-    pub(super) fn start(engine: &Arc<Engine>, lease: &Lease, limit: Duration) -> Heartbeat {
-        if limit.is_zero() {
-            return Heartbeat {
-                stop: None,
-                task: None,
-            };
-        }
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let ttl = engine.lease_ttl();
-        let every = (ttl / 3).max(Duration::from_millis(1));
-        let (engine, lease) = (AsyncEngine::new(Arc::clone(engine)), lease.clone());
-        let task = tokio::spawn(async move {
-            let started = Instant::now();
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    () = tokio::time::sleep(every) => {}
-                }
-                if started.elapsed() >= limit {
-                    return;
-                }
-                if engine.extend(&lease, ttl).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Heartbeat {
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// Stops the heartbeat and waits for an extend in progress to end.
-    pub(super) async fn stop(mut self) {
-        drop(self.stop.take());
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        // Dropping the sender ends the task at its next wake-up.
-        drop(self.stop.take());
-    }
+/// Starts the heartbeat of a request whose handler is about to run: every
+/// third of the engine's `lease_ttl`, the engine's heartbeat thread extends
+/// the lease (by `lease_ttl`) until the handle is stopped or dropped, an
+/// extend fails (the lease was lost, the engine failed or closed), or
+/// `limit` (capped by the engine's `Options::heartbeat_limit`) has passed.
+/// A zero `limit` starts nothing. No tokio task or timer is involved.
+pub(super) fn heartbeat(engine: &Engine, lease: &Lease, limit: Duration) -> Heartbeat {
+    let every = (engine.lease_ttl() / 3).max(Duration::from_millis(1));
+    engine.heartbeat_within(lease, every, limit)
 }

@@ -158,14 +158,17 @@
 //!
 //! # Leases and heartbeat
 //! `begin` gives the request a lease of the engine's `lease_ttl`. From the
-//! moment the inner service is called, the layer extends the lease every
-//! third of `lease_ttl` (by `lease_ttl`), while the handler runs and while
-//! a streamed body is sent, so a slow handler keeps its key and a retry
-//! gets `409` instead of running the work a second time. The heartbeat
-//! stops when the response is stored or released, when the request is
-//! dropped, when an extend fails, or once
-//! [`IdempotencyLayer::heartbeat_limit`] (default 5 minutes) has passed;
-//! the lease then ends at most one `lease_ttl` later.
+//! moment the inner service is called, the lease is extended every third
+//! of `lease_ttl` (by `lease_ttl`), while the handler runs and while a
+//! streamed body is sent, so a slow handler keeps its key and a retry gets
+//! `409` instead of running the work a second time. The extends are made
+//! by the engine's heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
+//! which serves every request's lease: no task or timer per request. The
+//! heartbeat stops when the response is stored or released (before the
+//! store or release is written), when the request is dropped, when an
+//! extend fails, or once [`IdempotencyLayer::heartbeat_limit`] (default 5
+//! minutes, and never more than the engine's `Options::heartbeat_limit`)
+//! has passed; the lease then ends at most one `lease_ttl` later.
 //!
 //! # Failure handling
 //! - The inner service's error, or a response body that fails before the
@@ -193,8 +196,8 @@
 //! - Engine calls go through [`AsyncEngine`](crate::AsyncEngine): a durable
 //!   call awaits its fsync without holding a thread (no `spawn_blocking`),
 //!   and a request waiting for an in-flight key (`wait_in_flight`) holds no
-//!   thread either. The layer needs a tokio runtime for its heartbeat and
-//!   its store-or-release task.
+//!   thread either. The layer needs a tokio runtime for its
+//!   store-or-release task (the heartbeat runs on the engine's thread).
 //!
 //! # Defaults
 //! [`IdempotencyLayer::new`]: methods `POST` and `PATCH`; key required; no
@@ -467,12 +470,14 @@ impl IdempotencyLayer {
     }
 
     /// How long the layer keeps a running request's lease alive: from the
-    /// moment the handler is called, it extends the lease (by the engine's
-    /// `lease_ttl`, every third of it) while the handler runs and its
-    /// response body streams, until `limit` has passed; the lease then
-    /// ends at most one `lease_ttl` later, and a retry may run the work
-    /// again. `Duration::ZERO` turns the heartbeat off (the lease lasts
-    /// `lease_ttl`). Default: [`DEFAULT_HEARTBEAT_LIMIT`].
+    /// moment the handler is called, the engine's heartbeat thread extends
+    /// the lease (by the engine's `lease_ttl`, every third of it) while the
+    /// handler runs and its response body streams, until `limit` has
+    /// passed (or the engine's `Options::heartbeat_limit`, if that is
+    /// shorter); the lease then ends at most one `lease_ttl` later, and a
+    /// retry may run the work again. `Duration::ZERO` turns the heartbeat
+    /// off (the lease lasts `lease_ttl`). Default:
+    /// [`DEFAULT_HEARTBEAT_LIMIT`].
     pub fn heartbeat_limit(self, limit: Duration) -> IdempotencyLayer {
         self.with(|c| c.heartbeat_limit = limit)
     }

@@ -15,10 +15,10 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use super::headers::{not_kept_headers, not_kept_marker};
-use super::lease::{Claim, Heartbeat};
+use super::lease::{Claim, heartbeat};
 use super::stored::{StoredResponse, problem};
 use super::{BoxError, Config};
-use crate::{AsyncEngine, Engine, Error, Lease, Outcome};
+use crate::{AsyncEngine, Engine, Error, Heartbeat, Lease, Outcome};
 
 /// `http_body::Frame<Bytes>`, named through `http-body-util` (the crate
 /// has no direct dependency on `http-body`, and neither axum nor
@@ -55,7 +55,7 @@ where
     // From here on the work may happen: a dropped request no longer
     // releases the key (its lease expires), and the heartbeat keeps it.
     let lease = claim.into_lease();
-    let heartbeat = Heartbeat::start(engine, &lease, config.heartbeat_limit);
+    let heartbeat = heartbeat(engine, &lease, config.heartbeat_limit);
     let response = match inner.call(request).await {
         Ok(response) => response,
         Err(e) => {
@@ -110,16 +110,16 @@ where
 }
 
 /// What the layer does once the handler's answer is known: stops the
-/// heartbeat, then awaits `then` (an async engine call, which holds no
-/// thread while its fsync runs). It runs on a task of its own, so it
+/// heartbeat (at once: it waits at most for an extend of this lease under
+/// way, an append to the log, so that none runs after the store or
+/// release), then awaits `then` (an async engine call, which holds no
+/// thread while its fsync runs). `then` runs on a task of its own, so it
 /// finishes even if the request is dropped meanwhile (the client hung up
 /// after the work was done); the handle resolves when it has. (Its only
 /// error, a panic, is ignored: the lease then expires.)
 fn settle(heartbeat: Heartbeat, then: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        heartbeat.stop().await;
-        then.await;
-    })
+    heartbeat.stop();
+    tokio::spawn(then)
 }
 
 /// Releases `lease`, ignoring failure (a lost lease no longer holds the
