@@ -121,7 +121,7 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
         Some((e, false)) if e.token == record.token => Some(e),
         Some((e, false)) if e.token < record.token => {
             let theirs = replayed.read(e.pos)?;
-            (theirs.user == user && theirs.key == key).then_some(e)
+            (theirs.user() == user && theirs.key() == key).then_some(e)
         }
         _ => None,
     };

@@ -174,7 +174,7 @@ impl Engine {
             for entry in entries {
                 self.log.wait_durable(entry.pos)?;
                 let record = self.log.read(entry.pos)?;
-                if user.is_some_and(|u| u != &record.user[..]) {
+                if user.is_some_and(|u| u != record.user()) {
                     continue;
                 }
                 if record.token != entry.token {
@@ -184,13 +184,14 @@ impl Engine {
                         kind: CorruptKind::WrongRecord,
                     });
                 }
+                let (record_user, record_key, body) = record.parts();
                 let outcome = (entry.state == RecordState::Completed).then(|| Outcome {
                     status: record.status,
-                    body: record.body.clone(),
+                    body,
                 });
                 f(&RecordDump {
-                    user: record.user,
-                    key: record.key,
+                    user: record_user,
+                    key: record_key,
                     view: entry.view(),
                     fingerprint: Fingerprint(record.fingerprint),
                     outcome,

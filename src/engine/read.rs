@@ -230,7 +230,7 @@ impl Engine {
             }
             Err(e) => return Err(e),
         };
-        if record.user != user || record.key != key {
+        if record.user() != user || record.key() != key {
             return Ok(if still_here() {
                 Found::Foreign
             } else {

@@ -137,34 +137,71 @@ impl Slots {
     }
 }
 
-/// A record read back from the log; its fields share one buffer.
+/// A record read back from the log: its frame (shared with the segment's
+/// map, or its own buffer) and where its fields are in it. Reading a field
+/// takes no reference count: only [`ReadRecord::into_outcome`] hands out a
+/// buffer, and it reuses the frame's, so a replay costs one count.
 #[derive(Clone, Debug)]
 pub(crate) struct ReadRecord {
     pub token: u64,
     pub fingerprint: u128,
-    pub user: Bytes,
-    pub key: Bytes,
     pub status: u16,
-    pub body: Bytes,
+    frame: Bytes,
+    user: std::ops::Range<usize>,
+    key: std::ops::Range<usize>,
+    body: std::ops::Range<usize>,
 }
 
 impl ReadRecord {
     /// The stored outcome (status and body) of a complete record.
     pub fn into_outcome(self) -> crate::outcome::Outcome {
+        let mut body = self.frame;
+        body.truncate(self.body.end);
+        bytes::Buf::advance(&mut body, self.body.start);
         crate::outcome::Outcome {
             status: self.status,
-            body: self.body,
+            body,
         }
     }
 
+    /// The user id it was written for.
+    pub fn user(&self) -> &[u8] {
+        self.frame.get(self.user.clone()).unwrap_or_default()
+    }
+
+    /// The key it was written for.
+    pub fn key(&self) -> &[u8] {
+        self.frame.get(self.key.clone()).unwrap_or_default()
+    }
+
+    /// The user id, key and body as buffers of their own (sharing the
+    /// frame's).
+    pub fn parts(&self) -> (Bytes, Bytes, Bytes) {
+        (
+            self.frame.slice(self.user.clone()),
+            self.frame.slice(self.key.clone()),
+            self.frame.slice(self.body.clone()),
+        )
+    }
+
     pub(super) fn new(content: &Bytes, rec: &Record<'_>) -> ReadRecord {
+        // Every field is a slice of `content` (`check_frame` parsed it);
+        // an empty one may point anywhere, so keep any range inside.
+        let range = |part: &[u8]| {
+            let start = (part.as_ptr() as usize).wrapping_sub(content.as_ptr() as usize);
+            match start.checked_add(part.len()) {
+                Some(end) if end <= content.len() => start..end,
+                _ => 0..0,
+            }
+        };
         ReadRecord {
             token: rec.token,
             fingerprint: rec.fingerprint,
-            user: content.slice_ref(rec.user),
-            key: content.slice_ref(rec.key),
             status: rec.status,
-            body: content.slice_ref(rec.body),
+            user: range(rec.user),
+            key: range(rec.key),
+            body: range(rec.body),
+            frame: content.clone(),
         }
     }
 }

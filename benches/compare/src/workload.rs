@@ -150,17 +150,19 @@ pub fn next_token() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Resident set size of this process in bytes (`/proc/self/statm`).
+/// Anonymous resident memory of this process (`RssAnon` in
+/// `/proc/self/status`): the heap and the like, without file-backed pages.
+/// idemkv serves records from read-only maps of its segment files, whose
+/// resident pages are the kernel's page cache (shared, clean, reclaimable:
+/// the same pages a `pread` reads through, which RSS never counted), so
+/// counting them would charge the index with the page cache.
 pub fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * page.max(1) as u64
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Runs `work(thread, client, stop)` on `threads` threads, each with its
