@@ -98,4 +98,4 @@ pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Resul
 pub use once::{BODY_NOT_KEPT, Delivery, Done, RunContext, RunError, RunOptions, WorkError};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
-pub use stats::Stats;
+pub use stats::{INDEX_SLOT_BYTES, Stats};

@@ -255,6 +255,27 @@ impl ShardMap {
             + self.spill.values().map(Vec::len).sum::<usize>()
     }
 
+    /// What the tables hold in memory.
+    pub fn memory(&self) -> Memory {
+        let mut m = Memory::default();
+        for table in &self.map {
+            let slots = buckets(table.capacity());
+            m.slots += slots;
+            if slots > 0 {
+                // hashbrown: the slots, then a control byte per slot and a
+                // group's worth more.
+                m.bytes += slots * SLOT_BYTES + slots + 16;
+            }
+        }
+        for list in self.spill.values() {
+            m.bytes += std::mem::size_of::<(u64, Vec<Spilled>)>() + 1;
+            for s in list {
+                m.bytes += std::mem::size_of::<Spilled>() + s.user.len() + s.key.len();
+            }
+        }
+        m
+    }
+
     /// Drops every entry that is expired at `now`; returns how many.
     pub fn drop_expired(&mut self, now: Now) -> usize {
         (0..PARTS).map(|part| self.drop_expired_in(part, now)).sum()
@@ -278,6 +299,36 @@ impl ShardMap {
             });
         }
         dropped
+    }
+}
+
+/// Bytes of one slot of a digest table: a digest and a packed entry.
+pub(crate) const SLOT_BYTES: usize = std::mem::size_of::<(Digest, Packed)>();
+
+/// The buckets of a hashbrown table of `capacity` (what `HashMap::capacity`
+/// reports: 7/8 of the buckets, or one less than the buckets under 8).
+fn buckets(capacity: usize) -> usize {
+    match capacity {
+        0 => 0,
+        1..7 => capacity + 1,
+        _ => (capacity / 7 * 8).next_power_of_two(),
+    }
+}
+
+/// The index's memory, as [`ShardMap::memory`] and `Index::memory` count it
+/// (what the tables allocated, not what the allocator adds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Memory {
+    /// Slots the digest tables allocated, empty ones included.
+    pub slots: usize,
+    /// Bytes allocated: slots, control bytes, spilled keys.
+    pub bytes: usize,
+}
+
+impl std::ops::AddAssign for Memory {
+    fn add_assign(&mut self, o: Memory) {
+        self.slots += o.slots;
+        self.bytes += o.bytes;
     }
 }
 
@@ -348,6 +399,34 @@ mod tests {
         m.start(&b, b"u", b"b", entry(2, 100), at(10));
         assert_eq!(m.len(), 1);
         assert_eq!(m.get(&b, b"u", b"b"), Some(entry(2, 100)));
+    }
+
+    /// SplitMix64: digests as uniform as xxh3's.
+    fn digests() -> impl Iterator<Item = u64> {
+        let mut x = 0x1234_5678_u64;
+        std::iter::repeat_with(move || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        })
+    }
+
+    #[test]
+    fn buckets_invert_hashbrown_capacity() {
+        for n in [1usize, 3, 4, 7, 8, 14, 15, 100, 1000, 100_000] {
+            let mut t: HashMap<Digest, Packed, Build> = HashMap::default();
+            for d in digests().take(n) {
+                t.insert(Digest::new(d), Packed::pack(&entry(1, 1)));
+            }
+            let b = buckets(t.capacity());
+            assert!(b.is_power_of_two() && t.capacity() < b, "{n}: {b}");
+            if n >= 8 {
+                // Doubled once 7/8 full: between 7/16 and 7/8 full.
+                assert_eq!(b, (n * 8).div_ceil(7).next_power_of_two(), "{n}");
+            }
+        }
     }
 
     #[test]
