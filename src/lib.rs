@@ -100,4 +100,4 @@ pub use heartbeat::Heartbeat;
 pub use once::{BODY_NOT_KEPT, Delivery, Done, RunContext, RunError, RunOptions, WorkError};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
-pub use stats::Stats;
+pub use stats::{INDEX_SLOT_BYTES, Stats};

@@ -68,7 +68,19 @@ pub struct Stats {
     /// unfinished output; the next pass tries again). With the `tracing`
     /// feature each failure is also an error event.
     pub compaction_errors: u64,
+    /// Slots allocated by the index's digest tables, empty ones included
+    /// (each [`INDEX_SLOT_BYTES`] plus a control byte). The tables grow by
+    /// doubling, so this is between about 1.14 and 2.3 times `live_records`.
+    pub index_slots: u64,
+    /// Estimated heap bytes of the index: its tables' slots and control
+    /// bytes, and the full keys of the rare spilled (digest-colliding) live
+    /// keys. The allocator's own overhead is not included.
+    pub index_bytes: u64,
 }
+
+/// Bytes of one slot of the index's digest tables: a 64-bit digest of
+/// `(user, key)` and a packed entry (see [`Stats::index_slots`]).
+pub const INDEX_SLOT_BYTES: usize = crate::index::SLOT_BYTES;
 
 /// The live counters behind [`Stats`].
 #[derive(Debug, Default)]
@@ -131,6 +143,8 @@ impl Counters {
             disk_bytes: 0,
             live_bytes: get(&self.live_bytes),
             compaction_errors: get(&self.compaction_errors),
+            index_slots: 0,
+            index_bytes: 0,
         }
     }
 }

@@ -269,6 +269,9 @@ impl Engine {
     pub fn stats(&self) -> Stats {
         let mut stats = self.counters.snapshot();
         stats.live_records = self.index.len() as u64;
+        let memory = self.index.memory();
+        stats.index_slots = memory.slots as u64;
+        stats.index_bytes = memory.bytes as u64;
         stats.segments = self.log.segment_count() as u64;
         stats.disk_bytes = self.log.disk_bytes();
         stats.log_pending_bytes = self.log.pending_bytes();

@@ -12,7 +12,7 @@ mod entry;
 mod shard;
 
 pub(crate) use entry::{Entry, MAX_DEADLINE_MS, OFFSET_LIMIT, TOKEN_LIMIT};
-pub(crate) use shard::{PARTS, Shard};
+pub(crate) use shard::{Memory, PARTS, SLOT_BYTES, Shard};
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -80,6 +80,15 @@ impl Index {
     /// Every shard, for whole-index passes.
     pub fn shards(&self) -> &[Shard] {
         &self.shards
+    }
+
+    /// What every shard's tables hold in memory.
+    pub fn memory(&self) -> Memory {
+        let mut m = Memory::default();
+        for s in self.shards.iter() {
+            m += s.lock().memory();
+        }
+        m
     }
 
     /// Entries held, expired ones included.
