@@ -572,3 +572,146 @@ fn async_run_once_runs_the_work_once_and_stores_or_releases_by_its_verdict() {
         assert_eq!(retry.outcome, outcome(402, "declined"));
     });
 }
+
+/// A storage that remembers which threads synced a file or the directory
+/// (an fdatasync a future must never run on its executor's thread).
+#[derive(Debug)]
+struct SyncThreads {
+    inner: Arc<dyn Storage>,
+    threads: Arc<parking_lot::Mutex<Vec<std::thread::ThreadId>>>,
+}
+
+#[derive(Debug)]
+struct SyncThreadsFile {
+    inner: Arc<dyn idemkv::storage::StorageFile>,
+    threads: Arc<parking_lot::Mutex<Vec<std::thread::ThreadId>>>,
+}
+
+impl Storage for SyncThreads {
+    fn create(&self, name: &str) -> std::io::Result<Arc<dyn idemkv::storage::StorageFile>> {
+        let inner = self.inner.create(name)?;
+        Ok(Arc::new(SyncThreadsFile {
+            inner,
+            threads: Arc::clone(&self.threads),
+        }))
+    }
+    fn open(&self, name: &str) -> std::io::Result<Arc<dyn idemkv::storage::StorageFile>> {
+        let inner = self.inner.open(name)?;
+        Ok(Arc::new(SyncThreadsFile {
+            inner,
+            threads: Arc::clone(&self.threads),
+        }))
+    }
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self) -> std::io::Result<()> {
+        self.threads.lock().push(std::thread::current().id());
+        self.inner.sync_dir()
+    }
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.inner.path(name)
+    }
+}
+
+impl idemkv::storage::StorageFile for SyncThreadsFile {
+    fn append(&self, data: &[u8]) -> std::io::Result<()> {
+        self.inner.append(data)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.threads.lock().push(std::thread::current().id());
+        self.inner.sync()
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
+
+/// Segment rolls (a full segment is synced, a spare made and synced) and
+/// token reservations (synced) run off the executor's thread too: on a
+/// current-thread runtime with the smallest segments, no fdatasync of any
+/// kind runs on the thread that polls the futures.
+#[test]
+fn rolls_and_token_reservations_never_sync_on_the_executor_thread() {
+    let threads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let storage: Arc<dyn Storage> = Arc::new(SyncThreads {
+        inner: Arc::new(SimDisk::new()),
+        threads: Arc::clone(&threads),
+    });
+    let engine = Arc::new(
+        Engine::open_with_storage(
+            storage,
+            Options {
+                segment_bytes: 4096,
+                ..options(&clock)
+            },
+        )
+        .unwrap(),
+    );
+    threads.lock().clear(); // what open synced
+    let ae = AsyncEngine::new(Arc::clone(&engine));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let executor = std::thread::current().id();
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..16 {
+            let ae = ae.clone();
+            handles.push(tokio::spawn(async move {
+                for i in 0..40 {
+                    let key = format!("t{t}-{i}");
+                    let Begin::Started(lease) = ae.begin("u", &key, fp(&key)).await.unwrap() else {
+                        panic!("fresh key")
+                    };
+                    match i % 3 {
+                        0 => ae.complete(&lease, outcome(200, &key)).await.unwrap(),
+                        1 => ae.release(&lease).await.unwrap(),
+                        _ => {
+                            let lease = ae.extend(&lease, Duration::from_secs(5)).await.unwrap();
+                            ae.complete(&lease, outcome(201, &key)).await.unwrap();
+                        }
+                    }
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    let stats = engine.stats();
+    assert!(stats.segments > 10, "too few rolls to tell: {stats:?}");
+    let synced = threads.lock().clone();
+    assert!(!synced.is_empty());
+    let on_executor = synced.iter().filter(|t| **t == executor).count();
+    assert_eq!(
+        on_executor,
+        0,
+        "{on_executor} of {} syncs ran on the executor thread",
+        synced.len()
+    );
+    for t in 0..16 {
+        for i in 0..40 {
+            let key = format!("t{t}-{i}");
+            let want = match i % 3 {
+                0 => Some(outcome(200, &key)),
+                1 => None,
+                _ => Some(outcome(201, &key)),
+            };
+            assert_eq!(engine.outcome("u", &key).unwrap(), want, "{key}");
+        }
+    }
+}

@@ -335,7 +335,13 @@ fn a_dropped_async_run_once_with_stops_its_heartbeat() {
         });
         let mut run = pin!(run);
         let mut cx = Context::from_waker(Waker::noop());
-        // Begins (no fsync to wait for) and parks in the work.
+        // Begins (the first lease's token reservation runs on a thread of
+        // its own: poll again until the key is claimed) and parks in the
+        // work.
+        wait_until("the claim", || {
+            assert!(run.as_mut().poll(&mut cx).is_pending());
+            engine.get("u", "k").unwrap().is_some()
+        });
         assert!(run.as_mut().poll(&mut cx).is_pending());
         wait_beats(&engine, 2);
     }

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::owner::Written;
 use super::{BeginStep2, Engine};
 use crate::error::Result;
 use crate::notify::Change;
@@ -70,7 +71,7 @@ pub struct AsyncEngine {
 /// Releases a lease that its `begin` future granted but never handed out
 /// (the future was dropped while the lease's record was being synced).
 struct ReleaseUnlessTaken<'a> {
-    engine: &'a Engine,
+    engine: &'a Arc<Engine>,
     lease: Option<Lease>,
 }
 
@@ -87,7 +88,34 @@ impl Drop for ReleaseUnlessTaken<'_> {
             // becomes durable with the next sync; if it never does, the
             // lease expires on its own. A failure (a closed or poisoned
             // engine) leaves the lease to expire too.
-            let _ = self.engine.release_write(&lease);
+            if let Ok(Written::Chore(_)) = self.engine.release_write(&lease) {
+                // The segment is full: roll and release on a thread of its
+                // own, not on the executor's (on this one only if no
+                // thread can be had).
+                let engine = Arc::clone(self.engine);
+                let release = move || {
+                    let _ = engine.with_chores(|| engine.release_write(&lease));
+                };
+                let handle = std::thread::Builder::new()
+                    .name("idemkv-release".into())
+                    .spawn(release.clone());
+                if handle.is_err() {
+                    release();
+                }
+            }
+        }
+    }
+}
+
+impl AsyncEngine {
+    /// Runs `write` until it is done; its chores (a roll when the segment
+    /// is full: an fsync) run off the executor's thread.
+    async fn with_chores<T>(&self, mut write: impl FnMut() -> Result<Written<T>>) -> Result<T> {
+        loop {
+            match write()? {
+                Written::Done(t) => return Ok(t),
+                Written::Chore(chore) => self.engine.log.offload(chore).await?,
+            }
         }
     }
 }
@@ -129,7 +157,7 @@ impl AsyncEngine {
             match e.begin_step(user, key, fingerprint, now, &mut foreign)? {
                 BeginStep2::Started(lease, pos, count) => {
                     let guard = ReleaseUnlessTaken {
-                        engine: e,
+                        engine: &self.engine,
                         lease: Some(lease),
                     };
                     e.log.durable(pos).await?;
@@ -140,6 +168,7 @@ impl AsyncEngine {
                 }
                 BeginStep2::Answer(answer) => return Ok(answer),
                 BeginStep2::NotDurable(pos) => e.log.durable(pos).await?,
+                BeginStep2::Chore(chore) => e.log.offload(chore).await?,
                 BeginStep2::Again => {}
             }
         }
@@ -170,7 +199,9 @@ impl AsyncEngine {
         outcome: Outcome,
         ttl: Duration,
     ) -> Result<()> {
-        let pos = self.engine.complete_write(lease, outcome, ttl)?;
+        let pos = self
+            .with_chores(|| self.engine.complete_write(lease, outcome.clone(), ttl))
+            .await?;
         self.engine.log.durable(pos).await
     }
 
@@ -180,7 +211,9 @@ impl AsyncEngine {
     /// # Errors
     /// As [`Engine::release`].
     pub async fn release(&self, lease: &Lease) -> Result<()> {
-        let pos = self.engine.release_write(lease)?;
+        let pos = self
+            .with_chores(|| self.engine.release_write(lease))
+            .await?;
         self.engine.log.durable(pos).await
     }
 
@@ -191,7 +224,9 @@ impl AsyncEngine {
     /// # Errors
     /// As [`Engine::extend`].
     pub async fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
-        let (extended, pos) = self.engine.extend_write(lease, by)?;
+        let (extended, pos) = self
+            .with_chores(|| self.engine.extend_write(lease, by))
+            .await?;
         self.engine.log.durable(pos).await?;
         Ok(extended)
     }

@@ -25,8 +25,8 @@ use crate::compact::{Background, CompactionReport, Compactor};
 use crate::error::{Error, KeyPart, KeyProblem, Result};
 use crate::heartbeat::Heartbeats;
 use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
-use crate::log::Log;
 use crate::log::record::{Kind, Record};
+use crate::log::{Chore, Log};
 use crate::notify::Waiters;
 use crate::options::Options;
 use crate::outcome::{Begin, Fingerprint, Lease, RecordState};
@@ -157,6 +157,7 @@ impl Engine {
                 }
                 BeginStep2::Answer(answer) => return Ok(answer),
                 BeginStep2::NotDurable(pos) => self.log.wait_durable(pos)?,
+                BeginStep2::Chore(chore) => self.log.chore(chore)?,
                 BeginStep2::Again => {}
             }
         }
@@ -186,11 +187,10 @@ impl Engine {
             BeginStep::Live(entry) => entry,
             BeginStep::Start { expired, takeover } => {
                 let Some(token) = self.log.next_token()? else {
-                    // The reserved tokens are used up: reserve more (an
-                    // fsync) without holding the shard lock.
+                    // The reserved tokens are used up: the caller reserves
+                    // more (an fsync) without holding the shard lock.
                     drop(shard);
-                    self.log.reserve_tokens()?;
-                    return Ok(BeginStep2::Again);
+                    return Ok(BeginStep2::Chore(Chore::Tokens));
                 };
                 let deadline_ms = deadline(now.lease, self.options.lease_ttl);
                 let record = Record {
@@ -207,8 +207,7 @@ impl Engine {
                 };
                 let Some(pos) = self.log.append(&record)? else {
                     drop(shard);
-                    self.log.make_room(record.encoded_len())?;
-                    return Ok(BeginStep2::Again);
+                    return Ok(BeginStep2::Chore(Chore::Room(record.encoded_len())));
                 };
                 let entry = Entry {
                     token,
@@ -442,7 +441,11 @@ pub(crate) enum BeginStep2 {
     /// The live record's state is not durable yet: wait for `pos`, then try
     /// again.
     NotDurable(u64),
-    /// Try again (a roll, a reservation, a moved or colliding record).
+    /// Run this chore (a roll or a token reservation: an fsync, so not
+    /// under a shard lock, and for a future not on its executor's thread),
+    /// then try again.
+    Chore(Chore),
+    /// Try again (a moved or colliding record).
     Again,
 }
 

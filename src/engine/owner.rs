@@ -13,13 +13,38 @@ use crate::clock::{EngineClock, Now};
 use crate::error::{Error, Result};
 use crate::heartbeat::Heartbeat;
 use crate::index::{Entry, Index, KeyId};
-use crate::log::Log;
 use crate::log::record::{Kind, Record};
+use crate::log::{Chore, Log};
 use crate::outcome::{Lease, Outcome, RecordState};
 use crate::state;
 use crate::stats::{Counters, bump};
 
+/// What an owner write did: written (at a position), or it found the
+/// segment full and left a chore for its caller, who runs it holding no
+/// shard lock (the blocking calls on their own thread, the futures off
+/// their executor's: [`Log::offload`]) and writes again.
+#[must_use]
+pub(crate) enum Written<T> {
+    /// Written; acknowledged once its position is durable.
+    Done(T),
+    /// Nothing written: run this, then try again.
+    Chore(Chore),
+}
+
 impl Engine {
+    /// Runs `write` until it is done, running its chores on this thread.
+    pub(super) fn with_chores<T>(
+        &self,
+        mut write: impl FnMut() -> Result<Written<T>>,
+    ) -> Result<T> {
+        loop {
+            match write()? {
+                Written::Done(t) => return Ok(t),
+                Written::Chore(chore) => self.log.chore(chore)?,
+            }
+        }
+    }
+
     /// Stores `outcome` for the lease's key, with the default `record_ttl`:
     /// later `begin`s with the same fingerprint replay it.
     ///
@@ -39,7 +64,7 @@ impl Engine {
     /// As [`Engine::complete`]; [`Error::InvalidArgument`] for a zero `ttl`
     /// (nothing changes).
     pub fn complete_with_ttl(&self, lease: &Lease, outcome: Outcome, ttl: Duration) -> Result<()> {
-        let pos = self.complete_write(lease, outcome, ttl)?;
+        let pos = self.with_chores(|| self.complete_write(lease, outcome.clone(), ttl))?;
         self.log.wait_durable(pos)
     }
 
@@ -50,7 +75,7 @@ impl Engine {
         lease: &Lease,
         outcome: Outcome,
         ttl: Duration,
-    ) -> Result<u64> {
+    ) -> Result<Written<u64>> {
         self.check_open()?;
         if outcome.body.len() > self.options.max_response_len {
             return Err(Error::ResponseTooLarge {
@@ -66,10 +91,12 @@ impl Engine {
         }
         let now = self.clock.now()?;
         let deadline_ms = deadline(now.wall, ttl);
-        let pos = self.owner_write(lease, now, Kind::Complete, deadline_ms, &outcome)?;
-        bump(&self.counters.completions);
-        self.waiters.notify();
-        Ok(pos)
+        let written = self.owner_write(lease, now, Kind::Complete, deadline_ms, &outcome)?;
+        if let Written::Done(_) = written {
+            bump(&self.counters.completions);
+            self.waiters.notify();
+        }
+        Ok(written)
     }
 
     /// Gives up the lease's key: the record is forgotten, so a retry can
@@ -79,7 +106,7 @@ impl Engine {
     /// [`Error::LeaseLost`] if the lease no longer owns the key;
     /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn release(&self, lease: &Lease) -> Result<()> {
-        let pos = self.release_write(lease)?;
+        let pos = self.with_chores(|| self.release_write(lease))?;
         self.log.wait_durable(pos)
     }
 
@@ -88,21 +115,23 @@ impl Engine {
     /// takes the release back, the lease expires on its own).
     #[cfg(feature = "http")]
     pub(crate) fn release_unsynced(&self, lease: &Lease) -> Result<()> {
-        self.release_write(lease).map(|_| ())
+        self.with_chores(|| self.release_write(lease)).map(|_| ())
     }
 
     /// The write of `release`; acknowledged once its position is durable.
-    pub(super) fn release_write(&self, lease: &Lease) -> Result<u64> {
+    pub(super) fn release_write(&self, lease: &Lease) -> Result<Written<u64>> {
         self.check_open()?;
         let now = self.clock.now()?;
         let none = Outcome {
             status: 0,
             body: Bytes::new(),
         };
-        let pos = self.owner_write(lease, now, Kind::Release, 0, &none)?;
-        bump(&self.counters.releases);
-        self.waiters.notify();
-        Ok(pos)
+        let written = self.owner_write(lease, now, Kind::Release, 0, &none)?;
+        if let Written::Done(_) = written {
+            bump(&self.counters.releases);
+            self.waiters.notify();
+        }
+        Ok(written)
     }
 
     /// Heartbeat: moves the lease's deadline to now + `by` and returns the
@@ -113,14 +142,18 @@ impl Engine {
     /// [`Error::LeaseLost`] if the lease already expired or was taken over;
     /// [`Error::Closed`], [`Error::Poisoned`], [`Error::Io`].
     pub fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
-        let (extended, pos) = self.extend_write(lease, by)?;
+        let (extended, pos) = self.with_chores(|| self.extend_write(lease, by))?;
         self.log.wait_durable(pos)?;
         Ok(extended)
     }
 
     /// The write of `extend`: the extended lease, acknowledged once the
     /// position is durable.
-    pub(super) fn extend_write(&self, lease: &Lease, by: Duration) -> Result<(Lease, u64)> {
+    pub(super) fn extend_write(
+        &self,
+        lease: &Lease,
+        by: Duration,
+    ) -> Result<Written<(Lease, u64)>> {
         self.check_open()?;
         if by.is_zero() {
             return Err(Error::InvalidArgument {
@@ -134,14 +167,18 @@ impl Engine {
             status: 0,
             body: Bytes::new(),
         };
-        let pos = self.owner_write(lease, now, Kind::Extend, deadline_ms, &none)?;
-        Ok((
-            Lease {
-                expires_at_ms: deadline_ms,
-                ..lease.clone()
+        Ok(
+            match self.owner_write(lease, now, Kind::Extend, deadline_ms, &none)? {
+                Written::Done(pos) => Written::Done((
+                    Lease {
+                        expires_at_ms: deadline_ms,
+                        ..lease.clone()
+                    },
+                    pos,
+                )),
+                Written::Chore(chore) => Written::Chore(chore),
             },
-            pos,
-        ))
+        )
     }
 
     /// The write of an owner call: checks the lease owns the record, appends
@@ -154,7 +191,7 @@ impl Engine {
         kind: Kind,
         deadline_ms: u64,
         outcome: &Outcome,
-    ) -> Result<u64> {
+    ) -> Result<Written<u64>> {
         let parts = OwnerParts {
             instance: self.instance,
             index: &self.index,
@@ -265,7 +302,12 @@ impl Beat {
             log: &self.log,
             counters: &self.counters,
         };
-        parts.write(lease, now, Kind::Extend, deadline_ms, &none)?;
+        // A full segment is rolled here, on the heartbeat thread.
+        while let Written::Chore(chore) =
+            parts.write(lease, now, Kind::Extend, deadline_ms, &none)?
+        {
+            self.log.chore(chore)?;
+        }
         bump(&self.counters.heartbeats);
         Ok(())
     }
@@ -288,7 +330,7 @@ impl OwnerParts<'_> {
         kind: Kind,
         deadline_ms: u64,
         outcome: &Outcome,
-    ) -> Result<u64> {
+    ) -> Result<Written<u64>> {
         // A poisoned log refuses writes before anything else is judged: the
         // index may show a state that never reached the disk.
         self.log.check_poison()?;
@@ -297,76 +339,73 @@ impl OwnerParts<'_> {
         }
         let id = KeyId::new(&lease.user, &lease.key);
         let (user, key) = (&lease.user[..], &lease.key[..]);
-        loop {
-            let mut shard = self.index.shard(&id).lock();
-            let current = shard.get(&id, user, key);
-            let entry = match state::check_owner(current, lease.token, lease.expires_at_ms, now) {
-                Ok(entry) => entry,
-                Err(reason) => {
-                    bump(&self.counters.lease_lost);
-                    return Err(Error::LeaseLost {
-                        token: lease.token,
-                        reason,
-                    });
-                }
-            };
-            // A complete or release records the deadline the lease had, so that
-            // compaction keeps it while the lease could still look live.
-            let (deadline_ms, lease_ms) = match kind {
-                Kind::Release => (entry.deadline_ms, entry.deadline_ms),
-                Kind::Complete => (deadline_ms, entry.deadline_ms),
-                // An extend may shorten the lease: it records the later of
-                // the old and new deadlines, so that compaction keeps it as
-                // long as the records it overrode could still look live.
-                Kind::Extend | Kind::Begin | Kind::Reserve => {
-                    (deadline_ms, deadline_ms.max(entry.deadline_ms))
-                }
-            };
-            let record = Record {
-                kind,
-                token: lease.token,
-                deadline_ms,
-                time_ms: now.wall,
-                lease_ms,
-                fingerprint: lease.fingerprint.0,
+        let mut shard = self.index.shard(&id).lock();
+        let current = shard.get(&id, user, key);
+        let entry = match state::check_owner(current, lease.token, lease.expires_at_ms, now) {
+            Ok(entry) => entry,
+            Err(reason) => {
+                bump(&self.counters.lease_lost);
+                return Err(Error::LeaseLost {
+                    token: lease.token,
+                    reason,
+                });
+            }
+        };
+        // A complete or release records the deadline the lease had, so that
+        // compaction keeps it while the lease could still look live.
+        let (deadline_ms, lease_ms) = match kind {
+            Kind::Release => (entry.deadline_ms, entry.deadline_ms),
+            Kind::Complete => (deadline_ms, entry.deadline_ms),
+            // An extend may shorten the lease: it records the later of
+            // the old and new deadlines, so that compaction keeps it as
+            // long as the records it overrode could still look live.
+            Kind::Extend | Kind::Begin | Kind::Reserve => {
+                (deadline_ms, deadline_ms.max(entry.deadline_ms))
+            }
+        };
+        let record = Record {
+            kind,
+            token: lease.token,
+            deadline_ms,
+            time_ms: now.wall,
+            lease_ms,
+            fingerprint: lease.fingerprint.0,
+            user,
+            key,
+            status: outcome.status,
+            body: &outcome.body,
+        };
+        let Some(pos) = self.log.append(&record)? else {
+            // The segment is full: the caller rolls it without holding
+            // the shard lock (a roll fsyncs), then judges the lease again.
+            drop(shard);
+            return Ok(Written::Chore(Chore::Room(record.encoded_len())));
+        };
+        match kind {
+            Kind::Release => shard.remove(&id, user, key, pos),
+            Kind::Complete => shard.update(
+                &id,
                 user,
                 key,
-                status: outcome.status,
-                body: &outcome.body,
-            };
-            let Some(pos) = self.log.append(&record)? else {
-                // The segment is full: roll it without holding the shard lock
-                // (a roll fsyncs), then judge the lease again.
-                drop(shard);
-                self.log.make_room(record.encoded_len())?;
-                continue;
-            };
-            match kind {
-                Kind::Release => shard.remove(&id, user, key, pos),
-                Kind::Complete => shard.update(
-                    &id,
-                    user,
-                    key,
-                    Entry {
-                        token: lease.token,
-                        deadline_ms,
-                        pos,
-                        status: outcome.status,
-                        state: RecordState::Completed,
-                    },
-                ),
-                Kind::Extend | Kind::Begin | Kind::Reserve => shard.update(
-                    &id,
-                    user,
-                    key,
-                    Entry {
-                        deadline_ms,
-                        pos,
-                        ..entry
-                    },
-                ),
-            }
-            return Ok(pos);
+                Entry {
+                    token: lease.token,
+                    deadline_ms,
+                    pos,
+                    status: outcome.status,
+                    state: RecordState::Completed,
+                },
+            ),
+            Kind::Extend | Kind::Begin | Kind::Reserve => shard.update(
+                &id,
+                user,
+                key,
+                Entry {
+                    deadline_ms,
+                    pos,
+                    ..entry
+                },
+            ),
         }
+        Ok(Written::Done(pos))
     }
 }

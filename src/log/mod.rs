@@ -37,6 +37,7 @@
 
 mod crc;
 mod group_commit;
+mod offload;
 mod open;
 pub(crate) mod reader;
 pub(crate) mod record;
@@ -63,6 +64,7 @@ use group_commit::GroupCommit;
 use record::{FRAME_HEADER, HEADER_LEN, Record, SegmentHeader, check_frame, frame_header};
 use writer::Writer;
 
+pub(crate) use offload::Chore;
 pub(crate) use open::{Replayed, verify};
 pub(crate) use rewrite::ClosedSegment;
 
@@ -422,6 +424,8 @@ pub(crate) struct Log {
     commit: GroupCommit,
     /// The thread that syncs for futures ([`syncer::Durable`]).
     syncer: syncer::Syncer,
+    /// Rolls and reservations run for futures ([`Log::offload`]).
+    offload: offload::Offload,
 }
 
 /// How many fencing tokens one reservation covers: about a second of

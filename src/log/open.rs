@@ -485,6 +485,7 @@ impl Log {
             reserving: Mutex::new(()),
             commit: GroupCommit::default(),
             syncer: super::syncer::Syncer::default(),
+            offload: super::offload::Offload::default(),
         });
         match options.durability {
             Durability::Periodic(every) => {
