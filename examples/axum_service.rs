@@ -44,7 +44,18 @@
 //! The engine lives in a temporary directory, removed when the service is
 //! stopped with Enter (not when it is killed); a real service opens a
 //! directory it keeps.
+//!
+//! For the load benchmark (`benches/http_load.sh`), three flags change
+//! how it runs; without them it runs as above:
+//!
+//! ```text
+//! --port N      listen on port N (wins over PORT)
+//! --dir PATH    keep the engine in PATH (created if missing, never removed)
+//! --no-layer    the same router, handler and authentication without the
+//!               idempotency layer (and no engine): the baseline
+//! ```
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -55,7 +66,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use idemkv::http::IdempotencyLayer;
-use idemkv::{Engine, Options};
+use idemkv::{Durability, Engine, Options};
 
 /// Counts the charges actually made.
 #[derive(Default)]
@@ -116,17 +127,65 @@ async fn enter_pressed() {
     }
 }
 
+/// How the service runs: the flags of the module documentation.
+struct Args {
+    /// `false` with `--no-layer`.
+    layer: bool,
+    /// `--port`, else `PORT`, else 3000.
+    port: u16,
+    /// `--dir`, else a temporary directory.
+    dir: Option<PathBuf>,
+}
+
+impl Args {
+    /// Reads the flags and `PORT`; an unknown flag is an error.
+    fn parse() -> Result<Args, Box<dyn std::error::Error>> {
+        let mut args = Args {
+            layer: true,
+            port: match std::env::var("PORT") {
+                Ok(port) => port.parse()?,
+                Err(_) => 3000,
+            },
+            dir: None,
+        };
+        let mut flags = std::env::args().skip(1);
+        while let Some(flag) = flags.next() {
+            match flag.as_str() {
+                "--no-layer" => args.layer = false,
+                "--port" => args.port = flags.next().ok_or("--port needs a number")?.parse()?,
+                "--dir" => args.dir = Some(flags.next().ok_or("--dir needs a path")?.into()),
+                other => return Err(format!("unknown argument {other:?}").into()),
+            }
+        }
+        Ok(args)
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
-    let engine = Arc::new(Engine::open(dir.path(), Options::default())?);
-    let app = Router::new()
-        .route("/charge", post(charge))
+    let args = Args::parse()?;
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.as_deref().unwrap_or(temp.path());
+    // `Sync` is the default: a key's claim and its stored response are on
+    // disk (fdatasync, group-committed) before the service goes on.
+    let options = Options {
+        durability: Durability::Sync,
+        ..Options::default()
+    };
+    let engine = if args.layer {
+        Some(Arc::new(Engine::open(dir, options)?))
+    } else {
+        None
+    };
+    let mut app = Router::new().route("/charge", post(charge));
+    if let Some(engine) = &engine {
         // Keys are scoped by the authenticated user...
-        .layer(
-            IdempotencyLayer::new(Arc::clone(&engine))
+        app = app.layer(
+            IdempotencyLayer::new(Arc::clone(engine))
                 .user_from(|parts| parts.extensions.get::<User>().map(|user| user.0.clone())),
-        )
+        );
+    }
+    let app = app
         // ...so authentication runs first (the last layer added is the
         // outermost).
         .layer(middleware::from_fn(authenticate))
@@ -134,16 +193,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/executions", get(executions))
         .with_state(Arc::new(Charges::default()));
 
-    let port: u16 = match std::env::var("PORT") {
-        Ok(port) => port.parse()?,
-        Err(_) => 3000,
-    };
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
+    if engine.is_none() {
+        println!("without the idempotency layer (--no-layer)");
+    }
     println!("press Enter to stop");
     axum::serve(listener, app)
         .with_graceful_shutdown(enter_pressed())
         .await?;
-    engine.close()?;
+    if let Some(engine) = engine {
+        engine.close()?;
+    }
     Ok(())
 }
