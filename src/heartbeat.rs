@@ -49,6 +49,12 @@ struct Schedule {
     /// Set by `Engine::close`: the thread ends, and no registration starts.
     stopped: bool,
     thread: Option<JoinHandle<()>>,
+    /// How the thread sleeps now: `None` while it runs (it looks at the
+    /// schedule before it sleeps again), `Some(None)` with nothing due,
+    /// `Some(Some(t))` until `t`. A registration wakes it only if it is
+    /// due before then: most handlers end long before their first beat, so
+    /// a registration does not cost the thread a wake-up.
+    sleeping: Option<Option<Instant>>,
 }
 
 /// One registered lease.
@@ -121,13 +127,14 @@ impl Heartbeats {
             phase: Mutex::new(Phase::Waiting(first)),
             idle: Condvar::new(),
         });
-        let was_first = s
-            .due
-            .first_key_value()
-            .is_none_or(|(&k, _)| (first, id) < k);
         s.due.insert((first, id), Arc::clone(&registration));
+        let wake = match s.sleeping {
+            None => false,
+            Some(None) => true,
+            Some(Some(until)) => first < until,
+        };
         drop(s);
-        if was_first {
+        if wake {
             self.wake.notify_one();
         }
         Heartbeat {
@@ -225,12 +232,16 @@ fn next_due(hb: &Heartbeats) -> Option<Arc<Registration>> {
             return None;
         }
         let Some((&(due, _), _)) = s.due.first_key_value() else {
+            s.sleeping = Some(None);
             hb.wake.wait(&mut s);
+            s.sleeping = None;
             continue;
         };
         let now = Instant::now();
         if due > now {
+            s.sleeping = Some(Some(due));
             let _ = hb.wake.wait_until(&mut s, due);
+            s.sleeping = None;
             continue;
         }
         let Some((_, registration)) = s.due.pop_first() else {

@@ -6,8 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use tokio::task::JoinHandle;
-
 use axum::body::{Body, HttpBody};
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
@@ -112,14 +110,41 @@ where
 /// What the layer does once the handler's answer is known: stops the
 /// heartbeat (at once: it waits at most for an extend of this lease under
 /// way, an append to the log, so that none runs after the store or
-/// release), then awaits `then` (an async engine call, which holds no
-/// thread while its fsync runs). `then` runs on a task of its own, so it
-/// finishes even if the request is dropped meanwhile (the client hung up
-/// after the work was done); the handle resolves when it has. (Its only
-/// error, a panic, is ignored: the lease then expires.)
-fn settle(heartbeat: Heartbeat, then: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
+/// release), then runs `then` (an async engine call, which holds no thread
+/// while its fsync runs) to its end: in place, and if the request is
+/// dropped first (the client hung up after the work was done), what is
+/// left of it on a task of its own ([`Finish`]).
+fn settle(heartbeat: Heartbeat, then: impl Future<Output = ()> + Send + 'static) -> Finish {
     heartbeat.stop();
-    tokio::spawn(then)
+    Finish(Some(Box::pin(then)))
+}
+
+/// A store or release that always runs to its end: awaited in place (no
+/// task per request), and handed to a task of its own if dropped before it
+/// ended. (Dropped outside a tokio runtime, it is dropped: the lease then
+/// expires.)
+pub(super) struct Finish(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Future for Finish {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(then) = self.0.as_mut() {
+            ready!(then.as_mut().poll(cx));
+            self.0 = None;
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(then);
+        }
+    }
 }
 
 /// Releases `lease`, ignoring failure (a lost lease no longer holds the
@@ -248,7 +273,7 @@ struct Streamed<B> {
     end: Option<(Stored, Heartbeat)>,
     /// The store or release in progress, and the error to pass on after it
     /// (`None`: the end of the body).
-    finishing: Option<(JoinHandle<()>, Option<BoxError>)>,
+    finishing: Option<(Finish, Option<BoxError>)>,
     done: bool,
 }
 
@@ -262,7 +287,7 @@ impl<B> Streamed<B> {
             }
             Some((stored, heartbeat)) => settle(heartbeat, stored.store(None)),
             // (Not reached: the body finishes once.)
-            None => tokio::spawn(std::future::ready(())),
+            None => Finish(None),
         };
         self.finishing = Some((finishing, error));
     }
@@ -285,7 +310,7 @@ where
             if let Some((finishing, _)) = this.finishing.as_mut() {
                 // (A failed task only means the store or release did not
                 // happen: the lease expires.)
-                let _ = ready!(Pin::new(finishing).poll(cx));
+                ready!(Pin::new(finishing).poll(cx));
                 let error = this.finishing.take().and_then(|(_, error)| error);
                 this.done = true;
                 return Poll::Ready(error.map(Err));
