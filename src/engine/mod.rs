@@ -410,7 +410,10 @@ impl Engine {
                 },
             );
         }
+        // `all` over a plain range check compiles to a vector loop; the
+        // byte-by-byte search runs only to report a bad key.
         if self.options.ascii_keys
+            && !key.iter().all(|b| b.wrapping_sub(0x21) < 0x5e)
             && let Some((index, &byte)) =
                 key.iter().enumerate().find(|(_, b)| !b.is_ascii_graphic())
         {
