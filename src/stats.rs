@@ -85,16 +85,16 @@ pub const INDEX_SLOT_BYTES: usize = crate::index::SLOT_BYTES;
 /// The live counters behind [`Stats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub begins: AtomicU64,
-    pub started: AtomicU64,
-    pub replays: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub mismatches: AtomicU64,
+    pub begins: Striped,
+    pub started: Striped,
+    pub replays: Striped,
+    pub in_flight: Striped,
+    pub mismatches: Striped,
     pub takeovers: AtomicU64,
     pub lease_lost: AtomicU64,
     pub expirations: AtomicU64,
-    pub completions: AtomicU64,
-    pub releases: AtomicU64,
+    pub completions: Striped,
+    pub releases: Striped,
     pub heartbeats: AtomicU64,
     pub bytes_written: AtomicU64,
     pub records_written: AtomicU64,
@@ -109,8 +109,60 @@ pub(crate) struct Counters {
 }
 
 /// Adds one to a counter.
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+pub(crate) fn bump(counter: &impl Bump) {
+    counter.bump();
+}
+
+/// A counter [`bump`] can add one to.
+pub(crate) trait Bump {
+    /// Adds one.
+    fn bump(&self);
+}
+
+impl Bump for AtomicU64 {
+    fn bump(&self) {
+        self.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Stripes of a counter bumped on every call: each thread adds to a stripe
+/// of its own cache line, so two cores replaying records at millions a
+/// second do not pass one line back and forth (measured: a shared counter
+/// bumped twice per replay costs about a cache miss each). Reads sum them.
+#[derive(Debug, Default)]
+pub(crate) struct Striped([Stripe; STRIPES]);
+
+/// How many stripes: enough for the cores this runs on; threads share them
+/// round robin beyond that.
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+impl Striped {
+    /// The sum of the stripes.
+    pub fn get(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+impl Bump for Striped {
+    fn bump(&self) {
+        thread_local! {
+            static STRIPE: usize = {
+                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
+            };
+        }
+        let i = STRIPE.with(|s| *s);
+        if let Some(stripe) = self.0.get(i) {
+            stripe.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Counters {
@@ -118,16 +170,16 @@ impl Counters {
     pub fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
-            begins: get(&self.begins),
-            started: get(&self.started),
-            replays: get(&self.replays),
-            in_flight: get(&self.in_flight),
-            mismatches: get(&self.mismatches),
+            begins: self.begins.get(),
+            started: self.started.get(),
+            replays: self.replays.get(),
+            in_flight: self.in_flight.get(),
+            mismatches: self.mismatches.get(),
             takeovers: get(&self.takeovers),
             lease_lost: get(&self.lease_lost),
             expirations: get(&self.expirations),
-            completions: get(&self.completions),
-            releases: get(&self.releases),
+            completions: self.completions.get(),
+            releases: self.releases.get(),
             heartbeats: get(&self.heartbeats),
             bytes_written: get(&self.bytes_written),
             records_written: get(&self.records_written),
