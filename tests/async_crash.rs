@@ -47,7 +47,7 @@ const LEASE_TTL: Duration = Duration::from_secs(30);
 /// User ids (keys alternate between them, so they spread over shards).
 const USERS: [&str; 2] = ["u", "w"];
 /// How long any wait of a case may take before the case counts as hung.
-const HUNG: Duration = Duration::from_secs(20);
+const HUNG: Duration = Duration::from_secs(10);
 
 fn options(clock: &Arc<ManualClock>) -> Options {
     Options {
@@ -714,12 +714,35 @@ impl Joiner {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+/// The tokio runtime of a test. Dropped, it does not wait for its tasks: a
+/// future that never yields (an engine broken into answering a loop of
+/// `Durable` waits at once) must fail the test by its `HUNG` deadline, not
+/// hang it.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Runtime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives until dropped")
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn runtime() -> Runtime {
+    Runtime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    ))
 }
 
 /// An engine on a gated [`SimDisk`] whose first lease (which also reserves
@@ -728,6 +751,14 @@ struct Rig {
     disk: SimDisk,
     gates: Arc<Gates>,
     engine: Arc<Engine>,
+}
+
+impl Drop for Rig {
+    /// Opens the gate, so that a failing test does not hang in the
+    /// engine's drop (its close syncs).
+    fn drop(&mut self) {
+        self.gates.open(Call::Sync);
+    }
 }
 
 impl Rig {
@@ -905,9 +936,12 @@ impl Case {
         let shared = rng.below(3) as usize;
         for key in distinct..distinct + shared {
             for _ in 0..2 + rng.below(3) {
+                // A plain `begin` answers `InFlight` at once, also while
+                // the owner's record waits for a held sync.
+                let wait_ms = if rng.chance(3) { 0 } else { 1 + rng.below(15) };
                 plans.push(Plan {
                     key,
-                    wait_ms: 1 + rng.below(15),
+                    wait_ms,
                     tries: 3,
                     extends: rng.below(2) as u32,
                     release_until: rng.below(2) as u32,
@@ -1040,10 +1074,13 @@ fn run_case(case: &Case, rt: &tokio::runtime::Runtime) -> Vec<Op> {
     ops
 }
 
-/// Deliberately breaking the engine (a `Durable` future that resolves
-/// before its sync, a syncer that wakes futures with `Ok` after a failed
-/// sync, a blocking call that returns before its sync) makes this fail
-/// within the first few dozen seeds.
+/// 400 cases, about 1.5 s in release. Breaking the engine on purpose made
+/// it fail: a `Durable` future resolving at once (seed 0), `Ok` after a
+/// failed sync (seed 6), the durable position published before the sync
+/// returned or after it failed (seeds 2, 6), a blocking call returning
+/// before its sync (seed 0), an async `get` not waiting for durability
+/// (seed 1), and the syncer bug of the regression test below (seed 151,
+/// as a hang).
 #[test]
 fn seeded_syncer_crashes_never_lose_an_acknowledged_state() {
     let rt = runtime();
@@ -1097,17 +1134,36 @@ fn no_future_answers_before_the_sync_that_covers_its_record() {
         let keys = key_names(24);
         rig.gates.close(Call::Sync);
         let base = rig.engine.stats().records_written;
+        // Four begins polled by hand: the first one's record is in the
+        // held round; polled again while it is held, none may be ready,
+        // woken or not.
+        let ae = AsyncEngine::new(Arc::clone(&rig.engine));
+        let mut by_hand: Vec<_> = (0..4)
+            .map(|i| Box::pin(ae.begin("u", format!("by-hand-{i}"), fingerprint(100 + i))))
+            .collect();
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        for f in &mut by_hand {
+            assert!(f.as_mut().poll(&mut cx).is_pending());
+        }
         let (joiner, threads) = rig.launch(&j, &keys, exec, &rt, &owners(0..24), &[]);
         assert!(rig.wait_held(&j, 1, &name));
         // Every begin appends (its transition is in memory) and waits; give
         // a future that would answer early the time to do it.
-        rig.wait_records(base, 24, &name);
+        rig.wait_records(base, 4 + 24, &name);
         std::thread::sleep(Duration::from_millis(20));
         assert!(
             j.ops().is_empty(),
             "{name}: answered while the only sync that could cover them was held: {:?}",
             j.ops()
         );
+        for (i, f) in by_hand.iter_mut().enumerate() {
+            let answer = f.as_mut().poll(&mut cx);
+            assert!(
+                answer.is_pending(),
+                "{name}: begin {i}, polled while its sync was held, answered {answer:?}"
+            );
+        }
         let mut images = vec![
             take(&rig.disk, &j, Tear::Clean, "held"),
             take(&rig.disk, &j, Tear::Prefix(7), "held"),
@@ -1115,6 +1171,23 @@ fn no_future_answers_before_the_sync_that_covers_its_record() {
         ];
         rig.let_through(1, &name);
         rig.wait_done(&j, &name);
+        for (i, f) in by_hand.iter_mut().enumerate() {
+            let deadline = Instant::now() + HUNG;
+            let answer = loop {
+                if let std::task::Poll::Ready(answer) = f.as_mut().poll(&mut cx) {
+                    break answer;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: begin {i} never answered"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            assert!(
+                matches!(answer, Ok(Begin::Started(_))),
+                "{name}: {answer:?}"
+            );
+        }
         images.push(take(&rig.disk, &j, Tear::Garbage(3), "after every answer"));
         joiner.join(&rt);
         assert!(threads.is_empty());
@@ -1232,6 +1305,22 @@ fn a_failed_sync_answers_every_waiter_with_an_error_and_a_reopen_shows_the_durab
                 })),
             }
         }
+        // A replay of a completed key needs no sync: it answers even while
+        // the sync is held, and before it fails.
+        let replay = {
+            let (j, ae, keys) = (Arc::clone(&j), ae.clone(), Arc::clone(&keys));
+            j.running.fetch_add(1, Ordering::SeqCst);
+            let running = Running(Arc::clone(&j));
+            let (replayed_tx, replayed) = std::sync::mpsc::channel();
+            owner_tasks.push(Box::pin(async move {
+                let _running = running;
+                let s = j.tick();
+                let answer = ae.begin(&keys[0].0, &keys[0].1, fingerprint(0)).await;
+                j.note_begin(0, s, answer, false);
+                let _ = replayed_tx.send(());
+            }));
+            replayed
+        };
         let owner_joiner = spawn_all(exec, &rt, owner_tasks);
         // New keys: 14 async begins, 2 blocking ones.
         let mut fresh = owners(8..24);
@@ -1242,12 +1331,9 @@ fn a_failed_sync_answers_every_waiter_with_an_error_and_a_reopen_shows_the_durab
         let (joiner, threads) = rig.launch(&j, &keys, exec, &rt, &fresh, &blocking);
         assert!(rig.wait_held(&j, 1, &name));
         rig.wait_records(base, 4 + 16, &name);
-        // A replay of a completed key needs no sync: it answers now.
-        futures::executor::block_on(async {
-            let s = j.tick();
-            let answer = ae.begin(&keys[0].0, &keys[0].1, fingerprint(0)).await;
-            assert!(matches!(j.note_begin(0, s, answer, false), Next::Stop));
-        });
+        replay
+            .recv_timeout(HUNG)
+            .expect("the replay answers while the sync is held");
         rig.disk.inject(Fault {
             op: SimOp::Sync,
             after: 0,
@@ -1279,7 +1365,6 @@ fn a_failed_sync_answers_every_waiter_with_an_error_and_a_reopen_shows_the_durab
             check_image(image, &ops, &keys, &name);
         }
         let _ = rig.engine.close();
-        drop(rig.engine);
         // A crash, any tail, and a clean restart on the live files: every
         // key shows its last durable state.
         let clean: Arc<dyn Storage> = Arc::new(rig.disk.clone());
@@ -1316,9 +1401,10 @@ fn blocking_calls_racing_futures_on_shared_keys_keep_every_acknowledged_state() 
         let mut blocking_plans = Vec::new();
         for key in 0..4 {
             for c in 0..4 {
+                let wait_ms = if rng.chance(3) { 0 } else { 2 + rng.below(10) };
                 let plan = Plan {
                     key,
-                    wait_ms: 2 + rng.below(10),
+                    wait_ms,
                     tries: 3,
                     extends: rng.below(2) as u32,
                     release_until: rng.below(2) as u32,
@@ -1458,4 +1544,111 @@ fn a_sync_failed_by_a_blocking_leader_wakes_the_futures_whose_records_it_dropped
     assert_eq!(reopened.get("u", "b").unwrap(), None);
     assert_eq!(reopened.get("u", "c").unwrap(), None);
     let _ = rig.engine.close();
+}
+
+/// Polls `f` until it is ready, at most [`HUNG`].
+fn poll_until_ready<F: Future + ?Sized>(mut f: Pin<&mut F>, what: &str) -> F::Output {
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let deadline = Instant::now() + HUNG;
+    loop {
+        if let std::task::Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "{what} never answered");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// An answer that shows a state (`InFlight`, `Replay`, a `get`), async or
+/// blocking, waits for the sync of that state's record: while it is held,
+/// none is given, and a crash then shows the key as it was before.
+#[test]
+fn answers_that_show_a_state_wait_for_the_sync_of_its_record() {
+    let rig = Rig::new();
+    let ae = AsyncEngine::new(Arc::clone(&rig.engine));
+    let waker = futures::task::noop_waker();
+    let fp = fingerprint(0);
+    let lookers = |stage: &str| {
+        let mut cx = std::task::Context::from_waker(&waker);
+        let engine = Arc::clone(&rig.engine);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(engine.begin("u", "k", fp));
+        });
+        let mut begin = Box::pin(ae.begin("u", "k", fp));
+        let mut get = Box::pin(ae.get("u", "k"));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            rx.try_recv().is_err(),
+            "{stage}: a blocking begin answered while the sync was held"
+        );
+        let answer = begin.as_mut().poll(&mut cx);
+        assert!(
+            answer.is_pending(),
+            "{stage}: async begin answered {answer:?}"
+        );
+        let answer = get.as_mut().poll(&mut cx);
+        assert!(
+            answer.is_pending(),
+            "{stage}: async get answered {answer:?}"
+        );
+        (rx, begin, get)
+    };
+    let clean_view = |label: &str| {
+        let image = take(&rig.disk, &Journal::default(), Tear::Clean, label);
+        let clock = Arc::new(ManualClock::new(START_MS));
+        let storage: Arc<dyn Storage> = Arc::new(image.disk);
+        let reopened = Engine::open_with_storage(storage, options(&clock)).unwrap();
+        reopened.get("u", "k").unwrap().map(|v| v.state)
+    };
+    let mut cx = std::task::Context::from_waker(&waker);
+
+    // In progress: the owner's begin waits on a held sync.
+    rig.gates.close(Call::Sync);
+    let mut owner = Box::pin(ae.begin("u", "k", fp));
+    assert!(owner.as_mut().poll(&mut cx).is_pending());
+    assert!(rig.gates.wait_entered(Call::Sync, 1, HUNG));
+    let (rx, mut begin, mut get) = lookers("in progress");
+    assert_eq!(clean_view("begin held"), None);
+    rig.let_through(1, "in progress");
+    let lease = started(poll_until_ready(owner.as_mut(), "the owner's begin").unwrap());
+    let blocking = rx.recv_timeout(HUNG).unwrap().unwrap();
+    assert!(matches!(blocking, Begin::InFlight { .. }), "{blocking:?}");
+    let answer = poll_until_ready(begin.as_mut(), "async begin").unwrap();
+    assert!(matches!(answer, Begin::InFlight { .. }), "{answer:?}");
+    let view = poll_until_ready(get.as_mut(), "async get").unwrap();
+    assert_eq!(view.map(|v| v.state), Some(RecordState::InProgress));
+
+    // Completed: the completion waits on a held sync.
+    rig.gates.close(Call::Sync);
+    let outcome = outcome_for(0, lease.token(), 200);
+    let mut complete = Box::pin(ae.complete(&lease, outcome.clone()));
+    assert!(complete.as_mut().poll(&mut cx).is_pending());
+    assert!(rig.gates.wait_entered(Call::Sync, 2, HUNG));
+    let (rx, mut begin, mut get) = lookers("completed");
+    assert_eq!(clean_view("complete held"), Some(RecordState::InProgress));
+    rig.let_through(2, "completed");
+    poll_until_ready(complete.as_mut(), "the completion").unwrap();
+    let blocking = rx.recv_timeout(HUNG).unwrap().unwrap();
+    assert!(
+        matches!(&blocking, Begin::Replay(o) if o == &outcome),
+        "{blocking:?}"
+    );
+    let answer = poll_until_ready(begin.as_mut(), "async begin").unwrap();
+    assert!(
+        matches!(&answer, Begin::Replay(o) if o == &outcome),
+        "{answer:?}"
+    );
+    let view = poll_until_ready(get.as_mut(), "async get").unwrap();
+    assert_eq!(view.map(|v| v.state), Some(RecordState::Completed));
+    assert_eq!(clean_view("after"), Some(RecordState::Completed));
+    let _ = rig.engine.close();
+}
+
+fn started(answer: Begin) -> Lease {
+    match answer {
+        Begin::Started(lease) => lease,
+        other => panic!("expected Started, got {other:?}"),
+    }
 }
