@@ -117,11 +117,16 @@ fn run(log: &Weak<Log>) {
         }
         let end = log.written.load(std::sync::atomic::Ordering::Acquire);
         let result = log.sync_past(end.saturating_sub(1));
+        // A failed sync ends every wait, also one this thread did not run:
+        // a round led by a blocking caller that failed cut the log back to
+        // its durable end, so `sync_past` of that end answers `Ok` while the
+        // futures whose records it dropped can never become durable.
+        let failed = result.is_err() || log.is_poisoned();
         let ready: Vec<Waker> = {
             let mut s = log.syncer.state.lock();
             let mut ready = Vec::new();
             s.waiting.retain(|(at, w)| {
-                let done = result.is_err() || log.is_durable(*at);
+                let done = failed || log.is_durable(*at);
                 if done {
                     ready.push(w.clone());
                 }

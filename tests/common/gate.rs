@@ -36,6 +36,8 @@ struct GateState {
     closed: Vec<Call>,
     /// How many calls entered a closed gate, per kind.
     entered: Vec<(Call, u64)>,
+    /// How many of those went on once their gate opened, per kind.
+    left: Vec<(Call, u64)>,
 }
 
 /// Shared control of the gates and delays of a [`Gated`] storage.
@@ -75,6 +77,19 @@ impl Gates {
             .wait_timeout_while(s, limit, |s| entered(s, call) < n)
             .unwrap();
         entered(&s, call) >= n
+    }
+
+    /// Waits until at least `n` calls of `call` that were held at its gate
+    /// went on after [`Gates::open`], at most `limit`; returns whether they
+    /// did. A test that closes the gate again must wait for this first, or
+    /// it may hold the same call again.
+    pub fn wait_left(&self, call: Call, n: u64, limit: Duration) -> bool {
+        let s = self.state.lock().unwrap();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, limit, |s| count(&s.left, call) < n)
+            .unwrap();
+        count(&s.left, call) >= n
     }
 
     /// Delays every call by up to `us` microseconds (pseudo-random).
@@ -120,15 +135,24 @@ impl Gates {
             None => s.entered.push((call, 1)),
         }
         self.changed.notify_all();
-        let _s = self
+        let mut s = self
             .changed
             .wait_while(s, |s| s.closed.contains(&call))
             .unwrap();
+        match s.left.iter_mut().find(|(c, _)| *c == call) {
+            Some((_, n)) => *n += 1,
+            None => s.left.push((call, 1)),
+        }
+        self.changed.notify_all();
     }
 }
 
 fn entered(s: &GateState, call: Call) -> u64 {
-    s.entered
+    count(&s.entered, call)
+}
+
+fn count(counts: &[(Call, u64)], call: Call) -> u64 {
+    counts
         .iter()
         .find(|(c, _)| *c == call)
         .map_or(0, |(_, n)| *n)
