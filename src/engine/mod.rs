@@ -410,10 +410,13 @@ impl Engine {
                 },
             );
         }
-        // `all` over a plain range check compiles to a vector loop; the
-        // byte-by-byte search runs only to report a bad key.
+        // A fold over a plain range check (no early exit) compiles to a
+        // vector loop; the byte-by-byte search runs only to report a bad
+        // key.
         if self.options.ascii_keys
-            && !key.iter().all(|b| b.wrapping_sub(0x21) < 0x5e)
+            && key
+                .iter()
+                .fold(false, |bad, b| bad | (b.wrapping_sub(0x21) >= 0x5e))
             && let Some((index, &byte)) =
                 key.iter().enumerate().find(|(_, b)| !b.is_ascii_graphic())
         {
