@@ -95,24 +95,19 @@ fn buffered_appends_are_read_back_and_written_by_close() {
         stats.log_writes < (n / 10) as u64,
         "appends were not buffered: {stats:?}"
     );
-    for i in 0..n {
-        let key = format!("k{i}");
-        assert_eq!(
-            engine.outcome("u", &key).unwrap(),
-            Some(outcome(i)),
-            "{key}"
-        );
-    }
+    let all_there = |engine: &Engine| {
+        for i in 0..n {
+            let key = format!("k{i}");
+            assert_eq!(
+                engine.outcome("u", &key).unwrap(),
+                Some(outcome(i)),
+                "{key}"
+            );
+        }
+    };
+    all_there(&engine);
     engine.close().unwrap();
-    let engine = open(dir.path(), Durability::None, false);
-    for i in 0..n {
-        let key = format!("k{i}");
-        assert_eq!(
-            engine.outcome("u", &key).unwrap(),
-            Some(outcome(i)),
-            "{key}"
-        );
-    }
+    all_there(&open(dir.path(), Durability::None, false));
 }
 
 /// With the background thread on, the flusher writes buffered appends out
