@@ -13,9 +13,13 @@ use std::sync::atomic::Ordering;
 
 use std::sync::atomic::AtomicU64;
 
-use super::record::{HEADER_LEN, Record};
+use bytes::Bytes;
+
+use super::read::{ReadRecord, decode};
+use super::record::{FRAME_HEADER, HEADER_LEN, Record, frame_header};
 use super::{Log, Segment, new_header, pos, segment_name};
 use crate::clock::Clock;
+use crate::error::CorruptKind;
 use crate::error::{Error, IoOp, Result};
 use crate::options::Durability;
 use crate::storage::{Storage, StorageFile};
@@ -87,30 +91,17 @@ impl Writer {
 
     /// The record at `at` if it is still in the pending buffer (a copy of
     /// its frame, CRC checked), or `None` if it is in the file.
-    pub fn read_pending(&self, at: u64) -> Option<Result<super::ReadRecord>> {
+    pub fn read_pending(&self, at: u64) -> Option<std::result::Result<ReadRecord, CorruptKind>> {
         let (slot, offset) = super::split(at);
         if slot != self.slot || offset < self.flushed || offset >= self.offset {
             return None;
         }
         let start = usize::try_from(offset - self.flushed).ok()?;
         let rest = self.pending.get(start..)?;
-        let corrupt = |kind| Error::Corrupt {
-            file: std::path::PathBuf::new(),
-            offset,
-            kind,
-        };
-        let Some((len, _)) = super::record::frame_header(rest) else {
-            return Some(Err(corrupt(crate::error::CorruptKind::Dangling)));
-        };
-        let Some(frame) = rest.get(..super::FRAME_HEADER.saturating_add(len)) else {
-            return Some(Err(corrupt(crate::error::CorruptKind::Dangling)));
-        };
-        let frame = bytes::Bytes::copy_from_slice(frame);
-        Some(
-            super::record::check_frame(&frame)
-                .map(|(rec, _)| super::ReadRecord::new(&frame, &rec))
-                .map_err(corrupt),
-        )
+        let frame = frame_header(rest)
+            .and_then(|(len, _)| rest.get(..FRAME_HEADER.saturating_add(len)))
+            .ok_or(CorruptKind::Dangling);
+        Some(frame.and_then(|frame| decode(&Bytes::copy_from_slice(frame))))
     }
 
     /// The slot of the active segment.
