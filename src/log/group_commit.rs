@@ -125,7 +125,7 @@ impl GroupCommit {
                             // their next write.
                             let _ = log.sync_past(end - 1);
                         }
-                    } else if end > log.flushed.load(Ordering::Acquire) {
+                    } else if log.pending_bytes() > 0 {
                         let _ = log.flush();
                     }
                 }
@@ -280,11 +280,9 @@ impl Log {
             // joining the round do not queue behind it.
             r.target = self.written.load(Ordering::Acquire);
             drop(r);
-            let flushed = self.flush();
-            let result = match flushed {
-                Ok((file, id, end)) => self.sync_segment(&file, id, end),
-                Err(e) => Err(e),
-            };
+            let result = self
+                .flush()
+                .and_then(|(file, id, end)| self.sync_segment(&file, id, end));
             let mut r = self.commit.rounds.lock();
             r.finished = round;
             let wake_next = r.next_claimed;

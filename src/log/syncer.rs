@@ -32,7 +32,9 @@ use crate::error::{Error, Result};
 pub(crate) struct Syncer {
     state: Mutex<SyncerState>,
     wake: Condvar,
-    /// `SyncerState::stopped`, readable without the lock.
+    /// Set by `Log::close` (under the state lock, so that a registration
+    /// and the thread see it in order with the waiters): the thread ends,
+    /// waking everyone.
     stopped: AtomicBool,
     /// Set when no thread could be started (futures then sync inline).
     unavailable: AtomicBool,
@@ -42,8 +44,6 @@ pub(crate) struct Syncer {
 struct SyncerState {
     /// Registered futures: position and waker.
     waiting: Vec<(u64, Waker)>,
-    /// Set by `Log::close`: the thread ends, waking everyone.
-    stopped: bool,
     thread: Option<JoinHandle<()>>,
     /// The thread sleeps for want of waiters: a registration wakes it (and
     /// only then, so a crowd of futures costs one wake-up, not one each).
@@ -54,7 +54,7 @@ impl Syncer {
     /// Registers a waker for position `at`, starting the thread if needed.
     fn register(&self, log: &Arc<Log>, at: u64, waker: &Waker) {
         let mut s = self.state.lock();
-        if s.stopped {
+        if self.stopped.load(Ordering::Acquire) {
             drop(s);
             waker.wake_by_ref();
             return;
@@ -90,7 +90,6 @@ impl Syncer {
     pub fn stop(&self) {
         let (waiting, thread) = {
             let mut s = self.state.lock();
-            s.stopped = true;
             self.stopped.store(true, Ordering::Release);
             (std::mem::take(&mut s.waiting), s.thread.take())
         };
@@ -114,12 +113,12 @@ fn run(log: &Weak<Log>) {
         let Some(log) = log.upgrade() else { return };
         {
             let mut s = log.syncer.state.lock();
-            while s.waiting.is_empty() && !s.stopped {
+            while s.waiting.is_empty() && !log.syncer.stopped.load(Ordering::Acquire) {
                 s.idle = true;
                 log.syncer.wake.wait(&mut s);
             }
             s.idle = false;
-            if s.stopped {
+            if log.syncer.stopped.load(Ordering::Acquire) {
                 return;
             }
         }

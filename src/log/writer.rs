@@ -293,8 +293,9 @@ impl Log {
         Ok(w.tail())
     }
 
-    /// Takes the writer lock for an append. The lock is held for one short
-    /// positional write, so without `Durability::Sync` a caller that finds
+    /// Takes the writer lock for an append. The lock is held to encode one
+    /// record into the pending buffer (and now and then to write the buffer
+    /// out), so without `Durability::Sync` a caller that finds
     /// it taken spins for a few microseconds before sleeping: sleeping and
     /// being woken costs tens of microseconds on a virtual machine, many
     /// times the wait and the whole call (2 threads: p99 of a `begin` 31 µs
