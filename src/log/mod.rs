@@ -44,16 +44,16 @@ pub(crate) mod reader;
 pub(crate) mod record;
 mod rewrite;
 pub(crate) mod syncer;
+mod table;
 mod writer;
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -70,6 +70,7 @@ pub(crate) use open::{Replayed, verify};
 pub(crate) use read::ReadRecord;
 use read::{MapUse, read_from};
 pub(crate) use rewrite::ClosedSegment;
+use table::SegmentTable;
 
 /// Bits of a position that hold the offset inside a segment.
 const OFFSET_BITS: u32 = 40;
@@ -143,7 +144,7 @@ impl Slots {
 }
 
 /// One segment file.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Segment {
     file: Arc<dyn StorageFile>,
     /// The number in its name and header.
@@ -157,6 +158,9 @@ pub(crate) struct Segment {
     /// A read-only map of the file, made by the first read that wants one
     /// (`None` inside: the storage cannot map). See [`read_from`].
     map: Arc<OnceLock<Option<Bytes>>>,
+    /// This table copy's own buffer over `map` (see `table.rs`): replays
+    /// through it count references on a line only this copy's readers use.
+    local: OnceLock<Option<Bytes>>,
 }
 
 impl Segment {
@@ -169,6 +173,21 @@ impl Segment {
             records: Arc::new(AtomicU64::new(0)),
             pinned: Pin::default(),
             map: Arc::default(),
+            local: OnceLock::new(),
+        }
+    }
+
+    /// The segment for one copy of the table: the same file, counters and
+    /// map, with a buffer of its own over the map.
+    fn copy(&self) -> Segment {
+        Segment {
+            file: Arc::clone(&self.file),
+            number: self.number,
+            order: self.order,
+            records: Arc::clone(&self.records),
+            pinned: self.pinned,
+            map: Arc::clone(&self.map),
+            local: OnceLock::new(),
         }
     }
 
@@ -176,10 +195,13 @@ impl Segment {
     /// file's length if larger), so the active segment can grow into it
     /// without a new map.
     fn map(&self, capacity: u64) -> Option<&Bytes> {
-        self.map
+        self.local
             .get_or_init(|| {
-                let len = self.file.len().ok()?.max(capacity);
-                self.file.map(len).ok().flatten()
+                let shared = self.map.get_or_init(|| {
+                    let len = self.file.len().ok()?.max(capacity);
+                    self.file.map(len).ok().flatten()
+                });
+                shared.clone().map(Bytes::from_owner)
             })
             .as_ref()
     }
@@ -225,7 +247,7 @@ pub(crate) struct Log {
     /// Set while an appender spins on a taken writer lock (at most one).
     spinning: AtomicBool,
     /// Every segment on disk by slot, for reads and compaction.
-    segments: RwLock<BTreeMap<u64, Segment>>,
+    segments: SegmentTable,
     /// The slots in use.
     slots: Mutex<Slots>,
     /// The next file number to create.

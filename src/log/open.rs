@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use super::group_commit::GroupCommit;
 use super::reader::{Tail, replay_segment, scan_segment};
 use super::record::{HEADER_LEN, Record, SegmentHeader};
+use super::table::SegmentTable;
 use super::writer::{Writer, create_segment};
 use super::{Log, Pin, ReadRecord, Segment, Slots, pos, read_from, segment_name};
 use crate::error::{CorruptKind, Error, IoOp, Result};
@@ -321,6 +322,7 @@ impl Log {
                     records: Arc::new(AtomicU64::new(0)),
                     pinned: Pin::default(),
                     map: Arc::default(),
+                    local: OnceLock::new(),
                 };
                 Some((*slot_of.get(&id)?, segment))
             })
@@ -468,7 +470,7 @@ impl Log {
             counters,
             writer: Mutex::new(Writer::new(slot, id, file, offset, records)),
             spinning: AtomicBool::new(false),
-            segments: RwLock::new(segments),
+            segments: SegmentTable::new(&segments),
             slots: Mutex::new(slots),
             next_file: AtomicU64::new(next_file),
             roll: Mutex::new(None),

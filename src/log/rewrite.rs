@@ -9,8 +9,8 @@
 //! so after a crash at any step recovery finds either `F` alone, or `M`
 //! (whose presence retires `F`). An unfinished `.tmp` file is removed.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::record::SegmentHeader;
 use super::{Log, Pin, Segment, segment_name, temp_name};
@@ -155,6 +155,7 @@ impl Log {
                 records: Arc::new(AtomicU64::new(records)),
                 pinned,
                 map: Arc::default(),
+                local: OnceLock::new(),
             },
         );
         Ok(slot)
@@ -219,7 +220,7 @@ impl Log {
     /// later compaction rewrote its replacement nothing would name it any
     /// more, so recovery would replay its stale records again.
     pub fn retire(&self, file: u64) -> Result<()> {
-        let Some(segment) = self.segments.write().remove(&file) else {
+        let Some(segment) = self.segments.write().remove(file) else {
             return Ok(());
         };
         self.free_slot(file);
