@@ -34,7 +34,8 @@ use crate::index::{Index, KeyId, PARTS};
 use crate::log::reader::scan_segment;
 use crate::log::record::{FRAME_HEADER, frame_header};
 use crate::log::{ClosedSegment, Log, Pin, pos, slot_of};
-use crate::stats::Counters;
+use crate::metrics::Published;
+use crate::stats::{Counters, Stats};
 
 /// What one [`Engine::compact`](crate::Engine::compact) (or one background
 /// pass) did.
@@ -190,13 +191,49 @@ impl Compactor {
         (expired, live)
     }
 
+    /// The engine's [`Stats`]: the counters, and the gauges read from the
+    /// index and the log now.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.counters.snapshot();
+        stats.live_records = self.index.len() as u64;
+        let memory = self.index.memory();
+        stats.index_slots = memory.slots as u64;
+        stats.index_bytes = memory.bytes as u64;
+        stats.segments = self.log.segment_count() as u64;
+        stats.disk_bytes = self.log.disk_bytes();
+        stats.log_pending_bytes = self.log.pending_bytes();
+        stats
+    }
+
     /// One pass: sweep, then rewrite closed segments. A full pass rolls the
     /// active segment first and rewrites every segment with a dead record;
     /// otherwise only segments whose live fraction is below `threshold`
     /// (`None`: the configured one) are rewritten.
+    /// Counted: a pass that ran to the end in `compactions`, one that
+    /// failed once it started in `compaction_errors` (and `io_errors` for
+    /// an I/O failure).
     pub fn run(&self, full: bool, threshold: Option<f64>) -> Result<CompactionReport> {
         let threshold = threshold.unwrap_or(self.threshold);
-        let _one = self.exclusive("compact")?;
+        let one = self.exclusive("compact")?;
+        let result = self.pass(full, threshold);
+        drop(one);
+        let c = &self.counters;
+        match &result {
+            Ok(_) => c.compactions.fetch_add(1, Ordering::Relaxed),
+            // Stopped between two segments because the engine is closing.
+            Err(Error::Closed) => 0,
+            Err(e) => {
+                if matches!(e, Error::Io { .. } | Error::NoSpace { .. }) {
+                    c.io_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                c.compaction_errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        result
+    }
+
+    /// [`Compactor::run`]'s pass, under the exclusive guard.
+    fn pass(&self, full: bool, threshold: f64) -> Result<CompactionReport> {
         // After a failed write or sync the index may show states that never
         // reached the disk; dropping what they superseded could lose data.
         self.log.check_poison()?;
@@ -356,6 +393,9 @@ impl Compactor {
     }
 }
 
+/// How often the background thread publishes metrics (`metrics` feature).
+pub(crate) const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
 /// The background thread: a compaction pass every interval until stopped.
 #[derive(Debug, Default)]
 pub(crate) struct Background {
@@ -364,24 +404,43 @@ pub(crate) struct Background {
 }
 
 impl Background {
-    /// Starts the thread.
-    pub fn start(compactor: Arc<Compactor>, every: Duration) -> Background {
+    /// Starts the thread. With the `metrics` feature it also publishes the
+    /// engine's counters and gauges every [`PUBLISH_EVERY`].
+    pub fn start(
+        compactor: Arc<Compactor>,
+        every: Duration,
+        published: Arc<Published>,
+    ) -> Background {
         let stop: Arc<(Mutex<bool>, Condvar)> = Arc::default();
         let signal = Arc::clone(&stop);
+        let nap = if cfg!(feature = "metrics") {
+            every.min(PUBLISH_EVERY)
+        } else {
+            every
+        };
         let handle = std::thread::Builder::new()
             .name("idemkv-compact".into())
             .spawn(move || {
+                let mut passed = Instant::now();
                 loop {
                     {
                         let (flag, cv) = &*signal;
                         let mut stopped = flag.lock();
                         if !*stopped {
-                            let _ = cv.wait_for(&mut stopped, every);
+                            let left = every.saturating_sub(passed.elapsed());
+                            let _ = cv.wait_for(&mut stopped, nap.min(left));
                         }
                         if *stopped {
                             return;
                         }
                     }
+                    if cfg!(feature = "metrics") {
+                        published.publish(&compactor.stats());
+                    }
+                    if passed.elapsed() < every {
+                        continue;
+                    }
+                    passed = Instant::now();
                     if compactor.log.is_poisoned() {
                         continue;
                     }
@@ -390,13 +449,10 @@ impl Background {
                     // output; the next pass tries again (an I/O failure that
                     // matters to foreground writes poisons the log on its
                     // own). It is counted and traced.
+                    // `run` counts the pass, failed or not.
                     match compactor.run(false, None) {
                         Ok(_) | Err(Error::Closed) => {}
                         Err(_e) => {
-                            compactor
-                                .counters
-                                .compaction_errors
-                                .fetch_add(1, Ordering::Relaxed);
                             crate::trace::event!(error, error = %_e, "background compaction pass failed");
                         }
                     }

@@ -79,6 +79,7 @@ mod heartbeat;
 pub mod http;
 mod index;
 mod log;
+pub mod metrics;
 mod notify;
 mod once;
 mod options;

@@ -63,11 +63,21 @@ pub struct Stats {
     /// Estimated bytes of live records on disk, as of the last compaction
     /// pass (each segment's size times its live fraction).
     pub live_bytes: u64,
-    /// Background compaction passes that failed (each one left every file as
-    /// it was, or replaced by its complete rewrite, and removed its
-    /// unfinished output; the next pass tries again). With the `tracing`
-    /// feature each failure is also an error event.
+    /// Compaction passes that failed, background ones and `compact` /
+    /// `compact_pass` calls (each one left every file as it was, or
+    /// replaced by its complete rewrite, and removed its unfinished output;
+    /// the background's next pass tries again). A pass refused before it
+    /// started (the engine closed, a reentrant call) is not counted. With
+    /// the `tracing` feature each background failure is also an error
+    /// event.
     pub compaction_errors: u64,
+    /// Compaction passes that ran to the end, background ones and calls.
+    pub compactions: u64,
+    /// I/O errors the log met: failed writes, syncs and file removals (each
+    /// also poisons the log), failed reads of records, and the I/O errors
+    /// of failed compaction passes. Errors at open are returned, not
+    /// counted.
+    pub io_errors: u64,
     /// Slots allocated by the index's digest tables, empty ones included
     /// (each [`INDEX_SLOT_BYTES`] plus a control byte). The tables grow by
     /// doubling, so this is between about 1.14 and 2.3 times `live_records`.
@@ -106,6 +116,13 @@ pub(crate) struct Counters {
     pub last_compaction_us: AtomicU64,
     pub live_bytes: AtomicU64,
     pub compaction_errors: AtomicU64,
+    pub compactions: AtomicU64,
+    pub io_errors: AtomicU64,
+    /// `records_written` as of the last segment sync (the next sync's
+    /// group size is the difference).
+    pub synced_records: AtomicU64,
+    /// The `metrics` feature's histograms (nothing without it).
+    pub histograms: crate::metrics::Histograms,
 }
 
 /// Adds one to a counter.
@@ -195,6 +212,8 @@ impl Counters {
             disk_bytes: 0,
             live_bytes: get(&self.live_bytes),
             compaction_errors: get(&self.compaction_errors),
+            compactions: get(&self.compactions),
+            io_errors: get(&self.io_errors),
             index_slots: 0,
             index_bytes: 0,
         }

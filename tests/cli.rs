@@ -492,7 +492,7 @@ fn stats_reports_records_by_state_segments_and_bytes() {
                 r#""lease_lost":0,"expirations":0,"completions":0,"releases":0,"bytes_written":0,"#,
                 r#""records_written":0,"fsyncs":0,"live_records":6,"segments":1,"swept":0,"#,
                 r#""segments_compacted":0,"bytes_reclaimed":0,"last_compaction_us":0,"#,
-                r#""disk_bytes":{bytes},"live_bytes":0,"compaction_errors":0}}}}"#,
+                r#""disk_bytes":{bytes},"live_bytes":0,"compaction_errors":0,"compactions":0,"io_errors":0}}}}"#,
                 "\n"
             ),
             dir = dir.path().display(),

@@ -555,7 +555,17 @@ fn a_failed_compaction_removes_its_unfinished_output_and_is_counted() {
             .filter(|n| n.ends_with(".tmp"))
             .collect();
         assert!(tmp.is_empty(), "{op:?}: left behind: {tmp:?}");
+        let before = engine.stats();
+        assert!(before.io_errors >= 2, "{op:?}: {before:?}");
         assert!(engine.compact().is_err());
+        // A failed `compact` call is counted like a background pass.
+        let after = engine.stats();
+        assert!(
+            after.compaction_errors > before.compaction_errors,
+            "{op:?}: {after:?}"
+        );
+        assert!(after.io_errors > before.io_errors, "{op:?}: {after:?}");
+        assert_eq!(after.compactions, before.compactions);
         assert!(
             !disk.names().iter().any(|n| n.ends_with(".tmp")),
             "{op:?}: a failed compact() left its output"

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::owner::Written;
 use super::{BeginStep2, Engine};
 use crate::error::Result;
+use crate::metrics::Op;
 use crate::notify::Change;
 use crate::once::{Done, RunError, RunOptions, WorkError, lease_or_done, not_kept};
 use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordView};
@@ -147,6 +148,7 @@ impl AsyncEngine {
         fingerprint: Fingerprint,
     ) -> Result<Begin> {
         let e = &*self.engine;
+        let _timer = e.counters.histograms.time(Op::Begin);
         let (user, key) = (user.as_ref(), key.as_ref());
         e.check_open()?;
         e.validate(user, key)?;
@@ -199,6 +201,7 @@ impl AsyncEngine {
         outcome: Outcome,
         ttl: Duration,
     ) -> Result<()> {
+        let _timer = self.engine.counters.histograms.time(Op::Complete);
         let pos = self
             .with_chores(|| self.engine.complete_write(lease, outcome.clone(), ttl))
             .await?;
@@ -284,6 +287,7 @@ impl AsyncEngine {
         fingerprint: Fingerprint,
         timeout: Duration,
     ) -> Result<Begin> {
+        let _timer = self.engine.counters.histograms.time(Op::Wait);
         let (user, key) = (user.as_ref(), key.as_ref());
         let start = Instant::now();
         let deadline = start
@@ -319,6 +323,7 @@ impl AsyncEngine {
         timeout: Duration,
     ) -> Result<Option<Outcome>> {
         let e = &*self.engine;
+        let _timer = e.counters.histograms.time(Op::Wait);
         let (user, key) = (user.as_ref(), key.as_ref());
         e.check_open()?;
         e.validate(user, key)?;

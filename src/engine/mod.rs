@@ -27,6 +27,7 @@ use crate::heartbeat::Heartbeats;
 use crate::index::{Entry, Index, KeyId, MAX_DEADLINE_MS};
 use crate::log::record::{Kind, Record};
 use crate::log::{Chore, Log};
+use crate::metrics::{Op, Published};
 use crate::notify::Waiters;
 use crate::options::Options;
 use crate::outcome::{Begin, Fingerprint, Lease, RecordState};
@@ -56,6 +57,8 @@ pub struct Engine {
     waiters: Arc<Waiters>,
     /// The leases the heartbeat thread keeps alive (`heartbeat.rs`).
     heartbeats: Arc<Heartbeats>,
+    /// What the engine last published to the `metrics` recorder.
+    published: Arc<Published>,
     closed: AtomicBool,
 }
 
@@ -83,6 +86,7 @@ impl Engine {
         let counters = Arc::new(Counters::default());
         let index = Arc::new(Index::new(options.shards));
         let clock = Arc::new(EngineClock::new(Arc::clone(&options.clock)));
+        let recovering = std::time::Instant::now();
         let log = match recovery::recover(
             Arc::clone(&storage),
             &options,
@@ -96,6 +100,9 @@ impl Engine {
                 return Err(e);
             }
         };
+        counters
+            .histograms
+            .recovery(recovering.elapsed().as_secs_f64());
         let compactor = Arc::new(Compactor::new(
             Arc::clone(&log),
             Arc::clone(&index),
@@ -103,9 +110,14 @@ impl Engine {
             Arc::clone(&counters),
             options.compaction_threshold,
         ));
-        let background = options
-            .background
-            .then(|| Background::start(Arc::clone(&compactor), options.sweep_interval));
+        let published: Arc<Published> = Arc::default();
+        let background = options.background.then(|| {
+            Background::start(
+                Arc::clone(&compactor),
+                options.sweep_interval,
+                Arc::clone(&published),
+            )
+        });
         Ok(Engine {
             clock,
             instance: instance_id(),
@@ -118,6 +130,7 @@ impl Engine {
             counters,
             waiters: Arc::default(),
             heartbeats: Arc::default(),
+            published,
             closed: AtomicBool::new(false),
         })
     }
@@ -142,6 +155,7 @@ impl Engine {
         key: impl AsRef<[u8]>,
         fingerprint: Fingerprint,
     ) -> Result<Begin> {
+        let _timer = self.counters.histograms.time(Op::Begin);
         let (user, key) = (user.as_ref(), key.as_ref());
         self.check_open()?;
         self.validate(user, key)?;
@@ -266,15 +280,22 @@ impl Engine {
 
     /// A snapshot of the engine's counters.
     pub fn stats(&self) -> Stats {
-        let mut stats = self.counters.snapshot();
-        stats.live_records = self.index.len() as u64;
-        let memory = self.index.memory();
-        stats.index_slots = memory.slots as u64;
-        stats.index_bytes = memory.bytes as u64;
-        stats.segments = self.log.segment_count() as u64;
-        stats.disk_bytes = self.log.disk_bytes();
-        stats.log_pending_bytes = self.log.pending_bytes();
-        stats
+        self.compactor.stats()
+    }
+
+    /// Publishes the engine's counters and gauges to the recorder of the
+    /// [`metrics`](https://docs.rs/metrics) facade: each counter grows by
+    /// what it grew since the last publish, each gauge moves by what its
+    /// value changed (so several engines in one process add up). See
+    /// [`crate::metrics`] for the names. The background thread calls this
+    /// every second and `close` a last time; call it before rendering a
+    /// scrape for exact numbers. Needs the `metrics` feature. Works after
+    /// `close` too (it then publishes nothing new).
+    #[cfg(feature = "metrics")]
+    pub fn publish_metrics(&self) {
+        if !self.closed.load(Ordering::SeqCst) {
+            self.published.publish(&self.stats());
+        }
     }
 
     /// Runs a full sweep and compaction now: drops every expired record from
@@ -344,6 +365,9 @@ impl Engine {
         // engine started renames or removes a file in the directory.
         self.compactor.shut();
         let result = self.log.close();
+        // The last counts, then this engine's gauges out of the sums.
+        self.published.publish(&self.compactor.stats());
+        self.published.withdraw();
         self.log.release_files();
         self.storage.close();
         self.waiters.notify();

@@ -15,6 +15,7 @@ use crate::heartbeat::Heartbeat;
 use crate::index::{Entry, Index, KeyId};
 use crate::log::record::{Kind, Record};
 use crate::log::{Chore, Log};
+use crate::metrics::Op;
 use crate::outcome::{Lease, Outcome, RecordState};
 use crate::state;
 use crate::stats::{Counters, bump};
@@ -64,6 +65,7 @@ impl Engine {
     /// As [`Engine::complete`]; [`Error::InvalidArgument`] for a zero `ttl`
     /// (nothing changes).
     pub fn complete_with_ttl(&self, lease: &Lease, outcome: Outcome, ttl: Duration) -> Result<()> {
+        let _timer = self.counters.histograms.time(Op::Complete);
         let pos = self.with_chores(|| self.complete_write(lease, outcome.clone(), ttl))?;
         self.log.wait_durable(pos)
     }

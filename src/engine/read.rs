@@ -7,6 +7,7 @@ use super::Engine;
 use crate::error::{CorruptKind, Error, Result};
 use crate::index::{Entry, KeyId};
 use crate::log::ReadRecord;
+use crate::metrics::Op;
 use crate::outcome::{Begin, Fingerprint, Outcome, RecordState, RecordView};
 
 /// How often `wait` looks again at a lease whose expiry only the engine's
@@ -116,6 +117,7 @@ impl Engine {
         fingerprint: Fingerprint,
         timeout: Duration,
     ) -> Result<Option<Outcome>> {
+        let _timer = self.counters.histograms.time(Op::Wait);
         let (user, key) = (user.as_ref(), key.as_ref());
         self.check_open()?;
         self.validate(user, key)?;
@@ -159,6 +161,7 @@ impl Engine {
         fingerprint: Fingerprint,
         timeout: Duration,
     ) -> Result<Begin> {
+        let _timer = self.counters.histograms.time(Op::Wait);
         let (user, key) = (user.as_ref(), key.as_ref());
         let start = Instant::now();
         let _waiting = self.waiters.enter();

@@ -160,8 +160,13 @@ impl Log {
     ) -> Result<()> {
         let _serial = self.commit.serial.lock();
         self.check_poison()?;
+        let started = std::time::Instant::now();
         let result = file.sync();
-        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let c = &self.counters;
+        c.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let records = c.records_written.load(Ordering::Relaxed);
+        let group = records.saturating_sub(c.synced_records.swap(records, Ordering::Relaxed));
+        c.histograms.fsync(started.elapsed().as_secs_f64(), group);
         match result {
             Ok(()) => {
                 // Slots are not ordered: move `durable` forward only within

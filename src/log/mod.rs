@@ -384,6 +384,7 @@ impl Log {
     }
 
     fn set_poison(&self, kind: io::ErrorKind) {
+        self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
         if self.poison.set(kind).is_ok() {
             crate::trace::event!(
                 error,
@@ -423,7 +424,11 @@ impl Log {
             (true, true) => MapUse::Share(self.segment_bytes),
             (true, false) => MapUse::Copy(self.segment_bytes),
         };
-        read_from(&*self.storage, &self.segments.read(), at, map)
+        let read = read_from(&*self.storage, &self.segments.read(), at, map);
+        if let Err(Error::Io { .. } | Error::NoSpace { .. }) = read {
+            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        read
     }
 
     /// Whether the record at `at` is durable: it is outside the active

@@ -126,7 +126,7 @@ pub(crate) fn byte_totals(inspection: &Inspection) -> (u64, u64, u64) {
 }
 
 /// Every [`Stats`] counter with its name.
-pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 22] {
+pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 24] {
     [
         ("begins", s.begins),
         ("started", s.started),
@@ -150,6 +150,8 @@ pub(crate) fn counters(s: &Stats) -> [(&'static str, u64); 22] {
         ("disk_bytes", s.disk_bytes),
         ("live_bytes", s.live_bytes),
         ("compaction_errors", s.compaction_errors),
+        ("compactions", s.compactions),
+        ("io_errors", s.io_errors),
     ]
 }
 
