@@ -93,8 +93,8 @@ mod trace;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compact::CompactionReport;
 pub use engine::{
-    AsyncEngine, AsyncRunContext, Engine, Inspection, RecordDump, SegmentInfo, VerifyReport,
-    verify, verify_storage,
+    AsyncEngine, AsyncRunContext, BackupReport, Engine, Inspection, RecordDump, SegmentInfo,
+    VerifyReport, verify, verify_storage,
 };
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
 pub use heartbeat::Heartbeat;

@@ -3,11 +3,13 @@
 //! reading calls, `inspect.rs` the operator's views.
 
 mod asynch;
+mod backup;
 mod inspect;
 mod owner;
 mod read;
 
 pub use asynch::{AsyncEngine, AsyncRunContext};
+pub use backup::BackupReport;
 pub(crate) use owner::Beat;
 
 pub use inspect::{Inspection, RecordDump, SegmentInfo, VerifyReport, verify, verify_storage};

@@ -35,6 +35,7 @@
 //! - No roll holds the writer lock across an fsync: appenders (who hold a shard
 //!   lock) never wait for a disk, so neither do readers of that shard.
 
+mod backup;
 mod crc;
 mod group_commit;
 mod offload;
@@ -65,6 +66,7 @@ use group_commit::GroupCommit;
 use record::{HEADER_LEN, Record, SegmentHeader};
 use writer::Writer;
 
+pub(crate) use backup::BackupFile;
 pub(crate) use offload::Chore;
 pub(crate) use open::{Replayed, verify};
 pub(crate) use read::ReadRecord;

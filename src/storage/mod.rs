@@ -54,6 +54,10 @@ pub trait StorageFile: Send + Sync + Debug + 'static {
     /// (`UnexpectedEof`).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// The current length in bytes (appended data included, synced or not).
+    /// An append still under way is not counted until it returns: an
+    /// online backup ([`Engine::backup_to`](crate::Engine::backup_to))
+    /// copies the active segment up to this length and relies on it ending
+    /// at a whole append.
     fn len(&self) -> io::Result<u64>;
     /// Whether the file is empty.
     fn is_empty(&self) -> io::Result<bool> {

@@ -7,7 +7,8 @@
 //! Commands: `stats` (records by state, segments, live and dead bytes,
 //! counters; `--json` for one JSON object), `verify` (a read-only check of
 //! every record), `get` (one record and its body), `dump` (every live record
-//! as JSON lines) and `compact` (a full sweep and compaction).
+//! as JSON lines), `compact` (a full sweep and compaction) and `backup` (a
+//! copy that opens as is).
 //!
 //! # Output conventions
 //! - JSON is written by hand (no serde). A byte string that is valid UTF-8
@@ -121,6 +122,16 @@ enum Command {
     Compact {
         /// The data directory.
         dir: PathBuf,
+    },
+    /// Copy the store to DEST (a new or empty directory) that opens as is.
+    ///
+    /// Offline: refuses a directory a running engine holds. A running
+    /// service backs itself up with `Engine::backup_to` (an admin route).
+    Backup {
+        /// The data directory.
+        dir: PathBuf,
+        /// Where the copy goes: must not exist yet, or be empty.
+        dest: PathBuf,
     },
 }
 
@@ -270,6 +281,21 @@ fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
             let report = engine.compact()?;
             engine.close()?;
             compact_text(out, &dir, &report)
+        }
+        Command::Backup { dir, dest } => {
+            let engine = open(&dir)?;
+            let report = engine.backup_to(&dest)?;
+            engine.close()?;
+            writeln!(
+                out,
+                "backed up {} to {}: {} segment files, {} bytes, in {} ms",
+                dir.display(),
+                report.path.display(),
+                report.segments,
+                report.bytes,
+                report.duration.as_millis()
+            )?;
+            Ok(())
         }
     }
 }
