@@ -220,17 +220,24 @@ use http::header::HeaderName;
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 
+mod derive;
 mod handle;
 mod headers;
+mod intake;
 mod lease;
+mod observe;
 mod respond;
+mod rollout;
 mod stored;
 #[cfg(test)]
 mod tests;
 
+pub use derive::DERIVED_KEY_PREFIX;
 pub use handle::request_fingerprint;
 use handle::*;
 use headers::HeaderPolicy;
+pub use observe::ObservedCounts;
+use rollout::Rollout;
 pub use stored::StoredResponse;
 
 use crate::Engine;
@@ -323,6 +330,8 @@ struct Config {
     headers: HeaderPolicy,
     max_response: usize,
     heartbeat_limit: Duration,
+    /// Observe mode, derived keys, keys from the body (rollout.rs).
+    rollout: Rollout,
 }
 
 impl IdempotencyLayer {
@@ -349,6 +358,7 @@ impl IdempotencyLayer {
                 headers: HeaderPolicy::default(),
                 max_response: DEFAULT_MAX_RESPONSE,
                 heartbeat_limit: DEFAULT_HEARTBEAT_LIMIT,
+                rollout: Rollout::default(),
             }),
         }
     }
@@ -500,6 +510,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("headers", &self.config.headers)
             .field("max_response", &self.config.max_response)
             .field("heartbeat_limit", &self.config.heartbeat_limit)
+            .field("rollout", &self.config.rollout)
             .finish_non_exhaustive()
     }
 }
