@@ -66,6 +66,11 @@
 //! | the key used before with another request | `422` problem |
 //! | the engine fails (closed, disk error) | `503` problem |
 //!
+//! In observe mode ([`IdempotencyLayer::observe_only`]) every request runs
+//! the inner service instead, and with [`IdempotencyLayer::key_from`] or
+//! [`IdempotencyLayer::derive_missing_keys`] a request without the header
+//! may still have a key: see "Rolling out to a running service" below.
+//!
 //! Problem bodies are small RFC 9457 `application/problem+json` objects
 //! with `title`, `status` and `detail`. The layer writes nothing to stdout
 //! or stderr. The checks run in the order of the table, and the request
@@ -205,7 +210,10 @@
 //! [`DEFAULT_MAX_BODY`]; [`stored_by_default`]; no wait for keys in
 //! flight; every end-to-end header but `date` and `set-cookie` kept;
 //! responses up to [`DEFAULT_MAX_RESPONSE`] buffered; heartbeat up to
-//! [`DEFAULT_HEARTBEAT_LIMIT`].
+//! [`DEFAULT_HEARTBEAT_LIMIT`]; enforcing (not observe mode), no key from
+//! the body, no derived keys.
+//!
+#![doc = include_str!("rollout.md")]
 
 use std::fmt;
 use std::future::Future;
