@@ -234,6 +234,8 @@ mod headers;
 mod intake;
 mod lease;
 mod observe;
+#[cfg(all(test, feature = "tracing"))]
+mod observe_tests;
 mod respond;
 mod rollout;
 mod stored;
