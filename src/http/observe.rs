@@ -67,7 +67,8 @@ pub struct ObservedCounts {
     pub body_keys: u64,
 }
 
-/// The layer's answer to one request, as counted.
+/// The layer's answer to one request, as counted (its discriminant is its
+/// counter's index: keep `Unavailable` last).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Verdict {
     Started,
@@ -84,6 +85,9 @@ pub(super) enum Verdict {
 }
 
 impl Verdict {
+    /// How many kinds of answer there are.
+    const COUNT: usize = Verdict::Unavailable as usize + 1;
+
     /// The name in `tracing` events (the field names of
     /// [`ObservedCounts`], singular where they count answers).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
@@ -131,7 +135,7 @@ pub(super) enum Source {
 /// The atomic counters behind [`ObservedCounts`].
 #[derive(Debug, Default)]
 pub(super) struct Counters {
-    answers: [AtomicU64; 11],
+    answers: [AtomicU64; Verdict::COUNT],
     derived_keys: AtomicU64,
     body_keys: AtomicU64,
 }
