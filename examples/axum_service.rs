@@ -1,5 +1,6 @@
 //! An axum service whose `POST /charge` runs once per `Idempotency-Key`,
-//! however often a client retries it.
+//! however often a client retries it; and how to roll that out to a
+//! service that already has clients (`IDEMKV_ROLLOUT`, below).
 //!
 //! ```text
 //! cargo run --features http --example axum_service      # PORT=8080 to move it
@@ -30,8 +31,55 @@
 //! curl -i -X POST localhost:3000/charge -H 'Idempotency-Key: "order 7"' \
 //!      -d '{"amount":1000}'
 //!
-//! # How many times the handler really ran (GET is not idempotency-keyed).
+//! # How many times the handler really ran, and what the layer answered
+//! # (GET is not idempotency-keyed).
 //! curl localhost:3000/executions
+//! curl localhost:3000/observed
+//! ```
+//!
+//! # Rolling out: observe, then derive, then enforce
+//! `IDEMKV_ROLLOUT` (or `--rollout`, which wins) picks the phase:
+//! `observe` ([`IdempotencyLayer::observe_only`]: nothing enforced, keys
+//! and outcomes recorded, what enforcement would answer counted),
+//! `derive` (enforced, and a request without a key gets a key derived
+//! from its user, path and body, kept 60 s:
+//! [`IdempotencyLayer::derive_missing_keys`]) or `enforce` (the default,
+//! as above). Keep the store across the phases with `--dir`:
+//!
+//! ```text
+//! # Phase 1: observe.
+//! IDEMKV_ROLLOUT=observe cargo run --features http --example axum_service -- --dir /tmp/idem-demo
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -H 'Idempotency-Key: "order 7"' -d '{"amount":1000}'
+//! # Again: 201 with a NEW charge id and no idempotent-replayed: observe
+//! # mode runs every request (the stored response is still the first).
+//! curl -i -X POST ... (the same command)
+//! # Another body under the key, and no key at all: 201 too.
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -H 'Idempotency-Key: "order 7"' -d '{"amount":5}'
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -d '{"amount":1000}'
+//! # What enforcement would have answered: started: 1, replays: 1,
+//! # mismatches: 1, missing_key: 1 (and 4 executions).
+//! curl localhost:3000/observed
+//!
+//! # Phase 2: derive (press Enter to stop phase 1, same --dir; charge ids
+//! # count from ch_1 again in each run of the service).
+//! IDEMKV_ROLLOUT=derive cargo run --features http --example axum_service -- --dir /tmp/idem-demo
+//! # "order 7" with its first body is now replayed: the charge id observe
+//! # mode stored first, with idempotent-replayed: true.
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' \
+//!      -H 'Idempotency-Key: "order 7"' -d '{"amount":1000}'
+//! # No key: the first runs, the same request within 60 s is replayed
+//! # (a derived key; see the risk in the http module docs). After 60 s it
+//! # runs again.
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' -d '{"amount":70}'
+//! curl -i -X POST localhost:3000/charge -H 'Authorization: Bearer alice' -d '{"amount":70}'
+//! # The derived record, marked "derived":true (after stopping the service):
+//! cargo run --features cli --bin idemkv -- dump /tmp/idem-demo
+//!
+//! # Phase 3: enforce. No key is 400 again; keys as in the first walkthrough.
+//! IDEMKV_ROLLOUT=enforce cargo run --features http --example axum_service -- --dir /tmp/idem-demo
 //! ```
 //!
 //! The keys are scoped by the authenticated user: the authentication
@@ -42,17 +90,18 @@
 //! `user_header` instead, never with a header clients can set.)
 //!
 //! The engine lives in a temporary directory, removed when the service is
-//! stopped with Enter (not when it is killed); a real service opens a
-//! directory it keeps.
+//! stopped with Enter (not when it is killed), unless `--dir` names one; a
+//! real service opens a directory it keeps.
 //!
 //! For the load benchmark (`benches/http_load.sh`), three flags change
 //! how it runs; without them it runs as above:
 //!
 //! ```text
-//! --port N      listen on port N (wins over PORT)
-//! --dir PATH    keep the engine in PATH (created if missing, never removed)
-//! --no-layer    the same router, handler and authentication without the
-//!               idempotency layer (and no engine): the baseline
+//! --port N         listen on port N (wins over PORT)
+//! --dir PATH       keep the engine in PATH (created if missing, never removed)
+//! --no-layer       the same router, handler and authentication without the
+//!                  idempotency layer (and no engine): the baseline
+//! --rollout PHASE  observe, derive or enforce (wins over IDEMKV_ROLLOUT)
 //! ```
 //!
 //! Built with the `metrics` feature as well
@@ -64,6 +113,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -150,8 +200,46 @@ async fn enter_pressed() {
     }
 }
 
+/// The rollout phase (`IDEMKV_ROLLOUT`, `--rollout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rollout {
+    /// Every request runs; the layer only records and counts.
+    Observe,
+    /// Enforced, with keys derived for requests that send none.
+    Derive,
+    /// Enforced, keys required.
+    Enforce,
+}
+
+impl Rollout {
+    /// How long a derived key's response is kept.
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn parse(phase: &str) -> Result<Rollout, String> {
+        match phase {
+            "observe" => Ok(Rollout::Observe),
+            "derive" => Ok(Rollout::Derive),
+            "enforce" => Ok(Rollout::Enforce),
+            other => Err(format!(
+                "unknown rollout phase {other:?} (observe, derive or enforce)"
+            )),
+        }
+    }
+
+    /// `layer` configured for this phase.
+    fn configure(self, layer: IdempotencyLayer) -> IdempotencyLayer {
+        match self {
+            Rollout::Observe => layer.observe_only(true),
+            Rollout::Derive => layer.derive_missing_keys(Rollout::WINDOW),
+            Rollout::Enforce => layer,
+        }
+    }
+}
+
 /// How the service runs: the flags of the module documentation.
 struct Args {
+    /// `--rollout`, else `IDEMKV_ROLLOUT`, else enforce.
+    rollout: Rollout,
     /// `false` with `--no-layer`.
     layer: bool,
     /// `--port`, else `PORT`, else 3000.
@@ -164,6 +252,10 @@ impl Args {
     /// Reads the flags and `PORT`; an unknown flag is an error.
     fn parse() -> Result<Args, Box<dyn std::error::Error>> {
         let mut args = Args {
+            rollout: match std::env::var("IDEMKV_ROLLOUT") {
+                Ok(phase) => Rollout::parse(&phase)?,
+                Err(_) => Rollout::Enforce,
+            },
             layer: true,
             port: match std::env::var("PORT") {
                 Ok(port) => port.parse()?,
@@ -175,6 +267,9 @@ impl Args {
         while let Some(flag) = flags.next() {
             match flag.as_str() {
                 "--no-layer" => args.layer = false,
+                "--rollout" => {
+                    args.rollout = Rollout::parse(&flags.next().ok_or("--rollout needs a phase")?)?;
+                }
                 "--port" => args.port = flags.next().ok_or("--port needs a number")?.parse()?,
                 "--dir" => args.dir = Some(flags.next().ok_or("--dir needs a path")?.into()),
                 other => return Err(format!("unknown argument {other:?}").into()),
@@ -206,19 +301,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let mut app = Router::new().route("/charge", post(charge));
+    let mut layer = None;
     if let Some(engine) = &engine {
         // Keys are scoped by the authenticated user...
-        app = app.layer(
+        let idempotency = args.rollout.configure(
             IdempotencyLayer::new(Arc::clone(engine))
                 .user_from(|parts| parts.extensions.get::<User>().map(|user| user.0.clone())),
         );
+        app = app.layer(idempotency.clone());
+        layer = Some(idempotency);
     }
+    // What the layer answered (observing: would have answered). A clone of
+    // the layer shares its counters.
+    let observed = move || {
+        let counts = match &layer {
+            Some(layer) => format!("{:?}\n", layer.observed()),
+            None => "no idempotency layer (--no-layer)\n".to_owned(),
+        };
+        async move { counts }
+    };
     let app = app
         // ...so authentication runs first (the last layer added is the
         // outermost).
         .layer(middleware::from_fn(authenticate))
         // Added after the layers: not keyed, not authenticated.
-        .route("/executions", get(executions));
+        .route("/executions", get(executions))
+        .route("/observed", get(observed));
     // `GET /metrics`: the engine's metrics in the Prometheus text format,
     // its counters and gauges published right before rendering.
     #[cfg(feature = "metrics")]
@@ -240,6 +348,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on http://{}", listener.local_addr()?);
     if engine.is_none() {
         println!("without the idempotency layer (--no-layer)");
+    } else {
+        println!("rollout phase: {:?}", args.rollout);
     }
     println!("press Enter to stop");
     axum::serve(listener, app)

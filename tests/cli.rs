@@ -35,12 +35,12 @@ const COMPLETED: [(&[u8], &str, u16, &[u8]); 5] = [
 
 /// The `dump` line of every live record `populate` leaves, sorted.
 const DUMP: [&str; 6] = [
-    r#"{"user":"a","key":"k1","state":"completed","token":1048577,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":201,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"charged"}"#,
-    r#"{"user":"a","key":"k2","state":"completed","token":1048578,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"a1a457543d344da1d432ac1f4882e181","body":"say \"hi\"\n\ttab\\ end"}"#,
-    r#"{"user":"a","key":"pending","state":"in_progress","token":1048582,"lease_expires_at_ms":4102444830000,"expires_at_ms":null,"status":null,"fingerprint":"456aa137600852292bde81750deadbfd","body":null}"#,
-    r#"{"user":"b","key":"bin","state":"completed","token":1048580,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"b824dd863159c42be55f229e1ff2dc15","body_hex":"ff0041"}"#,
-    r#"{"user":"b","key":"k1","state":"completed","token":1048579,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"b's body"}"#,
-    r#"{"user_hex":"ff75","key":"k","state":"completed","token":1048581,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":204,"fingerprint":"04c37d9993e28be6a921e3704fda881d","body":""}"#,
+    r#"{"user":"a","key":"k1","derived":false,"state":"completed","token":1048577,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":201,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"charged"}"#,
+    r#"{"user":"a","key":"k2","derived":false,"state":"completed","token":1048578,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"a1a457543d344da1d432ac1f4882e181","body":"say \"hi\"\n\ttab\\ end"}"#,
+    r#"{"user":"a","key":"pending","derived":false,"state":"in_progress","token":1048582,"lease_expires_at_ms":4102444830000,"expires_at_ms":null,"status":null,"fingerprint":"456aa137600852292bde81750deadbfd","body":null}"#,
+    r#"{"user":"b","key":"bin","derived":false,"state":"completed","token":1048580,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"b824dd863159c42be55f229e1ff2dc15","body_hex":"ff0041"}"#,
+    r#"{"user":"b","key":"k1","derived":false,"state":"completed","token":1048579,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":200,"fingerprint":"3f02cbbe837576ca81afbf86b72a36c5","body":"b's body"}"#,
+    r#"{"user_hex":"ff75","key":"k","derived":false,"state":"completed","token":1048581,"lease_expires_at_ms":null,"expires_at_ms":4102531200000,"status":204,"fingerprint":"04c37d9993e28be6a921e3704fda881d","body":""}"#,
 ];
 
 /// Records in the segment after `populate`: a begin and a complete per
@@ -385,8 +385,8 @@ fn dump_with_a_user_prints_only_that_users_records() {
     assert_eq!((run.code, run.stdout.as_str()), (Some(0), ""));
 }
 
-/// Checks that `line` is one JSON object whose values are strings, numbers
-/// or null (all that `dump` writes), with only the escapes JSON allows.
+/// Checks that `line` is one JSON object whose values are strings, numbers,
+/// booleans or null (all that `dump` writes), with only the escapes JSON allows.
 fn assert_json_object(line: &str) {
     let b = line.as_bytes();
     let mut i = 0;
@@ -421,8 +421,10 @@ fn assert_json_object(line: &str) {
         i += 1;
         if b[i] == b'"' {
             string(&mut i);
-        } else if line[i..].starts_with("null") {
+        } else if line[i..].starts_with("null") || line[i..].starts_with("true") {
             i += 4;
+        } else if line[i..].starts_with("false") {
+            i += 5;
         } else {
             let start = i;
             while b[i].is_ascii_digit() {

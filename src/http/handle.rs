@@ -7,11 +7,12 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::intake::{Intake, intake};
 use super::lease::Claim;
+use super::observe::{Verdict, observe};
 use super::respond::run;
 use super::stored::*;
 use super::*;
@@ -34,63 +35,33 @@ where
         return pass_through(inner, request.map(Body::new)).await;
     }
     let (parts, body) = request.into_parts();
-    let key = match idempotency_key(&parts.headers) {
-        KeyHeader::Missing if !config.key_required => {
-            return pass_through(inner, Request::from_parts(parts, Body::new(body))).await;
-        }
-        KeyHeader::Missing => {
-            return Ok(problem(
-                StatusCode::BAD_REQUEST,
-                "Idempotency-Key is missing",
-                "This operation requires an Idempotency-Key header.",
-            ));
-        }
-        KeyHeader::Invalid => return Ok(bad_key()),
-        KeyHeader::Key(key) => key,
-    };
-    let Some(user_of) = &config.user else {
-        return Ok(problem(
-            StatusCode::BAD_REQUEST,
-            "User source is not configured",
-            "This service cannot tell whose Idempotency-Key this is, so it does not accept one.",
-        ));
-    };
-    // No user (and the empty user, which would be a scope shared by every
-    // such request) is refused.
-    let Some(user) = user_of(&parts).filter(|user| !user.is_empty()) else {
-        return Ok(problem(
-            StatusCode::BAD_REQUEST,
-            "User id is missing",
-            "The request does not carry a valid user identity for its Idempotency-Key.",
-        ));
-    };
-    // The body is read before the key is claimed: a slow or endless body
-    // holds no key.
-    let body = match Limited::new(body, config.max_body).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Request body is too large",
-                "The request body is larger than this service accepts.",
-            ));
-        }
-        Err(_) => {
-            return Ok(problem(
-                StatusCode::BAD_REQUEST,
-                "Request body could not be read",
-                "The request body ended before it was complete.",
-            ));
-        }
+    // The key (from the header, the body or derived), the user id and the
+    // body; or the answer of a request refused (or passed through) before
+    // a key is claimed for it (intake.rs).
+    let Intake {
+        parts,
+        body,
+        user,
+        key,
+    } = match intake(&config, parts, body).await {
+        Ok(intake) => intake,
+        Err(early) => return early.answer(&config, inner).await,
     };
     let fingerprint = request_fingerprint(&parts.method, &parts.uri, &body);
+    let (key, record_ttl) = key.key(&user, &parts, fingerprint);
     let call = Call {
         engine: Arc::clone(&config.engine),
         user: Bytes::from(user),
         key,
         fingerprint,
+        record_ttl,
     };
-    match call.begin(config.wait).await {
+    if config.rollout.observe {
+        return observe(&config, inner, parts, body, call).await;
+    }
+    let answer = call.begin(config.wait).await;
+    config.rollout.counts.answer(Verdict::of(&answer));
+    match answer {
         Err(failure) => Ok(failure.response()),
         Ok(Answer::Started(claim)) => {
             let request = Request::from_parts(parts, Body::from(body));
@@ -129,10 +100,12 @@ pub(super) enum Answer {
 
 /// The engine calls of one request.
 pub(super) struct Call {
-    engine: Arc<Engine>,
-    user: Bytes,
-    key: Bytes,
-    fingerprint: Fingerprint,
+    pub(super) engine: Arc<Engine>,
+    pub(super) user: Bytes,
+    pub(super) key: Bytes,
+    pub(super) fingerprint: Fingerprint,
+    /// The record TTL of the response (`None`: the engine's).
+    pub(super) record_ttl: Option<Duration>,
 }
 
 impl Call {
@@ -141,14 +114,16 @@ impl Call {
     /// lease is wrapped in a [`Claim`] in the same poll that receives it;
     /// a request dropped before that is covered by the async `begin`, which
     /// releases a lease it granted but never handed out.
-    async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
+    pub(super) async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
         let engine = AsyncEngine::new(Arc::clone(&self.engine));
         let answer = engine
             .begin_wait(&self.user, &self.key, self.fingerprint, wait)
             .await
             .map_err(Failure::Engine)?;
         Ok(match answer {
-            Begin::Started(lease) => Answer::Started(Claim::new(Arc::clone(&self.engine), lease)),
+            Begin::Started(lease) => Answer::Started(
+                Claim::new(Arc::clone(&self.engine), lease).record_ttl(self.record_ttl),
+            ),
             Begin::Replay(outcome) => Answer::Replay(outcome),
             Begin::Mismatch => Answer::Mismatch,
             Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
@@ -256,8 +231,16 @@ fn sf_string(quoted: &[u8]) -> Option<Vec<u8>> {
 /// and each `%` written `%25`, so that it is visible ASCII (the engine's
 /// default `ascii_keys`) and two keys never share an encoding. Every other
 /// byte is itself.
+///
+/// A key that starts with [`DERIVED_KEY_PREFIX`] has its `d` written
+/// `%64`, so that no client key is stored as a derived key would be.
 pub(super) fn engine_key(key: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(key.len());
+    let mut out = Vec::with_capacity(key.len() + 2);
+    let mut key = key;
+    if key.starts_with(DERIVED_KEY_PREFIX.as_bytes()) {
+        out.extend_from_slice(b"%64");
+        key = key.get(1..).unwrap_or_default();
+    }
     for &b in key {
         match b {
             b' ' => out.extend_from_slice(b"%20"),

@@ -21,6 +21,8 @@ pub(super) struct Claim {
     engine: Arc<Engine>,
     lease: Lease,
     armed: bool,
+    /// The record TTL its response is stored with (`None`: the engine's).
+    pub(super) record_ttl: Option<Duration>,
 }
 
 impl Claim {
@@ -29,7 +31,14 @@ impl Claim {
             engine,
             lease,
             armed: true,
+            record_ttl: None,
         }
+    }
+
+    /// Stores the response with `ttl` (`None`: the engine's `record_ttl`).
+    pub(super) fn record_ttl(mut self, ttl: Option<Duration>) -> Claim {
+        self.record_ttl = ttl;
+        self
     }
 
     /// The lease, no longer released on drop: its handler is about to run.

@@ -66,6 +66,11 @@
 //! | the key used before with another request | `422` problem |
 //! | the engine fails (closed, disk error) | `503` problem |
 //!
+//! In observe mode ([`IdempotencyLayer::observe_only`]) every request runs
+//! the inner service instead, and with [`IdempotencyLayer::key_from`] or
+//! [`IdempotencyLayer::derive_missing_keys`] a request without the header
+//! may still have a key: see "Rolling out to a running service" below.
+//!
 //! Problem bodies are small RFC 9457 `application/problem+json` objects
 //! with `title`, `status` and `detail`. The layer writes nothing to stdout
 //! or stderr. The checks run in the order of the table, and the request
@@ -205,7 +210,10 @@
 //! [`DEFAULT_MAX_BODY`]; [`stored_by_default`]; no wait for keys in
 //! flight; every end-to-end header but `date` and `set-cookie` kept;
 //! responses up to [`DEFAULT_MAX_RESPONSE`] buffered; heartbeat up to
-//! [`DEFAULT_HEARTBEAT_LIMIT`].
+//! [`DEFAULT_HEARTBEAT_LIMIT`]; enforcing (not observe mode), no key from
+//! the body, no derived keys.
+//!
+#![doc = include_str!("rollout.md")]
 
 use std::fmt;
 use std::future::Future;
@@ -220,17 +228,26 @@ use http::header::HeaderName;
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 
+mod derive;
 mod handle;
 mod headers;
+mod intake;
 mod lease;
+mod observe;
+#[cfg(all(test, feature = "tracing"))]
+mod observe_tests;
 mod respond;
+mod rollout;
 mod stored;
 #[cfg(test)]
 mod tests;
 
+pub use derive::DERIVED_KEY_PREFIX;
 pub use handle::request_fingerprint;
 use handle::*;
 use headers::HeaderPolicy;
+pub use observe::ObservedCounts;
+use rollout::Rollout;
 pub use stored::StoredResponse;
 
 use crate::Engine;
@@ -323,6 +340,8 @@ struct Config {
     headers: HeaderPolicy,
     max_response: usize,
     heartbeat_limit: Duration,
+    /// Observe mode, derived keys, keys from the body (rollout.rs).
+    rollout: Rollout,
 }
 
 impl IdempotencyLayer {
@@ -349,6 +368,7 @@ impl IdempotencyLayer {
                 headers: HeaderPolicy::default(),
                 max_response: DEFAULT_MAX_RESPONSE,
                 heartbeat_limit: DEFAULT_HEARTBEAT_LIMIT,
+                rollout: Rollout::default(),
             }),
         }
     }
@@ -500,6 +520,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("headers", &self.config.headers)
             .field("max_response", &self.config.max_response)
             .field("heartbeat_limit", &self.config.heartbeat_limit)
+            .field("rollout", &self.config.rollout)
             .finish_non_exhaustive()
     }
 }

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
 use bytes::{Bytes, BytesMut};
@@ -52,6 +53,7 @@ where
     let engine = &config.engine;
     // From here on the work may happen: a dropped request no longer
     // releases the key (its lease expires), and the heartbeat keeps it.
+    let record_ttl = claim.record_ttl;
     let lease = claim.into_lease();
     let heartbeat = heartbeat(engine, &lease, config.heartbeat_limit);
     let response = match inner.call(request).await {
@@ -72,6 +74,7 @@ where
         lease,
         status: parts.status.as_u16(),
         kept,
+        record_ttl,
     };
     let limit = config
         .max_response
@@ -201,6 +204,8 @@ pub(super) struct Stored {
     pub(super) lease: Lease,
     pub(super) status: u16,
     pub(super) kept: Vec<(HeaderName, HeaderValue)>,
+    /// The record TTL (`None`: the engine's `record_ttl`).
+    pub(super) record_ttl: Option<Duration>,
 }
 
 impl Stored {
@@ -243,7 +248,10 @@ impl Stored {
                 status: self.status,
                 body,
             };
-            result = engine.complete(&self.lease, outcome).await;
+            result = match self.record_ttl {
+                Some(ttl) => engine.complete_with_ttl(&self.lease, outcome, ttl).await,
+                None => engine.complete(&self.lease, outcome).await,
+            };
             if !matches!(result, Err(Error::ResponseTooLarge { .. })) {
                 break;
             }

@@ -313,6 +313,7 @@ fn too_large_outcome_is_stored_in_the_largest_not_kept_form_that_fits() {
             lease,
             status: 201,
             kept: kept.clone(),
+            record_ttl: None,
         };
         futures::executor::block_on(
             stored_response.store_forms(Some(Bytes::from(vec![b'x'; 4096]))),

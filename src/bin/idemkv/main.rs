@@ -17,6 +17,10 @@
 //!   is not valid UTF-8 is written as lowercase hex under the field name
 //!   with `_hex` appended (`user_hex`, `key_hex`, `body_hex`), never as a
 //!   lossy string.
+//! - `dump` writes `"derived":true` for a record whose key the HTTP layer
+//!   derived for a request that carried none (its key starts with
+//!   `derived:`; no client key is stored so), `false` for the others; `get`
+//!   says so after the key.
 //! - Deadlines are milliseconds since the Unix epoch; the text output adds
 //!   the UTC time (`2100-01-01T00:00:30.000Z`).
 //! - Errors are one line on stderr; the exit codes are in [`LONG_ABOUT`].
@@ -111,6 +115,9 @@ enum Command {
     },
     /// Print every live record as one JSON object per line (in no
     /// particular order).
+    ///
+    /// `"derived":true` marks a record whose key the HTTP layer derived
+    /// (`derived:` and a hash) for a request that carried no key.
     Dump {
         /// The data directory.
         dir: PathBuf,

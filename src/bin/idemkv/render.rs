@@ -45,7 +45,15 @@ pub(crate) fn get_text(
     body: Option<&[u8]>,
 ) -> Result<(), Failure> {
     writeln!(out, "user:          {}", text_or_hex(user))?;
-    writeln!(out, "key:           {}", text_or_hex(key))?;
+    if is_derived(key) {
+        writeln!(
+            out,
+            "key:           {} (derived by the HTTP layer: the request sent no key)",
+            text_or_hex(key)
+        )?;
+    } else {
+        writeln!(out, "key:           {}", text_or_hex(key))?;
+    }
     writeln!(out, "state:         {}", state_name(view.state))?;
     writeln!(out, "token:         {}", view.token)?;
     writeln!(out, "lease expires: {}", deadline(view.lease_expires_at_ms))?;
@@ -83,12 +91,32 @@ pub(crate) fn deadline(ms: Option<u64>) -> String {
 
 // ---------------------------------------------------------------- dump
 
-/// One record as a JSON object (no newline).
+/// The prefix of the keys the HTTP layer derives for requests that carry
+/// none (`idemkv::http::DERIVED_KEY_PREFIX`, spelled out here because the
+/// CLI is built without the `http` feature). No client key is stored with
+/// it: the layer writes a client key's leading `d` as `%64`.
+pub(crate) const DERIVED_KEY_PREFIX: &[u8] = b"derived:";
+
+/// Whether `key` is one the HTTP layer derived.
+pub(crate) fn is_derived(key: &[u8]) -> bool {
+    key.starts_with(DERIVED_KEY_PREFIX)
+}
+
+/// One record as a JSON object (no newline). `derived` tells whether the
+/// HTTP layer derived its key (`derive_missing_keys`).
 pub(crate) fn dump_line(record: &RecordDump) -> String {
     let view = &record.view;
     let mut obj = JsonObject::new();
     obj.bytes("user", &record.user);
     obj.bytes("key", &record.key);
+    obj.raw(
+        "derived",
+        if is_derived(&record.key) {
+            "true"
+        } else {
+            "false"
+        },
+    );
     obj.string("state", state_name(view.state));
     obj.num("token", view.token);
     obj.opt_num("lease_expires_at_ms", view.lease_expires_at_ms);
