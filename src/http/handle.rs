@@ -11,7 +11,10 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::fingerprint::fingerprint;
 use super::lease::Claim;
+use super::long_job::{Job, in_flight};
+use super::replay;
 use super::respond::run;
 use super::stored::*;
 use super::*;
@@ -83,7 +86,10 @@ where
             ));
         }
     };
-    let fingerprint = request_fingerprint(&parts.method, &parts.uri, &body);
+    let fingerprint = match fingerprint(&config, &parts, &body) {
+        Ok(fingerprint) => fingerprint,
+        Err(refused) => return Ok(refused.response()),
+    };
     let call = Call {
         engine: Arc::clone(&config.engine),
         user: Bytes::from(user),
@@ -93,16 +99,28 @@ where
     match call.begin(config.wait).await {
         Err(failure) => Ok(failure.response()),
         Ok(Answer::Started(claim)) => {
+            let mut parts = parts;
+            let token = claim.lease().token();
+            let job = Job::start(&config, &call.user, &call.key, token, &mut parts.extensions);
             let request = Request::from_parts(parts, Body::from(body));
-            run(&config, inner, request, claim).await
+            let response = run(&config, inner, request, claim).await;
+            drop(job);
+            response
         }
-        Ok(Answer::Replay(outcome)) => Ok(replay(&outcome)),
+        Ok(Answer::Replay(outcome, waited)) => Ok(replay::respond(
+            config.on_replay.as_deref(),
+            &parts,
+            &outcome,
+            waited,
+        )),
         Ok(Answer::Mismatch) => Ok(problem(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Idempotency-Key reused",
             "This Idempotency-Key was already used for a different request.",
         )),
-        Ok(Answer::InFlight { retry_after }) => Ok(conflict(retry_after)),
+        Ok(Answer::InFlight { retry_after }) => {
+            Ok(in_flight(&config, &call.user, &call.key, retry_after).await)
+        }
     }
 }
 
@@ -122,9 +140,13 @@ where
 /// What `begin` answered, with a started lease held by a [`Claim`].
 pub(super) enum Answer {
     Started(Claim),
-    Replay(Outcome),
+    /// The stored outcome, and whether it was served after waiting for the
+    /// key's first request.
+    Replay(Outcome, bool),
     Mismatch,
-    InFlight { retry_after: Duration },
+    InFlight {
+        retry_after: Duration,
+    },
 }
 
 /// The engine calls of one request.
@@ -143,13 +165,13 @@ impl Call {
     /// releases a lease it granted but never handed out.
     async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
         let engine = AsyncEngine::new(Arc::clone(&self.engine));
-        let answer = engine
-            .begin_wait(&self.user, &self.key, self.fingerprint, wait)
+        let (answer, waited) = engine
+            .begin_waited(&self.user, &self.key, self.fingerprint, wait)
             .await
             .map_err(Failure::Engine)?;
         Ok(match answer {
             Begin::Started(lease) => Answer::Started(Claim::new(Arc::clone(&self.engine), lease)),
-            Begin::Replay(outcome) => Answer::Replay(outcome),
+            Begin::Replay(outcome) => Answer::Replay(outcome, waited),
             Begin::Mismatch => Answer::Mismatch,
             Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
         })

@@ -208,29 +208,36 @@
 //! [`DEFAULT_HEARTBEAT_LIMIT`].
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, HttpBody};
-use bytes::Bytes;
 use http::header::HeaderName;
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 
+mod fingerprint;
 mod handle;
 mod headers;
+#[cfg(feature = "json")]
+mod json_fields;
 mod lease;
+mod long_job;
+mod replay;
 mod respond;
+mod service;
 mod stored;
 #[cfg(test)]
 mod tests;
 
+pub use fingerprint::{FingerprintError, IntoFingerprint};
 pub use handle::request_fingerprint;
 use handle::*;
 use headers::HeaderPolicy;
+#[cfg(feature = "json")]
+pub use json_fields::json_fields;
+pub use long_job::InFlightLocation;
+pub use replay::Replay;
+pub use service::IdempotencyService;
 pub use stored::StoredResponse;
 
 use crate::Engine;
@@ -323,6 +330,17 @@ struct Config {
     headers: HeaderPolicy,
     max_response: usize,
     heartbeat_limit: Duration,
+    // Long jobs, replay hook, partial fingerprints (long_job.rs, replay.rs,
+    // fingerprint.rs hold their builder methods).
+    /// The answer to a key in flight (`in_flight_status`).
+    in_flight_status: StatusCode,
+    /// `None`: a third of the engine's `lease_ttl` (`heartbeat_every`).
+    heartbeat_every: Option<Duration>,
+    /// The `Location`s running handlers published, by key.
+    locations: Arc<long_job::Locations>,
+    on_replay: Option<Arc<replay::ReplayFn>>,
+    /// `None`: [`request_fingerprint`].
+    fingerprint: Option<Arc<fingerprint::FingerprintFn>>,
 }
 
 impl IdempotencyLayer {
@@ -349,6 +367,11 @@ impl IdempotencyLayer {
                 headers: HeaderPolicy::default(),
                 max_response: DEFAULT_MAX_RESPONSE,
                 heartbeat_limit: DEFAULT_HEARTBEAT_LIMIT,
+                in_flight_status: StatusCode::CONFLICT,
+                heartbeat_every: None,
+                locations: Arc::default(),
+                on_replay: None,
+                fingerprint: None,
             }),
         }
     }
@@ -501,61 +524,5 @@ impl fmt::Debug for IdempotencyLayer {
             .field("max_response", &self.config.max_response)
             .field("heartbeat_limit", &self.config.heartbeat_limit)
             .finish_non_exhaustive()
-    }
-}
-
-impl<S> tower::Layer<S> for IdempotencyLayer {
-    type Service = IdempotencyService<S>;
-
-    fn layer(&self, inner: S) -> IdempotencyService<S> {
-        IdempotencyService {
-            inner,
-            config: Arc::clone(&self.config),
-        }
-    }
-}
-
-/// The [`tower::Service`] made by [`IdempotencyLayer`] around `S`.
-///
-/// It takes requests with any body and hands the inner service an
-/// [`axum::body::Body`]; its responses have an `axum::body::Body`. Its
-/// error is the inner service's.
-#[derive(Clone)]
-pub struct IdempotencyService<S> {
-    inner: S,
-    config: Arc<Config>,
-}
-
-impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyService")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, B, ResBody> tower::Service<Request<B>> for IdempotencyService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-    ResBody: HttpBody<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        // The clone that was polled ready goes with the request.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(handle(Arc::clone(&self.config), inner, request))
     }
 }

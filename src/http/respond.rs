@@ -53,7 +53,12 @@ where
     // From here on the work may happen: a dropped request no longer
     // releases the key (its lease expires), and the heartbeat keeps it.
     let lease = claim.into_lease();
-    let heartbeat = heartbeat(engine, &lease, config.heartbeat_limit);
+    let heartbeat = heartbeat(
+        engine,
+        &lease,
+        config.heartbeat_every,
+        config.heartbeat_limit,
+    );
     let response = match inner.call(request).await {
         Ok(response) => response,
         Err(e) => {
