@@ -53,7 +53,7 @@
 //! the engine.
 //! - `http`: [`http::IdempotencyLayer`], a tower layer for the IETF
 //!   *Idempotency-Key* header (axum, tokio, tower).
-//! - `json` (implies `http`): [`http::json_fields`], request fingerprints
+//! - `json` (implies `http`): `http::json_fields`, request fingerprints
 //!   over chosen fields of a JSON body (serde_json).
 //! - `cli`: the `idemkv` operator binary (clap).
 //! - `tracing`: events at recovery, torn tails, compaction and I/O failures.

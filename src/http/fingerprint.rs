@@ -1,7 +1,7 @@
 //! Which requests are "the same request": the default fingerprint
 //! ([`request_fingerprint`]), a caller's own
 //! ([`IdempotencyLayer::fingerprint_with`]), and, with the `json` feature,
-//! one over chosen fields of a JSON body ([`json_fields`](super::json_fields)).
+//! one over chosen fields of a JSON body (`json_fields`).
 
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ impl IdempotencyLayer {
     /// request treats requests that differ elsewhere as the same request,
     /// so include everything that makes two requests different operations,
     /// the method and path included. For JSON bodies,
-    /// [`json_fields`](super::json_fields) (feature `json`) is ready made.
+    /// `json_fields` (feature `json`) is ready made.
     ///
     /// ```no_run
     /// # use std::sync::Arc;
@@ -63,7 +63,7 @@ impl IdempotencyLayer {
 
 /// What a [`IdempotencyLayer::fingerprint_with`] function returns: a
 /// [`Fingerprint`], or a `Result<Fingerprint, FingerprintError>` for a
-/// function that may refuse a request (as [`json_fields`](super::json_fields)
+/// function that may refuse a request (as `json_fields`
 /// refuses a body that is not JSON).
 ///
 /// `fingerprint_with` takes any `Fn(&Parts, &Bytes) -> R` with `R:

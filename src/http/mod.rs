@@ -61,8 +61,8 @@
 //! | no user source configured, or no user for this request (or one longer than the engine's `max_user_len`) | `400` problem |
 //! | a body over [`IdempotencyLayer::max_body_bytes`] | `413` problem |
 //! | a new key (or an expired one) | the inner service runs; its response is stored if [`IdempotencyLayer::store_when`] says so (default [`stored_by_default`]: 2xx, 3xx, and 4xx but `401`, `403`, `408`, `409`, `425`, `429`), else the key is released so a retry runs again |
-//! | the key completed for the same request | the stored status, kept headers and body, with `Idempotent-Replayed: true`; the inner service does not run. If the original body was too large to store: the status, the kept headers, and a small problem body, with `Idempotent-Body-Not-Kept: true` too |
-//! | the key in flight (its first request still running) | `409` problem with `Retry-After` (after waiting up to [`IdempotencyLayer::wait_in_flight`] for the first request's lease to end; if it ended by a release or expiry, this request runs instead) |
+//! | the key completed for the same request | the stored status, kept headers and body, with `Idempotent-Replayed: true` (after [`IdempotencyLayer::on_replay`]'s hook, if set, changed its headers); the inner service does not run. If the original body was too large to store: the status, the kept headers, and a small problem body, with `Idempotent-Body-Not-Kept: true` too |
+//! | the key in flight (its first request still running) | `409` problem with `Retry-After`, or the status set by [`IdempotencyLayer::in_flight_status`] (`202` with `Location`: see "Long-running jobs") (after waiting up to [`IdempotencyLayer::wait_in_flight`] for the first request's lease to end; if it ended by a release or expiry, this request runs instead) |
 //! | the key used before with another request | `422` problem |
 //! | the engine fails (closed, disk error) | `503` problem |
 //!
@@ -98,6 +98,42 @@
 //! query), one `\n`, then the request body bytes exactly as received. A
 //! method or path cannot hold a space or newline, so the encoding is
 //! unambiguous. Headers are not part of the fingerprint.
+//!
+//! That default, [`request_fingerprint`], treats a retry whose body differs
+//! in any byte (a fresh timestamp, a trace id, reordered JSON members) as
+//! another request (`422`). [`IdempotencyLayer::fingerprint_with`]`(f)`
+//! replaces it with `f(&Parts, &Bytes) -> Fingerprint`; `f` may return a
+//! `Result<Fingerprint, FingerprintError>` to refuse a request (`400`
+//! problem, no key claimed). With the `json` feature, `json_fields(&["amount",
+//! "currency", "customer.id"])` is such an `f`: the method, the path and
+//! query, and the named (dotted) fields of a JSON object body, canonical
+//! (member order, whitespace and escapes do not count; a missing field is
+//! not `null`); a body that is not a JSON object gets `400`.
+//!
+//! # Long-running jobs
+//! A handler that runs for the whole job (a 15-minute transcode) keeps its
+//! key by the heartbeat (set [`IdempotencyLayer::heartbeat_limit`], and the
+//! engine's `Options::heartbeat_limit`, above the job's length;
+//! [`IdempotencyLayer::heartbeat_every`] sets the interval). With
+//! [`IdempotencyLayer::in_flight_status`]`(StatusCode::ACCEPTED)`, a retry
+//! that finds the key in flight gets `202`, `Retry-After` and a small JSON
+//! body instead of `409`, and the job does not run twice. Its `Location`:
+//! the layer cannot see the handler's response before the job ends, so the
+//! handler hands it over early through the [`InFlightLocation`] the layer
+//! puts in the request extensions (`location.set(..)`); the retries this
+//! process serves while the handler runs carry it. A process that crashes
+//! mid-job takes its heartbeat and its locations with it: the lease
+//! expires at most one `lease_ttl` later, and a retry then runs the job
+//! again (on any process on the store).
+//!
+//! # Replay hook
+//! [`IdempotencyLayer::on_replay`]`(f)` calls `f` with a [`Replay`] before
+//! each replay is sent: the request's parts, the stored status, body and
+//! headers, and `waited()` (whether the replay was served after waiting
+//! for an in-flight key, [`IdempotencyLayer::wait_in_flight`]). It may
+//! change the headers, not the status or body; the layer's markers and the
+//! framing headers are restored after it. `run_once` has the same:
+//! [`RunOptions::on_replay`](crate::RunOptions::on_replay).
 //!
 //! # How a response is stored
 //! [`Outcome::status`](crate::Outcome::status) holds the HTTP status; [`Outcome::body`](crate::Outcome::body) holds the
@@ -159,7 +195,8 @@
 //! # Leases and heartbeat
 //! `begin` gives the request a lease of the engine's `lease_ttl`. From the
 //! moment the inner service is called, the lease is extended every third
-//! of `lease_ttl` (by `lease_ttl`), while the handler runs and while a
+//! of `lease_ttl` (or every [`IdempotencyLayer::heartbeat_every`]; by
+//! `lease_ttl`), while the handler runs and while a
 //! streamed body is sent, so a slow handler keeps its key and a retry gets
 //! `409` instead of running the work a second time. The extends are made
 //! by the engine's heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
@@ -205,7 +242,8 @@
 //! [`DEFAULT_MAX_BODY`]; [`stored_by_default`]; no wait for keys in
 //! flight; every end-to-end header but `date` and `set-cookie` kept;
 //! responses up to [`DEFAULT_MAX_RESPONSE`] buffered; heartbeat up to
-//! [`DEFAULT_HEARTBEAT_LIMIT`].
+//! [`DEFAULT_HEARTBEAT_LIMIT`], extended every third of `lease_ttl`; `409`
+//! for a key in flight; [`request_fingerprint`]; no replay hook.
 
 use std::fmt;
 use std::sync::Arc;
