@@ -53,6 +53,8 @@
 //! the engine.
 //! - `http`: [`http::IdempotencyLayer`], a tower layer for the IETF
 //!   *Idempotency-Key* header (axum, tokio, tower).
+//! - `json` (implies `http`): `http::json_fields`, request fingerprints
+//!   over chosen fields of a JSON body (serde_json).
 //! - `cli`: the `idemkv` operator binary (clap).
 //! - `tracing`: events at recovery, torn tails, compaction and I/O failures.
 //!
@@ -98,7 +100,10 @@ pub use engine::{
 };
 pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
 pub use heartbeat::Heartbeat;
-pub use once::{BODY_NOT_KEPT, Delivery, Done, RunContext, RunError, RunOptions, WorkError};
+pub use once::{
+    BODY_NOT_KEPT, Delivery, Done, ReplayHook, RunContext, RunError, RunOptions, RunReplay,
+    WorkError,
+};
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
 pub use stats::{INDEX_SLOT_BYTES, Stats};

@@ -27,7 +27,7 @@
 //! | `idemkv_index_bytes` | gauge | | estimated heap bytes of the in-memory index |
 //! | `idemkv_begin_seconds` | histogram | | latency of `begin` (and each try of `begin_wait`) |
 //! | `idemkv_complete_seconds` | histogram | | latency of `complete` and `complete_with_ttl` |
-//! | `idemkv_wait_seconds` | histogram | | latency of `wait` and `begin_wait`, whole calls |
+//! | `idemkv_wait_seconds` | histogram | | latency of `wait` and `begin_wait` (a nonzero timeout), whole calls |
 //! | `idemkv_fsync_seconds` | histogram | | latency of one fdatasync of a log segment |
 //! | `idemkv_fsync_records` | histogram | | records appended since the previous fdatasync (the group commit's size) |
 //! | `idemkv_recovery_seconds` | histogram | | time `Engine::open` took to recover the log |

@@ -2,6 +2,8 @@
 //! this caller owns the key, stores or releases, and answers retries from
 //! the store; [`Engine::consume_once`] does the same for queue messages.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::engine::Engine;
@@ -62,7 +64,11 @@ pub struct Done {
 
 /// Knobs of [`Engine::run_once_with`] and
 /// [`AsyncEngine::run_once_with`](crate::AsyncEngine::run_once_with).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+///
+/// Build it with struct update syntax,
+/// `RunOptions { wait, ..RunOptions::default() }`: fields may be added.
+/// (It is `Clone`, not `Copy`: [`RunOptions::on_replay`] holds a closure.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunOptions {
     /// While the work runs, extend the lease every `heartbeat` (by
     /// `Options::lease_ttl`), so long work keeps its key: an
@@ -73,6 +79,106 @@ pub struct RunOptions {
     /// When the key is in flight, wait up to this long for the other
     /// caller's outcome before answering [`RunError::InFlight`]. Default: 0.
     pub wait: Duration,
+    /// Called with the stored outcome before `run_once` returns a replay
+    /// (a [`Done`] with `replayed: true`), and told whether the replay was
+    /// served after waiting for an in-flight key ([`RunOptions::wait`]);
+    /// never called when the work runs, nor for any error. For metrics and
+    /// logs of replays. Default: none.
+    ///
+    /// ```
+    /// # use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+    /// # use idemkv::{Engine, Options, Outcome, ReplayHook, RunOptions, WorkError};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let engine = Engine::open(dir.path(), Options::default()).unwrap();
+    /// let replays = Arc::new(AtomicU64::new(0));
+    /// let seen = Arc::clone(&replays);
+    /// let options = RunOptions {
+    ///     on_replay: Some(ReplayHook::new(move |replay| {
+    ///         assert_eq!(replay.outcome().status, 201);
+    ///         seen.fetch_add(1, Ordering::Relaxed);
+    ///     })),
+    ///     ..RunOptions::default()
+    /// };
+    /// let charge = |_: &idemkv::RunContext<'_>| -> Result<Outcome, WorkError<()>> {
+    ///     Ok(Outcome { status: 201, body: "ch_1".into() })
+    /// };
+    /// engine.run_once_with("user", "order-1", b"amount=10", options.clone(), charge).unwrap();
+    /// engine.run_once_with("user", "order-1", b"amount=10", options, charge).unwrap();
+    /// assert_eq!(replays.load(Ordering::Relaxed), 1);
+    /// ```
+    pub on_replay: Option<ReplayHook>,
+}
+
+impl RunOptions {
+    /// Hands `done` back, first calling [`RunOptions::on_replay`] if it is
+    /// a replay.
+    pub(crate) fn replayed<E>(
+        &self,
+        done: Result<Done, RunError<E>>,
+        waited: bool,
+    ) -> Result<Done, RunError<E>> {
+        if let (Some(hook), Ok(done)) = (&self.on_replay, &done)
+            && done.replayed
+        {
+            (hook.0)(&RunReplay {
+                outcome: &done.outcome,
+                waited,
+            });
+        }
+        done
+    }
+}
+
+/// A hook for [`RunOptions::on_replay`]: a closure over the
+/// [`RunReplay`] of each replay. Cloning shares the closure; two hooks are
+/// equal only if they share one closure.
+#[derive(Clone)]
+pub struct ReplayHook(Arc<dyn Fn(&RunReplay<'_>) + Send + Sync>);
+
+impl ReplayHook {
+    /// A hook that calls `hook` on every replay.
+    pub fn new<F>(hook: F) -> ReplayHook
+    where
+        F: Fn(&RunReplay<'_>) + Send + Sync + 'static,
+    {
+        ReplayHook(Arc::new(hook))
+    }
+}
+
+impl fmt::Debug for ReplayHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplayHook(..)")
+    }
+}
+
+impl PartialEq for ReplayHook {
+    fn eq(&self, other: &ReplayHook) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ReplayHook {}
+
+/// What a [`RunOptions::on_replay`] hook sees of a replay.
+#[derive(Debug)]
+pub struct RunReplay<'a> {
+    outcome: &'a Outcome,
+    waited: bool,
+}
+
+impl RunReplay<'_> {
+    /// The stored outcome, as `run_once` returns it.
+    pub fn outcome(&self) -> &Outcome {
+        self.outcome
+    }
+
+    /// Whether the replay was served after waiting for the key's first
+    /// caller ([`RunOptions::wait`]): the key was in flight when this call
+    /// began, and its outcome was stored while this call waited. `false`
+    /// for a key already completed when the call began.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
 }
 
 /// What the work sees of its claim.
@@ -199,9 +305,10 @@ impl Engine {
         // holds the key, wait for its lease to end and answer as begin
         // would then (its outcome is replayed only for the same
         // fingerprint; if it released or expired, this caller takes over).
-        let lease = match lease_or_done(self.begin_wait(user, key, fingerprint, options.wait)?) {
+        let (answer, waited) = self.begin_waited(user, key, fingerprint, options.wait)?;
+        let lease = match lease_or_done(answer) {
             Ok(lease) => lease,
-            Err(done) => return done,
+            Err(done) => return options.replayed(done, waited),
         };
         // The heartbeat ends when the work returns, or when its panic
         // unwinds past the handle (the lease is then left to expire).

@@ -287,7 +287,22 @@ impl AsyncEngine {
         fingerprint: Fingerprint,
         timeout: Duration,
     ) -> Result<Begin> {
-        let _timer = self.engine.counters.histograms.time(Op::Wait);
+        Ok(self.begin_waited(user, key, fingerprint, timeout).await?.0)
+    }
+
+    /// [`AsyncEngine::begin_wait`], and whether it waited: `true` once a
+    /// `begin` found the key in flight and the call waited for it (a replay
+    /// served after a wait, for the replay hooks).
+    pub(crate) async fn begin_waited(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<(Begin, bool)> {
+        // A zero timeout is `begin` (timed as one, not as a wait).
+        let histograms = &self.engine.counters.histograms;
+        let _timer = (!timeout.is_zero()).then(|| histograms.time(Op::Wait));
         let (user, key) = (user.as_ref(), key.as_ref());
         let start = Instant::now();
         let deadline = start
@@ -295,15 +310,17 @@ impl AsyncEngine {
             .unwrap_or(start + Duration::from_secs(1 << 30));
         let waiters = &self.engine.waiters;
         let _waiting = waiters.enter();
+        let mut waited = false;
         loop {
             let seen = waiters.generation();
             let answer = self.begin(user, key, fingerprint).await?;
             let Begin::InFlight { retry_after } = answer else {
-                return Ok(answer);
+                return Ok((answer, waited));
             };
             if Instant::now() >= deadline {
-                return Ok(Begin::InFlight { retry_after });
+                return Ok((Begin::InFlight { retry_after }, waited));
             }
+            waited = true;
             Change::new(waiters, seen, deadline).await;
         }
     }
@@ -446,15 +463,15 @@ impl AsyncEngine {
         Fut: std::future::Future<Output = std::result::Result<Outcome, WorkError<E>>>,
     {
         let fingerprint = Fingerprint::of(request);
-        let answer = if options.wait.is_zero() {
-            self.begin(user, key, fingerprint).await?
+        let (answer, waited) = if options.wait.is_zero() {
+            (self.begin(user, key, fingerprint).await?, false)
         } else {
-            self.begin_wait(user, key, fingerprint, options.wait)
+            self.begin_waited(user, key, fingerprint, options.wait)
                 .await?
         };
         let lease = match lease_or_done(answer) {
             Ok(lease) => lease,
-            Err(done) => return done,
+            Err(done) => return options.replayed(done, waited),
         };
         // Held across the work's awaits; dropped (the heartbeat stopped)
         // before the outcome is stored, or with this future.

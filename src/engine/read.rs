@@ -161,20 +161,37 @@ impl Engine {
         fingerprint: Fingerprint,
         timeout: Duration,
     ) -> Result<Begin> {
-        let _timer = self.counters.histograms.time(Op::Wait);
+        Ok(self.begin_waited(user, key, fingerprint, timeout)?.0)
+    }
+
+    /// [`Engine::begin_wait`], and whether it waited: `true` once a `begin`
+    /// found the key in flight and the call waited for it (a replay served
+    /// after a wait, for `RunOptions::on_replay`).
+    pub(crate) fn begin_waited(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<(Begin, bool)> {
+        // A zero timeout is `begin` (timed as one, not as a wait).
+        let histograms = &self.counters.histograms;
+        let _timer = (!timeout.is_zero()).then(|| histograms.time(Op::Wait));
         let (user, key) = (user.as_ref(), key.as_ref());
         let start = Instant::now();
         let _waiting = self.waiters.enter();
+        let mut waited = false;
         loop {
             let seen = self.waiters.generation();
             let answer = self.begin(user, key, fingerprint)?;
             let Begin::InFlight { retry_after } = answer else {
-                return Ok(answer);
+                return Ok((answer, waited));
             };
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                return Ok(Begin::InFlight { retry_after });
+                return Ok((Begin::InFlight { retry_after }, waited));
             }
+            waited = true;
             self.waiters.wait(seen, left.min(WAIT_POLL));
         }
     }

@@ -10,9 +10,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::fingerprint::fingerprint;
 use super::intake::{Intake, intake};
 use super::lease::Claim;
-use super::observe::{Verdict, observe};
+use super::long_job::{Job, in_flight};
+use super::observe::{Early, Verdict, observe};
+use super::replay;
 use super::respond::run;
 use super::stored::*;
 use super::*;
@@ -47,7 +50,19 @@ where
         Ok(intake) => intake,
         Err(early) => return early.answer(&config, inner).await,
     };
-    let fingerprint = request_fingerprint(&parts.method, &parts.uri, &body);
+    let fingerprint = match fingerprint(&config, &parts, &body) {
+        Ok(fingerprint) => fingerprint,
+        // A body the fingerprint function refuses (`json_fields`: not a
+        // JSON object): `400`, or in observe mode counted and run.
+        Err(refused) => {
+            let early = Early {
+                verdict: Verdict::BadBody,
+                refusal: Some(refused.response()),
+                request: Request::from_parts(parts, Body::from(body)),
+            };
+            return early.answer(&config, inner).await;
+        }
+    };
     let (key, record_ttl) = key.key(&user, &parts, fingerprint);
     let call = Call {
         engine: Arc::clone(&config.engine),
@@ -64,16 +79,28 @@ where
     match answer {
         Err(failure) => Ok(failure.response()),
         Ok(Answer::Started(claim)) => {
+            let mut parts = parts;
+            let token = claim.lease().token();
+            let job = Job::start(&config, &call.user, &call.key, token, &mut parts.extensions);
             let request = Request::from_parts(parts, Body::from(body));
-            run(&config, inner, request, claim).await
+            let response = run(&config, inner, request, claim).await;
+            drop(job);
+            response
         }
-        Ok(Answer::Replay(outcome)) => Ok(replay(&outcome)),
+        Ok(Answer::Replay(outcome, waited)) => Ok(replay::respond(
+            config.on_replay.as_deref(),
+            &parts,
+            &outcome,
+            waited,
+        )),
         Ok(Answer::Mismatch) => Ok(problem(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Idempotency-Key reused",
             "This Idempotency-Key was already used for a different request.",
         )),
-        Ok(Answer::InFlight { retry_after }) => Ok(conflict(retry_after)),
+        Ok(Answer::InFlight { retry_after }) => {
+            Ok(in_flight(&config, &call.user, &call.key, retry_after).await)
+        }
     }
 }
 
@@ -93,9 +120,13 @@ where
 /// What `begin` answered, with a started lease held by a [`Claim`].
 pub(super) enum Answer {
     Started(Claim),
-    Replay(Outcome),
+    /// The stored outcome, and whether it was served after waiting for the
+    /// key's first request.
+    Replay(Outcome, bool),
     Mismatch,
-    InFlight { retry_after: Duration },
+    InFlight {
+        retry_after: Duration,
+    },
 }
 
 /// The engine calls of one request.
@@ -116,15 +147,15 @@ impl Call {
     /// releases a lease it granted but never handed out.
     pub(super) async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
         let engine = AsyncEngine::new(Arc::clone(&self.engine));
-        let answer = engine
-            .begin_wait(&self.user, &self.key, self.fingerprint, wait)
+        let (answer, waited) = engine
+            .begin_waited(&self.user, &self.key, self.fingerprint, wait)
             .await
             .map_err(Failure::Engine)?;
         Ok(match answer {
             Begin::Started(lease) => Answer::Started(
                 Claim::new(Arc::clone(&self.engine), lease).record_ttl(self.record_ttl),
             ),
-            Begin::Replay(outcome) => Answer::Replay(outcome),
+            Begin::Replay(outcome) => Answer::Replay(outcome, waited),
             Begin::Mismatch => Answer::Mismatch,
             Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
         })

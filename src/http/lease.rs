@@ -41,6 +41,11 @@ impl Claim {
         self
     }
 
+    /// The lease (still released on drop).
+    pub(super) fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
     /// The lease, no longer released on drop: its handler is about to run.
     pub(super) fn into_lease(mut self) -> Lease {
         self.armed = false;
@@ -61,12 +66,18 @@ impl Drop for Claim {
 }
 
 /// Starts the heartbeat of a request whose handler is about to run: every
-/// third of the engine's `lease_ttl`, the engine's heartbeat thread extends
+/// `every` (by default a third of the engine's `lease_ttl`; see
+/// `IdempotencyLayer::heartbeat_every`), the engine's heartbeat thread extends
 /// the lease (by `lease_ttl`) until the handle is stopped or dropped, an
 /// extend fails (the lease was lost, the engine failed or closed), or
 /// `limit` (capped by the engine's `Options::heartbeat_limit`) has passed.
 /// A zero `limit` starts nothing. No tokio task or timer is involved.
-pub(super) fn heartbeat(engine: &Engine, lease: &Lease, limit: Duration) -> Heartbeat {
-    let every = (engine.lease_ttl() / 3).max(Duration::from_millis(1));
+pub(super) fn heartbeat(
+    engine: &Engine,
+    lease: &Lease,
+    every: Option<Duration>,
+    limit: Duration,
+) -> Heartbeat {
+    let every = every.unwrap_or_else(|| (engine.lease_ttl() / 3).max(Duration::from_millis(1)));
     engine.heartbeat_within(lease, every, limit)
 }

@@ -61,8 +61,8 @@
 //! | no user source configured, or no user for this request (or one longer than the engine's `max_user_len`) | `400` problem |
 //! | a body over [`IdempotencyLayer::max_body_bytes`] | `413` problem |
 //! | a new key (or an expired one) | the inner service runs; its response is stored if [`IdempotencyLayer::store_when`] says so (default [`stored_by_default`]: 2xx, 3xx, and 4xx but `401`, `403`, `408`, `409`, `425`, `429`), else the key is released so a retry runs again |
-//! | the key completed for the same request | the stored status, kept headers and body, with `Idempotent-Replayed: true`; the inner service does not run. If the original body was too large to store: the status, the kept headers, and a small problem body, with `Idempotent-Body-Not-Kept: true` too |
-//! | the key in flight (its first request still running) | `409` problem with `Retry-After` (after waiting up to [`IdempotencyLayer::wait_in_flight`] for the first request's lease to end; if it ended by a release or expiry, this request runs instead) |
+//! | the key completed for the same request | the stored status, kept headers and body, with `Idempotent-Replayed: true` (after [`IdempotencyLayer::on_replay`]'s hook, if set, changed its headers); the inner service does not run. If the original body was too large to store: the status, the kept headers, and a small problem body, with `Idempotent-Body-Not-Kept: true` too |
+//! | the key in flight (its first request still running) | `409` problem with `Retry-After`, or the status set by [`IdempotencyLayer::in_flight_status`] (`202` with `Location`: see "Long-running jobs") (after waiting up to [`IdempotencyLayer::wait_in_flight`] for the first request's lease to end; if it ended by a release or expiry, this request runs instead) |
 //! | the key used before with another request | `422` problem |
 //! | the engine fails (closed, disk error) | `503` problem |
 //!
@@ -103,6 +103,42 @@
 //! query), one `\n`, then the request body bytes exactly as received. A
 //! method or path cannot hold a space or newline, so the encoding is
 //! unambiguous. Headers are not part of the fingerprint.
+//!
+//! That default, [`request_fingerprint`], treats a retry whose body differs
+//! in any byte (a fresh timestamp, a trace id, reordered JSON members) as
+//! another request (`422`). [`IdempotencyLayer::fingerprint_with`]`(f)`
+//! replaces it with `f(&Parts, &Bytes) -> Fingerprint`; `f` may return a
+//! `Result<Fingerprint, FingerprintError>` to refuse a request (`400`
+//! problem, no key claimed). With the `json` feature, `json_fields(&["amount",
+//! "currency", "customer.id"])` is such an `f`: the method, the path and
+//! query, and the named (dotted) fields of a JSON object body, canonical
+//! (member order, whitespace and escapes do not count; a missing field is
+//! not `null`); a body that is not a JSON object gets `400`.
+//!
+//! # Long-running jobs
+//! A handler that runs for the whole job (a 15-minute transcode) keeps its
+//! key by the heartbeat (set [`IdempotencyLayer::heartbeat_limit`], and the
+//! engine's `Options::heartbeat_limit`, above the job's length;
+//! [`IdempotencyLayer::heartbeat_every`] sets the interval). With
+//! [`IdempotencyLayer::in_flight_status`]`(StatusCode::ACCEPTED)`, a retry
+//! that finds the key in flight gets `202`, `Retry-After` and a small JSON
+//! body instead of `409`, and the job does not run twice. Its `Location`:
+//! the layer cannot see the handler's response before the job ends, so the
+//! handler hands it over early through the [`InFlightLocation`] the layer
+//! puts in the request extensions (`location.set(..)`); the retries this
+//! process serves while the handler runs carry it. A process that crashes
+//! mid-job takes its heartbeat and its locations with it: the lease
+//! expires at most one `lease_ttl` later, and a retry then runs the job
+//! again (on any process on the store).
+//!
+//! # Replay hook
+//! [`IdempotencyLayer::on_replay`]`(f)` calls `f` with a [`Replay`] before
+//! each replay is sent: the request's parts, the stored status, body and
+//! headers, and `waited()` (whether the replay was served after waiting
+//! for an in-flight key, [`IdempotencyLayer::wait_in_flight`]). It may
+//! change the headers, not the status or body; the layer's markers and the
+//! framing headers are restored after it. `run_once` has the same:
+//! [`RunOptions::on_replay`](crate::RunOptions::on_replay).
 //!
 //! # How a response is stored
 //! [`Outcome::status`](crate::Outcome::status) holds the HTTP status; [`Outcome::body`](crate::Outcome::body) holds the
@@ -164,7 +200,8 @@
 //! # Leases and heartbeat
 //! `begin` gives the request a lease of the engine's `lease_ttl`. From the
 //! moment the inner service is called, the lease is extended every third
-//! of `lease_ttl` (by `lease_ttl`), while the handler runs and while a
+//! of `lease_ttl` (or every [`IdempotencyLayer::heartbeat_every`]; by
+//! `lease_ttl`), while the handler runs and while a
 //! streamed body is sent, so a slow handler keeps its key and a retry gets
 //! `409` instead of running the work a second time. The extends are made
 //! by the engine's heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
@@ -210,44 +247,52 @@
 //! [`DEFAULT_MAX_BODY`]; [`stored_by_default`]; no wait for keys in
 //! flight; every end-to-end header but `date` and `set-cookie` kept;
 //! responses up to [`DEFAULT_MAX_RESPONSE`] buffered; heartbeat up to
-//! [`DEFAULT_HEARTBEAT_LIMIT`]; enforcing (not observe mode), no key from
-//! the body, no derived keys.
+//! [`DEFAULT_HEARTBEAT_LIMIT`], extended every third of `lease_ttl`; `409`
+//! for a key in flight; [`request_fingerprint`]; no replay hook; enforcing
+//! (not observe mode), no key from the body, no derived keys.
 //!
 #![doc = include_str!("rollout.md")]
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, HttpBody};
-use bytes::Bytes;
 use http::header::HeaderName;
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 
 mod derive;
+mod fingerprint;
 mod handle;
 mod headers;
 mod intake;
+#[cfg(feature = "json")]
+mod json_fields;
 mod lease;
+mod long_job;
 mod observe;
 #[cfg(all(test, feature = "tracing"))]
 mod observe_tests;
+mod replay;
 mod respond;
 mod rollout;
+mod service;
 mod stored;
 #[cfg(test)]
 mod tests;
 
 pub use derive::DERIVED_KEY_PREFIX;
+pub use fingerprint::{FingerprintError, IntoFingerprint};
 pub use handle::request_fingerprint;
 use handle::*;
 use headers::HeaderPolicy;
+#[cfg(feature = "json")]
+pub use json_fields::json_fields;
+pub use long_job::InFlightLocation;
 pub use observe::ObservedCounts;
+pub use replay::Replay;
 use rollout::Rollout;
+pub use service::IdempotencyService;
 pub use stored::StoredResponse;
 
 use crate::Engine;
@@ -342,6 +387,17 @@ struct Config {
     heartbeat_limit: Duration,
     /// Observe mode, derived keys, keys from the body (rollout.rs).
     rollout: Rollout,
+    // Long jobs, replay hook, partial fingerprints (long_job.rs, replay.rs,
+    // fingerprint.rs hold their builder methods).
+    /// The answer to a key in flight (`in_flight_status`).
+    in_flight_status: StatusCode,
+    /// `None`: a third of the engine's `lease_ttl` (`heartbeat_every`).
+    heartbeat_every: Option<Duration>,
+    /// The `Location`s running handlers published, by key.
+    locations: Arc<long_job::Locations>,
+    on_replay: Option<Arc<replay::ReplayFn>>,
+    /// `None`: [`request_fingerprint`].
+    fingerprint: Option<Arc<fingerprint::FingerprintFn>>,
 }
 
 impl IdempotencyLayer {
@@ -369,6 +425,11 @@ impl IdempotencyLayer {
                 max_response: DEFAULT_MAX_RESPONSE,
                 heartbeat_limit: DEFAULT_HEARTBEAT_LIMIT,
                 rollout: Rollout::default(),
+                in_flight_status: StatusCode::CONFLICT,
+                heartbeat_every: None,
+                locations: Arc::default(),
+                on_replay: None,
+                fingerprint: None,
             }),
         }
     }
@@ -522,61 +583,5 @@ impl fmt::Debug for IdempotencyLayer {
             .field("heartbeat_limit", &self.config.heartbeat_limit)
             .field("rollout", &self.config.rollout)
             .finish_non_exhaustive()
-    }
-}
-
-impl<S> tower::Layer<S> for IdempotencyLayer {
-    type Service = IdempotencyService<S>;
-
-    fn layer(&self, inner: S) -> IdempotencyService<S> {
-        IdempotencyService {
-            inner,
-            config: Arc::clone(&self.config),
-        }
-    }
-}
-
-/// The [`tower::Service`] made by [`IdempotencyLayer`] around `S`.
-///
-/// It takes requests with any body and hands the inner service an
-/// [`axum::body::Body`]; its responses have an `axum::body::Body`. Its
-/// error is the inner service's.
-#[derive(Clone)]
-pub struct IdempotencyService<S> {
-    inner: S,
-    config: Arc<Config>,
-}
-
-impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyService")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, B, ResBody> tower::Service<Request<B>> for IdempotencyService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-    ResBody: HttpBody<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        // The clone that was polled ready goes with the request.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(handle(Arc::clone(&self.config), inner, request))
     }
 }

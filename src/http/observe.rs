@@ -53,7 +53,10 @@ pub struct ObservedCounts {
     /// A request body over
     /// [`max_body_bytes`](super::IdempotencyLayer::max_body_bytes): `413`.
     pub too_large: u64,
-    /// A request body that failed before its end: `400`.
+    /// A request body that failed before its end, or that the fingerprint
+    /// function refused
+    /// ([`json_fields`](super::IdempotencyLayer::fingerprint_with): not a
+    /// JSON object): `400`.
     pub bad_body: u64,
     /// The engine failed (closed, disk error): `503`.
     pub unavailable: u64,
@@ -111,7 +114,7 @@ impl Verdict {
     pub(super) fn of(answer: &Result<Answer, Failure>) -> Verdict {
         match answer {
             Ok(Answer::Started(_)) => Verdict::Started,
-            Ok(Answer::Replay(_)) => Verdict::Replay,
+            Ok(Answer::Replay(..)) => Verdict::Replay,
             Ok(Answer::InFlight { .. }) => Verdict::InFlight,
             Ok(Answer::Mismatch) => Verdict::Mismatch,
             // As `Failure::response` answers.

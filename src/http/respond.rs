@@ -55,7 +55,12 @@ where
     // releases the key (its lease expires), and the heartbeat keeps it.
     let record_ttl = claim.record_ttl;
     let lease = claim.into_lease();
-    let heartbeat = heartbeat(engine, &lease, config.heartbeat_limit);
+    let heartbeat = heartbeat(
+        engine,
+        &lease,
+        config.heartbeat_every,
+        config.heartbeat_limit,
+    );
     let response = match inner.call(request).await {
         Ok(response) => response,
         Err(e) => {

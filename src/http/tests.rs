@@ -8,6 +8,7 @@ use super::respond::{Stored, not_kept_body};
 use super::stored::*;
 use super::*;
 use crate::{Begin, Durability, Fingerprint, Options};
+use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
