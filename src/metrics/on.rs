@@ -77,7 +77,14 @@ impl Drop for Timer<'_> {
 /// difference (several engines in one process then add up).
 #[derive(Debug, Default)]
 pub(crate) struct Published {
-    last: Mutex<Stats>,
+    last: Mutex<Last>,
+}
+
+/// The last published values, and whether the engine withdrew (closed).
+#[derive(Debug, Default)]
+struct Last {
+    stats: Stats,
+    withdrawn: bool,
 }
 
 /// Reads one field of [`Stats`].
@@ -117,8 +124,14 @@ const GAUGES: &[(&str, Field)] = &[
 impl Published {
     /// Adds to every counter what it grew by since the last publish, and
     /// moves every gauge by what its value changed.
+    /// Nothing once [`Published::withdraw`] ran: a publish racing `close`
+    /// must not put a closed engine's gauges back.
     pub fn publish(&self, now: &Stats) {
-        let mut last = self.last.lock();
+        let mut guard = self.last.lock();
+        if guard.withdrawn {
+            return;
+        }
+        let last = &mut guard.stats;
         for &(name, answer, field) in COUNTERS {
             let by = field(now).saturating_sub(field(&last));
             if by > 0 {
@@ -139,7 +152,9 @@ impl Published {
 
     /// Takes this engine's share back out of every gauge (it closed).
     pub fn withdraw(&self) {
-        let mut last = self.last.lock();
+        let mut guard = self.last.lock();
+        guard.withdrawn = true;
+        let last = &mut guard.stats;
         for &(name, field) in GAUGES {
             let old = field(&last);
             if old != 0 {
