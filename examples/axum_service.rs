@@ -351,6 +351,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         println!("rollout phase: {:?}", args.rollout);
     }
+    if cfg!(feature = "metrics") {
+        println!("metrics: GET /metrics");
+    }
     println!("press Enter to stop");
     axum::serve(listener, app)
         .with_graceful_shutdown(enter_pressed())

@@ -2,7 +2,7 @@
 //! facade, read back from a Prometheus recorder's text output, in process
 //! and over a real socket from `examples/axum_service`'s `GET /metrics`.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -209,15 +209,30 @@ fn start_service() -> Service {
         .args(["--port", &port.to_string(), "--dir"])
         .arg(dir.path())
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let service = Service {
+    let mut service = Service {
         child,
         port,
         _dir: dir,
     };
+    // Its banner, up to "press Enter": a binary built without the
+    // `metrics` feature (a later `cargo build --features http` overwrites
+    // the one `cargo test` made) says nothing of /metrics.
+    let stdout = service.child.stdout.take().unwrap();
+    let banner: Vec<String> = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.starts_with("press Enter"))
+        .collect();
+    assert!(
+        banner.iter().any(|l| l == "metrics: GET /metrics"),
+        "{} was built without the metrics feature (banner {banner:?}): \
+         cargo build --release --features http,metrics --example axum_service",
+        example_binary().display()
+    );
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(

@@ -133,7 +133,7 @@ impl Published {
         }
         let last = &mut guard.stats;
         for &(name, answer, field) in COUNTERS {
-            let by = field(now).saturating_sub(field(&last));
+            let by = field(now).saturating_sub(field(last));
             if by > 0 {
                 match answer {
                     Some(answer) => counter!(name, "answer" => answer).increment(by),
@@ -142,7 +142,7 @@ impl Published {
             }
         }
         for &(name, field) in GAUGES {
-            let (new, old) = (field(now), field(&last));
+            let (new, old) = (field(now), field(last));
             if new != old {
                 gauge!(name).increment(new as f64 - old as f64);
             }
@@ -156,7 +156,7 @@ impl Published {
         guard.withdrawn = true;
         let last = &mut guard.stats;
         for &(name, field) in GAUGES {
-            let old = field(&last);
+            let old = field(last);
             if old != 0 {
                 gauge!(name).decrement(old as f64);
             }
