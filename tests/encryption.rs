@@ -510,3 +510,33 @@ fn keys_and_options_never_show_key_bytes_and_bad_keys_are_typed_errors() {
         b"abc"
     );
 }
+
+/// A rotation completes even for segments in which every record is live
+/// (a full compaction rewrites them only to reseal them).
+#[test]
+fn a_full_compaction_reseals_segments_that_hold_no_dead_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let at = |keys| Options {
+        clock: clock.clone(),
+        ..options(keys)
+    };
+    let engine = Engine::open(dir.path(), at(Some(keys(1, &[])))).unwrap();
+    for i in 0..10 {
+        store(&engine, i, &body(i, 1000));
+    }
+    // Leases over: this compaction leaves only the live completes.
+    clock.advance(Duration::from_secs(60));
+    engine.compact().unwrap();
+    assert_eq!(engine.compact().unwrap().segments_compacted, 0, "all live");
+    drop(engine);
+    let engine = Engine::open(dir.path(), at(Some(keys(2, &[1])))).unwrap();
+    let report = engine.compact().unwrap();
+    assert_eq!((report.records_resealed, report.records_dropped), (10, 0));
+    let ids: Vec<u32> = all_frames(dir.path())
+        .iter()
+        .filter_map(|(_, f)| f.key_id)
+        .collect();
+    assert_eq!(ids, vec![2; 10]);
+    assert_eq!(engine.compact().unwrap().segments_compacted, 0, "resealed");
+}
