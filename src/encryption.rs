@@ -1,31 +1,6 @@
 //! Encryption at rest (feature `encryption`): the keys an engine seals
 //! stored bodies with ([`EncryptionKeys`], set as `Options::encryption`),
-//! and the key file the CLI reads.
-//!
-//! Bodies are sealed with XChaCha20-Poly1305 (RustCrypto's
-//! `chacha20poly1305`): constant-time in software on every CPU (no AES-NI
-//! needed), and its 192-bit nonces can be drawn at random for every record
-//! (from the operating system, through `getrandom`) with no practical
-//! chance of a repeat, so no nonce counter has to survive restarts, crashes
-//! or copies of a data directory. Each record names the id of its key, so
-//! keys can be rotated: the current key seals, older keys still open what
-//! they sealed, and a compaction reseals every record it keeps under the
-//! current key. The layout is in `docs/FORMAT.md`, the rotation procedure
-//! in `docs/OPERATIONS.md`.
-//!
-//! ```
-//! use idemkv::{EncryptionKeys, Options};
-//!
-//! # fn main() -> Result<(), idemkv::KeyError> {
-//! // Key 2 seals from now on; key 1 still opens what it sealed.
-//! let keys = EncryptionKeys::new(2, &[0x22; 32])?.with_old_key(1, &[0x11; 32])?;
-//! assert_eq!(keys.current_id(), 2);
-//! // Debug names the ids, never the key bytes.
-//! assert_eq!(format!("{keys:?}"), "EncryptionKeys { current: 2, old: [1] }");
-//! let options = Options { encryption: Some(keys), ..Options::default() };
-//! # let _ = options;
-//! # Ok(()) }
-//! ```
+//! and the key file the CLI reads. The AEAD itself is in `log/seal.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -39,9 +14,35 @@ pub(crate) const KEY_LEN: usize = 32;
 /// ones, which only open the bodies they sealed. Set it as
 /// `Options::encryption`.
 ///
+/// Bodies are sealed with XChaCha20-Poly1305 (RustCrypto's
+/// `chacha20poly1305`): constant-time in software on every CPU (no AES-NI
+/// needed), and its 192-bit nonces can be drawn at random for every record
+/// (from the operating system, through `getrandom`) with no practical
+/// chance of a repeat, so no nonce counter has to survive restarts, crashes
+/// or copies of a data directory. The record's header is the associated
+/// data. Each record names the id of its key, so keys can be rotated: the
+/// current key seals, older keys still open what they sealed, and
+/// `Engine::compact` seals every record it keeps under the current key.
+/// Only bodies are sealed: user ids, keys, fingerprints and statuses stay
+/// in the clear. The layout is in `docs/FORMAT.md`, the rotation procedure
+/// in `docs/OPERATIONS.md`.
+///
 /// Ids are the operator's names for keys (written in every sealed record);
 /// a new key needs an id no earlier key had. `Debug` shows the ids only,
 /// and the key bytes are zeroed when the value is dropped.
+///
+/// ```
+/// use idemkv::{EncryptionKeys, Options};
+///
+/// # fn main() -> Result<(), idemkv::KeyError> {
+/// // Key 2 seals from now on; key 1 still opens what it sealed.
+/// let keys = EncryptionKeys::new(2, &[0x22; 32])?.with_old_key(1, &[0x11; 32])?;
+/// assert_eq!(keys.current_id(), 2);
+/// assert_eq!(format!("{keys:?}"), "EncryptionKeys { current: 2, old: [1] }");
+/// let options = Options { encryption: Some(keys), ..Options::default() };
+/// # let _ = options;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct EncryptionKeys {
     /// The current key first, then the older ones in the order added.
