@@ -107,10 +107,12 @@ pub struct Options {
     /// seals every record it keeps under the current key. Default: `None`
     /// (bodies are stored as given; sealed bodies found in the files answer
     /// [`Error::MissingKey`] when read). Opening an engine never needs a
-    /// key: only reading a body does. Cost: about 1 µs per KiB of body on
-    /// a complete and on each read of the body, plus 44 bytes per record on
-    /// disk. Needs the `encryption` feature; see `docs/OPERATIONS.md` for
-    /// key handling and rotation.
+    /// key: only reading a body does. Cost: about 1.2 µs plus 1 ns per
+    /// byte of body on a complete and on each read of the body (a sealed
+    /// replay is also a copy, not a zero-copy slice; README, "Encryption at
+    /// rest"), and 44 bytes per completed record on disk. Needs the
+    /// `encryption` feature; see `docs/OPERATIONS.md` for key handling and
+    /// rotation.
     #[cfg(feature = "encryption")]
     pub encryption: Option<crate::encryption::EncryptionKeys>,
 }
