@@ -10,8 +10,17 @@
 //!   in progress (every answer is `InFlight`) and on one completed key
 //!   (every answer is `Replay`), `Durability::Sync`.
 //!
+//! - `encryption`: what sealing bodies costs (`Options::encryption`, feature
+//!   `encryption`): begin+complete (1 caller, `Durability::None`, so that
+//!   no fdatasync hides it) and replay (`begin` on one of 10 000 completed
+//!   keys, which opens the body), with 160-byte and 4 KiB bodies, `plain`
+//!   and `sealed` side by side in one run. Without the feature only the
+//!   `plain` rows run.
+//!
 //! Run: `cargo bench --bench begin_complete` (about 2 minutes), or one
-//! group: `cargo bench --bench begin_complete -- contention`.
+//! group: `cargo bench --bench begin_complete -- contention`; the
+//! encryption rows: `cargo bench --features encryption --bench
+//! begin_complete -- encryption`.
 //!
 //! How the numbers read: every benchmark runs through `iter_custom`. With
 //! `c` callers, `c` threads are started for each sample (in a
@@ -306,11 +315,106 @@ fn begin_complete_async(c: &mut Criterion) {
     group.finish();
 }
 
+/// `options` sealing bodies under one key if `sealed` (and the
+/// `encryption` feature is on); else `options`.
+fn sealing(options: Options, sealed: bool) -> Options {
+    #[cfg(feature = "encryption")]
+    if sealed {
+        let keys = idemkv::EncryptionKeys::new(1, &[0x5a; 32]).expect("a 32-byte key");
+        return Options {
+            encryption: Some(keys),
+            ..options
+        };
+    }
+    let _ = sealed;
+    options
+}
+
+/// Keys written before the encryption group's replays.
+const SEALED_REPLAY_KEYS: u64 = 10_000;
+
+fn encryption(c: &mut Criterion) {
+    let users = users();
+    let fingerprint = Fingerprint::of(b"req");
+    let variants: &[(&str, bool)] = if cfg!(feature = "encryption") {
+        &[("plain", false), ("sealed", true)]
+    } else {
+        &[("plain", false)]
+    };
+    let mut group = c.benchmark_group("encryption");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Elements(1));
+    for body_len in [160usize, 4096] {
+        let body = bytes::Bytes::from(vec![b'x'; body_len]);
+        for &(name, sealed) in variants {
+            let scratch = Scratch::open(sealing(options(Durability::None), sealed));
+            let engine = &scratch.engine;
+            let mut next = 0u64;
+            let id = format!("{name}_{body_len}B");
+            group.bench_function(BenchmarkId::new("begin_complete", &id), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let i = next;
+                        next += 1;
+                        let user = &users[(i % USERS) as usize];
+                        let Begin::Started(lease) =
+                            engine.begin(user, key(i), fingerprint).expect("begin")
+                        else {
+                            panic!("record {i}: a fresh key was not started");
+                        };
+                        let outcome = Outcome {
+                            status: 200,
+                            body: body.clone(),
+                        };
+                        engine.complete(&lease, outcome).expect("complete");
+                    }
+                    start.elapsed()
+                })
+            });
+            drop(scratch);
+            let scratch = Scratch::open(sealing(options(Durability::None), sealed));
+            let engine = &scratch.engine;
+            for i in 0..SEALED_REPLAY_KEYS {
+                let user = &users[(i % USERS) as usize];
+                let Begin::Started(lease) = engine.begin(user, key(i), fingerprint).expect("begin")
+                else {
+                    panic!("record {i}: a fresh key was not started");
+                };
+                let outcome = Outcome {
+                    status: 200,
+                    body: body.clone(),
+                };
+                engine.complete(&lease, outcome).expect("complete");
+            }
+            let mut at = 0u64;
+            group.bench_function(BenchmarkId::new("replay", &id), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        at = (at + 7919) % SEALED_REPLAY_KEYS;
+                        let user = &users[(at % USERS) as usize];
+                        match engine.begin(user, key(at), fingerprint).expect("begin") {
+                            Begin::Replay(outcome) => assert_eq!(outcome.body.len(), body_len),
+                            other => panic!("expected a replay, got {other:?}"),
+                        }
+                    }
+                    start.elapsed()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     begin_complete,
     replay,
     contention,
-    begin_complete_async
+    begin_complete_async,
+    encryption
 );
 criterion_main!(benches);

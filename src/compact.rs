@@ -30,10 +30,10 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::clock::{EngineClock, Now};
 use crate::error::{Error, Result};
-use crate::index::{Index, KeyId, PARTS};
+use crate::index::{Index, KeyId, OFFSET_LIMIT, PARTS};
 use crate::log::reader::scan_segment;
 use crate::log::record::{FRAME_HEADER, frame_header};
-use crate::log::{ClosedSegment, Log, Pin, pos, slot_of};
+use crate::log::{ClosedSegment, Copied, Log, Pin, pos, slot_of};
 use crate::metrics::Published;
 use crate::stats::{Counters, Stats};
 
@@ -50,6 +50,10 @@ pub struct CompactionReport {
     pub records_kept: u64,
     /// Records dropped.
     pub records_dropped: u64,
+    /// Of the records kept, complete records sealed under the current key
+    /// (`Options::encryption`) as they were copied: plaintext ones, and ones
+    /// sealed under an older key.
+    pub records_resealed: u64,
     /// Bytes in segment files before the pass.
     pub bytes_before: u64,
     /// Bytes in segment files after the pass.
@@ -259,7 +263,9 @@ impl Compactor {
                 live_here as f64 / seg.records as f64
             };
             let due = if full {
-                live_here < seg.records || seg.records == 0
+                // A full pass also seals what is not sealed under the
+                // sealing key (a rotation completes by compacting).
+                live_here < seg.records || seg.records == 0 || seg.unsealed > 0
             } else {
                 fraction < threshold
             };
@@ -275,11 +281,12 @@ impl Compactor {
                 }
                 return Err(Error::Closed);
             }
-            let (kept, dropped, bytes) = self.rewrite(&seg, now)?;
+            let done = self.rewrite(&seg, now)?;
             report.segments_compacted += 1;
-            report.records_kept += kept;
-            report.records_dropped += dropped;
-            live_bytes += bytes;
+            report.records_kept += done.kept;
+            report.records_dropped += done.dropped;
+            report.records_resealed += done.resealed;
+            live_bytes += done.bytes;
             retired = true;
         }
         if retired {
@@ -318,16 +325,24 @@ impl Compactor {
         Ok(report)
     }
 
-    /// Rewrites one closed segment; returns records kept, records dropped,
-    /// and the bytes of the replacement.
-    fn rewrite(&self, seg: &ClosedSegment, now: Now) -> Result<(u64, u64, u64)> {
+    /// Rewrites one closed segment, sealing the complete records it keeps
+    /// under the sealing key if there is one.
+    fn rewrite(&self, seg: &ClosedSegment, now: Now) -> Result<Rewritten> {
         let buf = self.log.read_segment(seg.file)?;
         let (active, _, _) = self.log.active_segment();
         let mut frames = Vec::new();
         let mut moved = Vec::new();
-        let (mut kept, mut dropped) = (0u64, 0u64);
+        let (mut kept, mut dropped, mut resealed) = (0u64, 0u64, 0u64);
         let mut pin = Pin::default();
+        let mut unsealed = 0u64;
+        let mut failed = None;
+        // A rewrite that seals records grows: past `seg.bytes + room` its
+        // positions would not fit an index entry (see `Log::copy_frame`).
+        let room = OFFSET_LIMIT.saturating_sub(seg.bytes);
         let scanned = scan_segment(&buf, seg.number, |rec, offset| {
+            if failed.is_some() {
+                return;
+            }
             let at = pos(seg.file, offset);
             let id = KeyId::new(rec.user, rec.key);
             // Current: the index points here. Unsettled: what superseded
@@ -355,7 +370,20 @@ impl Compactor {
                 .and_then(frame_header)
                 .map_or(0, |(len, _)| FRAME_HEADER + len);
             let new_offset = (crate::log::record::HEADER_LEN + frames.len()) as u64;
-            frames.extend_from_slice(buf.get(start..start + len).unwrap_or_default());
+            let frame = buf.get(start..start + len).unwrap_or_default();
+            // Output bytes may exceed input bytes by at most `room` at the
+            // end of this record: then every later offset still fits.
+            let left = (start + len) as u64 + room;
+            let left = left.saturating_sub(new_offset + len as u64);
+            match self.log.copy_frame(&rec, frame, at, left, &mut frames) {
+                Ok(Copied::Resealed) => resealed += 1,
+                Ok(Copied::Unsealed) => unsealed += 1,
+                Ok(Copied::AsIs) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    return;
+                }
+            }
             kept += 1;
             if current {
                 moved.push((at, new_offset, rec.user, rec.key));
@@ -376,9 +404,14 @@ impl Compactor {
                 kind,
             });
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let mut bytes = 0;
         if kept > 0 {
-            let out = self.log.publish_rewrite(seg.file, &frames, kept, pin)?;
+            let out = self
+                .log
+                .publish_rewrite(seg.file, &frames, kept, pin, unsealed)?;
             bytes = (crate::log::record::HEADER_LEN + frames.len()) as u64;
             for (from, offset, user, key) in moved {
                 let id = KeyId::new(user, key);
@@ -389,8 +422,26 @@ impl Compactor {
             }
         }
         self.log.retire(seg.file)?;
-        Ok((kept, dropped, bytes))
+        Ok(Rewritten {
+            kept,
+            dropped,
+            resealed,
+            bytes,
+        })
     }
+}
+
+/// What rewriting one segment did.
+#[derive(Clone, Copy, Debug)]
+struct Rewritten {
+    /// Records copied (live ones and tombstones).
+    kept: u64,
+    /// Records dropped.
+    dropped: u64,
+    /// Of the records copied, those sealed under the current key.
+    resealed: u64,
+    /// Bytes of the replacement (0 if nothing was kept).
+    bytes: u64,
 }
 
 /// How often the background thread publishes metrics (`metrics` feature).

@@ -150,6 +150,33 @@ pub enum Error {
         token: u64,
     },
 
+    /// A sealed body (`Options::encryption`) names a key that is not
+    /// configured: pass the key with this id (as the current key or an
+    /// older one) to open it. Without the `encryption` feature every sealed
+    /// body answers this. Nothing was changed.
+    #[error(
+        "no key with id {key_id} to open the sealed body of the record at offset {offset} of {}",
+        file.display()
+    )]
+    MissingKey {
+        /// The id of the key the body was sealed under.
+        key_id: u32,
+        /// The segment file that holds the record.
+        file: PathBuf,
+        /// The record's offset in the file.
+        offset: u64,
+    },
+
+    /// The operating system's random number generator failed, so no nonce
+    /// could be drawn to seal a body (`Options::encryption`); nothing was
+    /// written.
+    #[error("the system random number generator failed")]
+    Random {
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
     /// An `Options` field is out of range.
     #[error("invalid option {field}: {problem}")]
     InvalidOptions {
@@ -255,6 +282,14 @@ pub enum CorruptKind {
     /// The index points at a record of another key or token.
     #[error("record belongs to another key")]
     WrongRecord,
+    /// A sealed body fails authentication under the key it names: the
+    /// record was altered (its CRC recomputed to match), or the configured
+    /// key with that id has other bytes than the key that sealed it.
+    #[error("sealed body fails authentication under key {key_id} (altered, or the wrong key)")]
+    Authentication {
+        /// The id of the key the body names.
+        key_id: u32,
+    },
 }
 
 /// The I/O operation named by [`Error::Io`] and [`Error::NoSpace`].

@@ -57,6 +57,11 @@
 //!   over chosen fields of a JSON body (serde_json).
 //! - `cli`: the `idemkv` operator binary (clap).
 //! - `tracing`: events at recovery, torn tails, compaction and I/O failures.
+//! - `encryption`: `Options::encryption` seals stored bodies with
+//!   XChaCha20-Poly1305 under rotatable keys (`EncryptionKeys`);
+//!   chacha20poly1305, getrandom.
+//! - `metrics`: counters, gauges and histograms through the `metrics`
+//!   facade (see [`metrics`]).
 //!
 //! ## Layout
 //! [`Engine`] (`engine.rs`) validates input, asks the transition table
@@ -74,6 +79,8 @@ mod collision_tests;
 mod compact;
 #[cfg(test)]
 mod compact_tests;
+#[cfg(feature = "encryption")]
+mod encryption;
 mod engine;
 mod error;
 mod heartbeat;
@@ -94,6 +101,8 @@ mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compact::CompactionReport;
+#[cfg(feature = "encryption")]
+pub use encryption::{EncryptionKeys, KeyError};
 pub use engine::{
     AsyncEngine, AsyncRunContext, BackupReport, Engine, Inspection, RecordDump, SegmentInfo,
     VerifyReport, verify, verify_storage,

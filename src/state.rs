@@ -253,6 +253,7 @@ mod tests {
             key: b"k",
             status: 200,
             body: b"",
+            seal: None,
         }
     }
 

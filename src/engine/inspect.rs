@@ -155,7 +155,9 @@ impl Engine {
     /// # Errors
     /// [`Error::Closed`]; [`Error::Reentrant`] if called from inside
     /// another `for_each_record` callback; [`Error::Io`] or
-    /// [`Error::Corrupt`] if a record cannot be read back.
+    /// [`Error::Corrupt`] if a record cannot be read back (or, sealed,
+    /// fails authentication); [`Error::MissingKey`] for a sealed body whose
+    /// key is not configured.
     pub fn for_each_record(
         &self,
         user: Option<&[u8]>,
@@ -184,16 +186,17 @@ impl Engine {
                         kind: CorruptKind::WrongRecord,
                     });
                 }
-                let (record_user, record_key, body) = record.parts();
-                let outcome = (entry.state == RecordState::Completed).then(|| Outcome {
-                    status: record.status,
-                    body,
-                });
+                let (record_user, record_key) = record.user_and_key();
+                let fingerprint = Fingerprint(record.fingerprint);
+                let outcome = match entry.state {
+                    RecordState::Completed => Some(self.log.outcome(record, entry.pos)?),
+                    RecordState::InProgress => None,
+                };
                 f(&RecordDump {
                     user: record_user,
                     key: record_key,
                     view: entry.view(),
-                    fingerprint: Fingerprint(record.fingerprint),
+                    fingerprint,
                     outcome,
                 });
             }

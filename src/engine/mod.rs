@@ -150,7 +150,9 @@ impl Engine {
     /// # Errors
     /// [`Error::InvalidKey`] for a bad user id or key (nothing changes);
     /// [`Error::Closed`]; [`Error::Poisoned`], [`Error::Io`] or
-    /// [`Error::NoSpace`] if the log cannot be written.
+    /// [`Error::NoSpace`] if the log cannot be written; for a replay of a
+    /// sealed body, as [`Engine::outcome`] ([`Error::MissingKey`], or
+    /// [`Error::Corrupt`] if it fails authentication).
     pub fn begin(
         &self,
         user: impl AsRef<[u8]>,
@@ -220,6 +222,7 @@ impl Engine {
                     key,
                     status: 0,
                     body: b"",
+                    seal: None,
                 };
                 let Some(pos) = self.log.append(&record)? else {
                     drop(shard);
@@ -265,8 +268,9 @@ impl Engine {
         Ok(BeginStep2::Answer(
             match state::live_answer(&entry, same, now) {
                 LiveAnswer::Replay => {
+                    let outcome = self.log.outcome(record, entry.pos)?;
                     bump(&self.counters.replays);
-                    Begin::Replay(record.into_outcome())
+                    Begin::Replay(outcome)
                 }
                 LiveAnswer::InFlight { retry_after } => {
                     bump(&self.counters.in_flight);

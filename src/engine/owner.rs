@@ -376,7 +376,12 @@ impl OwnerParts<'_> {
             key,
             status: outcome.status,
             body: &outcome.body,
+            seal: None,
         };
+        // A complete's body is sealed here (with `Options::encryption`),
+        // under the shard lock but outside the writer's.
+        let mut sealed = Vec::new();
+        let record = self.log.seal(record, &mut sealed)?;
         let Some(pos) = self.log.append(&record)? else {
             // The segment is full: the caller rolls it without holding
             // the shard lock (a roll fsyncs), then judges the lease again.

@@ -32,7 +32,9 @@ impl Engine {
     ///
     /// # Errors
     /// [`Error::InvalidKey`]; [`Error::Closed`]; [`Error::Io`] or
-    /// [`Error::Corrupt`] if the body cannot be read back.
+    /// [`Error::Corrupt`] if the body cannot be read back (or, sealed, fails
+    /// authentication); [`Error::MissingKey`] for a sealed body whose key is
+    /// not configured.
     pub fn outcome(
         &self,
         user: impl AsRef<[u8]>,
@@ -59,7 +61,7 @@ impl Engine {
         Ok(match entry {
             Some(e) if e.state == RecordState::Completed => {
                 match self.read_record(&e, user, key)? {
-                    Found::Own(record) => Some(Some(record.into_outcome())),
+                    Found::Own(record) => Some(Some(self.log.outcome(record, e.pos)?)),
                     Found::Foreign => Some(None),
                     Found::Moved => None,
                 }
@@ -87,7 +89,7 @@ impl Engine {
         Ok(if record.fingerprint != fingerprint.0 {
             WaitAnswer::Done(None)
         } else if e.state == RecordState::Completed {
-            WaitAnswer::Done(Some(record.into_outcome()))
+            WaitAnswer::Done(Some(self.log.outcome(record, e.pos)?))
         } else {
             WaitAnswer::InFlight
         })
@@ -109,7 +111,7 @@ impl Engine {
     /// # Errors
     /// [`Error::InvalidKey`]; [`Error::Closed`] (also if the engine is
     /// closed while waiting); [`Error::Poisoned`]; [`Error::Io`] or
-    /// [`Error::Corrupt`].
+    /// [`Error::Corrupt`]; [`Error::MissingKey`] (as [`Engine::outcome`]).
     pub fn wait(
         &self,
         user: impl AsRef<[u8]>,

@@ -44,6 +44,7 @@ mod read;
 pub(crate) mod reader;
 pub(crate) mod record;
 mod rewrite;
+mod seal;
 pub(crate) mod syncer;
 mod table;
 mod writer;
@@ -72,6 +73,7 @@ pub(crate) use open::{Replayed, verify};
 pub(crate) use read::ReadRecord;
 use read::{MapUse, read_from};
 pub(crate) use rewrite::ClosedSegment;
+pub(crate) use seal::Copied;
 use table::SegmentTable;
 
 /// Bits of a position that hold the offset inside a segment.
@@ -157,6 +159,10 @@ pub(crate) struct Segment {
     records: Arc<AtomicU64>,
     /// Records a rewrite kept although the index does not point at them.
     pinned: Pin,
+    /// Complete records not sealed under the sealing key (none without
+    /// one), which a full compaction seals: counted when the segment is
+    /// opened or written by a rewrite; records appended since are sealed.
+    unsealed: u64,
     /// A read-only map of the file, made by the first read that wants one
     /// (`None` inside: the storage cannot map). See [`read_from`].
     map: Arc<OnceLock<Option<Bytes>>>,
@@ -174,6 +180,7 @@ impl Segment {
             order: number,
             records: Arc::new(AtomicU64::new(0)),
             pinned: Pin::default(),
+            unsealed: 0,
             map: Arc::default(),
             local: OnceLock::new(),
         }
@@ -188,6 +195,7 @@ impl Segment {
             order: self.order,
             records: Arc::clone(&self.records),
             pinned: self.pinned,
+            unsealed: self.unsealed,
             map: Arc::clone(&self.map),
             local: OnceLock::new(),
         }
@@ -242,6 +250,8 @@ pub(crate) struct Log {
     segment_bytes: u64,
     /// `Options::mmap_reads`.
     mmap_reads: bool,
+    /// The keys that seal and open stored bodies (`seal.rs`).
+    keys: seal::Keyring,
     clock: Arc<dyn Clock>,
     counters: Arc<Counters>,
     /// The active segment, appended under this lock.
@@ -354,6 +364,7 @@ impl Log {
             key: b"",
             status: 0,
             body: b"",
+            seal: None,
         };
         let at = loop {
             match self.append(&record)? {

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use super::group_commit::GroupCommit;
 use super::reader::{Tail, replay_segment, scan_segment};
 use super::record::{HEADER_LEN, Record, SegmentHeader};
+use super::seal::{keyring, needs_seal};
 use super::table::SegmentTable;
 use super::writer::{Writer, create_segment};
 use super::{Log, Pin, ReadRecord, Segment, Slots, pos, read_from, segment_name};
@@ -76,11 +77,11 @@ fn scan_lanes<F>(
     id: u64,
     slot: u64,
     lanes: usize,
+    sealing: Option<u32>,
     apply: &F,
 ) -> (
     std::result::Result<(SegmentHeader, Tail), super::reader::Damage>,
-    u64,
-    u64,
+    Counted,
 )
 where
     F: Fn(usize, Record<'_>, u64) + Sync,
@@ -101,17 +102,27 @@ where
                 inline.push(l);
             }
         }
-        let (mut records, mut max_token) = (0u64, 0u64);
+        let mut counted = Counted::default();
         let scanned = scan_segment(buf, id, |rec, offset| {
-            records += 1;
-            max_token = max_token.max(rec.token);
+            counted.records += 1;
+            counted.max_token = counted.max_token.max(rec.token);
+            counted.unsealed += u64::from(needs_seal(sealing, &rec));
             apply(0, rec, pos(slot, offset));
         });
         for l in inline {
             lane(l);
         }
-        (scanned, records, max_token)
+        (scanned, counted)
     })
+}
+
+/// What the scan of a segment counted.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counted {
+    records: u64,
+    max_token: u64,
+    /// Complete records that a full compaction would seal.
+    unsealed: u64,
 }
 
 /// What a data directory holds, found without changing anything.
@@ -321,6 +332,7 @@ impl Log {
                     order: h.map_or(id, |h| h.order),
                     records: Arc::new(AtomicU64::new(0)),
                     pinned: Pin::default(),
+                    unsealed: 0,
                     map: Arc::default(),
                     local: OnceLock::new(),
                 };
@@ -336,6 +348,8 @@ impl Log {
             segments: &segments,
         };
         let apply = |lane, rec: Record<'_>, at| apply(lane, rec, at, &replayed);
+        let keys = keyring(options);
+        let mut unsealed = BTreeMap::new();
         let mut buf = Vec::new();
         for (i, &id) in ordered.iter().enumerate() {
             let path = storage.path(&segment_name(id));
@@ -349,8 +363,10 @@ impl Log {
             read_all(&*file, &path, &mut buf)?;
             let len = buf.len();
             let is_last = i + 1 == ordered.len();
-            let (scanned, records, top) = scan_lanes(&buf, id, slot, lanes.max(1), &apply);
-            max_token = max_token.max(top);
+            let (scanned, counted) =
+                scan_lanes(&buf, id, slot, lanes.max(1), keys.current(), &apply);
+            max_token = max_token.max(counted.max_token);
+            unsealed.insert(slot, counted.unsealed);
             let (header, tail) = scanned.map_err(|(offset, kind)| Error::Corrupt {
                 file: path.clone(),
                 offset: offset as u64,
@@ -358,7 +374,7 @@ impl Log {
             })?;
             segment
                 .records
-                .store(records, std::sync::atomic::Ordering::Relaxed);
+                .store(counted.records, std::sync::atomic::Ordering::Relaxed);
             max_token = max_token.max(header.token_floor.saturating_sub(1));
             let end = valid_end(tail, len, last.get(i) == Some(&true), &path)?;
             if end < len {
@@ -382,6 +398,9 @@ impl Log {
         }
 
         let mut segments = segments;
+        for (slot, segment) in &mut segments {
+            segment.unsealed = unsealed.get(slot).copied().unwrap_or(0);
+        }
         let next_token = max_token.saturating_add(1);
         let taken = segments.len() as u64;
         let mut slots = Slots::with_taken(taken);
@@ -466,6 +485,7 @@ impl Log {
             durability: options.durability,
             segment_bytes: options.segment_bytes,
             mmap_reads: options.mmap_reads,
+            keys,
             clock: Arc::clone(&options.clock),
             counters,
             writer: Mutex::new(Writer::new(slot, id, file, offset, records)),

@@ -7,7 +7,8 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::record::{FRAME_HEADER, Record, check_frame, frame_header};
+use super::record::{FRAME_HEADER, Record, Seal, check_frame, frame_header};
+use super::seal::{Keyring, SealError};
 use super::{Segment, segment_name, split};
 use crate::error::{CorruptKind, Error, IoOp, Result};
 use crate::storage::Storage;
@@ -15,12 +16,15 @@ use crate::storage::Storage;
 /// A record read back from the log: its frame (shared with the segment's
 /// map, or its own buffer) and where its fields are in it. Reading a field
 /// takes no reference count: only [`ReadRecord::into_outcome`] hands out a
-/// buffer, and it reuses the frame's, so a replay costs one count.
+/// buffer, and it reuses the frame's, so a replay costs one count (a sealed
+/// body is opened into a buffer of its own).
 #[derive(Clone, Debug)]
 pub(crate) struct ReadRecord {
     pub token: u64,
     pub fingerprint: u128,
     pub status: u16,
+    /// `Some` if the body is sealed.
+    pub seal: Option<Seal>,
     frame: Bytes,
     user: Range<usize>,
     key: Range<usize>,
@@ -28,15 +32,31 @@ pub(crate) struct ReadRecord {
 }
 
 impl ReadRecord {
-    /// The stored outcome (status and body) of a complete record.
-    pub fn into_outcome(self) -> crate::outcome::Outcome {
+    /// The stored outcome (status and body) of a complete record, its body
+    /// opened with `keys` if it is sealed.
+    pub fn into_outcome(
+        self,
+        keys: &Keyring,
+    ) -> std::result::Result<crate::outcome::Outcome, SealError> {
+        if let Some(seal) = self.seal {
+            let aad = self
+                .frame
+                .get(FRAME_HEADER..self.body.start)
+                .unwrap_or_default();
+            let sealed = self.frame.get(self.body.clone()).unwrap_or_default();
+            let body = keys.open(seal, aad, sealed)?;
+            return Ok(crate::outcome::Outcome {
+                status: self.status,
+                body: Bytes::from(body),
+            });
+        }
         let mut body = self.frame;
         body.truncate(self.body.end);
         bytes::Buf::advance(&mut body, self.body.start);
-        crate::outcome::Outcome {
+        Ok(crate::outcome::Outcome {
             status: self.status,
             body,
-        }
+        })
     }
 
     /// The user id it was written for.
@@ -49,13 +69,11 @@ impl ReadRecord {
         self.frame.get(self.key.clone()).unwrap_or_default()
     }
 
-    /// The user id, key and body as buffers of their own (sharing the
-    /// frame's).
-    pub fn parts(&self) -> (Bytes, Bytes, Bytes) {
+    /// The user id and key as buffers of their own (sharing the frame's).
+    pub fn user_and_key(&self) -> (Bytes, Bytes) {
         (
             self.frame.slice(self.user.clone()),
             self.frame.slice(self.key.clone()),
-            self.frame.slice(self.body.clone()),
         )
     }
 
@@ -73,6 +91,7 @@ impl ReadRecord {
             token: rec.token,
             fingerprint: rec.fingerprint,
             status: rec.status,
+            seal: rec.seal,
             user: range(rec.user),
             key: range(rec.key),
             body: range(rec.body),

@@ -153,6 +153,7 @@ mod tests {
                 key: b"k",
                 status: 0,
                 body: b"",
+                seal: None,
             }
             .encode(&mut buf);
         }
@@ -311,6 +312,7 @@ mod tests {
             key: b"k",
             status: 200,
             body: b"a body",
+            seal: None,
         }
         .encode(&mut valid);
         // From just after the damage to the very last bytes, inside the
@@ -343,6 +345,7 @@ mod tests {
             key: b"k",
             status: 0,
             body: b"",
+            seal: None,
         }
         .encode(&mut inner);
         let at = buf.len();
@@ -357,6 +360,7 @@ mod tests {
             key: b"k",
             status: 200,
             body: &inner,
+            seal: None,
         }
         .encode(&mut buf);
         assert_eq!(count(&buf), Ok((2, Tail::Clean)));
@@ -409,6 +413,7 @@ mod tests {
                         key: b"k",
                         status: 200,
                         body: &vec![b'b'; usize::from(n)],
+                        seal: None,
                     }
                     .encode(&mut buf),
                     Piece::Parsing(len) => buf.extend(parsing_frame(usize::from(len))),

@@ -8,7 +8,7 @@
 //! | 0      | 4    | `len`: bytes that follow the 8-byte frame header  |
 //! | 4      | 4    | `crc`: CRC-32 (IEEE) of those bytes               |
 //! | 8      | 1    | `type`: 1 begin, 2 complete, 3 release, 4 extend, |
-//! |        |      | 5 token reservation                               |
+//! |        |      | 5 token reservation, 6 sealed complete            |
 //! | 9      | 8    | `token`: the fencing token of the lease            |
 //! | 17     | 8    | `deadline_ms`: lease deadline, or record expiry   |
 //! | 25     | 8    | `time_ms`: the engine clock when it was written   |
@@ -20,7 +20,14 @@
 //! | 61     | …    | `user`, then `key`                                 |
 //!
 //! A complete record continues with `status: u16`, `body_len: u32` and the
-//! body. `len` must equal the bytes the fields take, exactly. The key is
+//! body. A **sealed** complete record (type 6, written with
+//! `Options::encryption`) continues with `status: u16`, `key_id: u32`,
+//! `nonce: [u8; 24]`, `body_len: u32` and the sealed body: the
+//! XChaCha20-Poly1305 ciphertext of the body, then its 16-byte tag
+//! (`body_len` counts both, so it is at least 16). Its associated data is
+//! every byte of the content before the sealed body (type through
+//! `body_len`). See `seal.rs`. `len` must equal the bytes the fields take,
+//! exactly. The key is
 //! non-empty, except in a token reservation, whose user and key are empty
 //! and whose `token` is the highest token it reserves (every token handed
 //! out before the next reservation is at most that).
@@ -46,6 +53,26 @@ pub(crate) const HEADER_LEN: usize = 56;
 const MAGIC: &[u8; 8] = b"IDEMKVLG";
 /// The format version this build writes and reads.
 pub(crate) const VERSION: u32 = 1;
+/// The type byte of a complete record whose body is sealed: it decodes to
+/// [`Kind::Complete`] with a [`Seal`]. A build from before it rejects the
+/// record as malformed rather than misreading it.
+const SEALED_COMPLETE: u8 = 6;
+/// Bytes of an AEAD nonce (XChaCha20-Poly1305: 192 bits).
+pub(crate) const NONCE_LEN: usize = 24;
+/// Bytes of the AEAD tag that ends a sealed body.
+pub(crate) const TAG_LEN: usize = 16;
+/// Bytes a sealed complete record has beyond its plaintext form: key id,
+/// nonce and tag.
+pub(crate) const SEAL_OVERHEAD: usize = 4 + NONCE_LEN + TAG_LEN;
+
+/// How the body of a sealed complete record was sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seal {
+    /// The id of the key it was sealed under (`EncryptionKeys`).
+    pub key_id: u32,
+    /// The nonce, fresh for every record.
+    pub nonce: [u8; NONCE_LEN],
+}
 
 /// What a record does to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +126,11 @@ pub(crate) struct Record<'a> {
     pub key: &'a [u8],
     /// Only for `Complete`; zero otherwise.
     pub status: u16,
-    /// Only for `Complete`; empty otherwise.
+    /// Only for `Complete`; empty otherwise. For a sealed record, the
+    /// sealed body (ciphertext, then tag).
     pub body: &'a [u8],
+    /// Only for `Complete`: `Some` if `body` is sealed (type 6 on disk).
+    pub seal: Option<Seal>,
 }
 
 impl Record<'_> {
@@ -109,20 +139,8 @@ impl Record<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEADER]);
-        out.push(self.kind as u8);
-        out.extend_from_slice(&self.token.to_le_bytes());
-        out.extend_from_slice(&self.deadline_ms.to_le_bytes());
-        out.extend_from_slice(&self.time_ms.to_le_bytes());
-        out.extend_from_slice(&self.lease_ms.to_le_bytes());
-        out.extend_from_slice(&self.fingerprint.to_le_bytes());
-        out.extend_from_slice(&len16(self.user).to_le_bytes());
-        out.extend_from_slice(&len16(self.key).to_le_bytes());
-        out.extend_from_slice(self.user);
-        out.extend_from_slice(self.key);
+        self.encode_fields(out, self.body.len());
         if self.kind == Kind::Complete {
-            out.extend_from_slice(&self.status.to_le_bytes());
-            let body_len = u32::try_from(self.body.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&body_len.to_le_bytes());
             out.extend_from_slice(self.body);
         }
         let content = out.get(start + FRAME_HEADER..).unwrap_or_default();
@@ -137,12 +155,43 @@ impl Record<'_> {
         }
     }
 
+    /// Appends the frame's content up to the body: every field, and for a
+    /// complete record its status, seal and `body_len` (given, so that a
+    /// body about to be sealed can be counted with its tag). For a sealed
+    /// record these are the bytes its AEAD authenticates as associated data.
+    pub fn encode_fields(&self, out: &mut Vec<u8>, body_len: usize) {
+        let seal = self.seal.filter(|_| self.kind == Kind::Complete);
+        out.push(if seal.is_some() {
+            SEALED_COMPLETE
+        } else {
+            self.kind as u8
+        });
+        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(&self.deadline_ms.to_le_bytes());
+        out.extend_from_slice(&self.time_ms.to_le_bytes());
+        out.extend_from_slice(&self.lease_ms.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint.to_le_bytes());
+        out.extend_from_slice(&len16(self.user).to_le_bytes());
+        out.extend_from_slice(&len16(self.key).to_le_bytes());
+        out.extend_from_slice(self.user);
+        out.extend_from_slice(self.key);
+        if self.kind == Kind::Complete {
+            out.extend_from_slice(&self.status.to_le_bytes());
+            if let Some(seal) = seal {
+                out.extend_from_slice(&seal.key_id.to_le_bytes());
+                out.extend_from_slice(&seal.nonce);
+            }
+            let body_len = u32::try_from(body_len).unwrap_or(u32::MAX);
+            out.extend_from_slice(&body_len.to_le_bytes());
+        }
+    }
+
     /// The size of the encoded frame.
     pub fn encoded_len(&self) -> usize {
-        let body = if self.kind == Kind::Complete {
-            6 + self.body.len()
-        } else {
-            0
+        let body = match (self.kind, self.seal) {
+            (Kind::Complete, None) => 6 + self.body.len(),
+            (Kind::Complete, Some(_)) => 6 + 4 + NONCE_LEN + self.body.len(),
+            _ => 0,
         };
         FRAME_HEADER + FIXED + self.user.len() + self.key.len() + body
     }
@@ -197,7 +246,10 @@ pub(crate) fn decode(content: &[u8]) -> Result<Record<'_>, CorruptKind> {
 
 fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
     let mut c = Cursor { buf: content };
-    let kind = Kind::from_u8(c.u8()?)?;
+    let (kind, sealed) = match c.u8()? {
+        SEALED_COMPLETE => (Kind::Complete, true),
+        b => (Kind::from_u8(b)?, false),
+    };
     let token = c.u64()?;
     let deadline_ms = c.u64()?;
     let time_ms = c.u64()?;
@@ -207,12 +259,23 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
     let key_len = usize::from(c.u16()?);
     let user = c.take(user_len)?;
     let key = c.take(key_len)?;
-    let (status, body) = if kind == Kind::Complete {
+    let (status, seal, body) = if kind == Kind::Complete {
         let status = c.u16()?;
+        let seal = if sealed {
+            Some(Seal {
+                key_id: c.u32()?,
+                nonce: c.array()?,
+            })
+        } else {
+            None
+        };
         let body_len = usize::try_from(c.u32()?).ok()?;
-        (status, c.take(body_len)?)
+        if sealed && body_len < TAG_LEN {
+            return None;
+        }
+        (status, seal, c.take(body_len)?)
     } else {
-        (0, &[][..])
+        (0, None, &[][..])
     };
     if !c.buf.is_empty()
         || (key.is_empty() != (kind == Kind::Reserve))
@@ -231,6 +294,7 @@ fn decode_inner(content: &[u8]) -> Option<Record<'_>> {
         key,
         status,
         body,
+        seal,
     })
 }
 
@@ -352,6 +416,7 @@ mod tests {
             } else {
                 b""
             },
+            seal: None,
         }
     }
 
@@ -389,6 +454,42 @@ mod tests {
             let (back, used) = check_frame(&buf).unwrap();
             assert_eq!(back, rec);
             assert_eq!(used, buf.len());
+        }
+    }
+
+    #[test]
+    fn a_sealed_complete_round_trips_as_type_6_and_needs_a_whole_tag() {
+        let body = [5u8; 40];
+        let rec = Record {
+            seal: Some(Seal {
+                key_id: 9,
+                nonce: [7; NONCE_LEN],
+            }),
+            body: &body,
+            ..sample(Kind::Complete)
+        };
+        let mut buf = Vec::new();
+        rec.encode(&mut buf);
+        assert_eq!(buf.len(), rec.encoded_len());
+        assert_eq!(buf[FRAME_HEADER], SEALED_COMPLETE);
+        assert_eq!(check_frame(&buf).unwrap(), (rec, buf.len()));
+        // The associated data: every content byte before the sealed body.
+        let mut fields = Vec::new();
+        rec.encode_fields(&mut fields, body.len());
+        assert_eq!(&buf[FRAME_HEADER..buf.len() - body.len()], &fields[..]);
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            assert!(check_frame(&bad).is_err(), "flip at {i} accepted");
+        }
+        for (len, ok) in [(TAG_LEN - 1, false), (TAG_LEN, true)] {
+            let mut buf = Vec::new();
+            Record {
+                body: &body[..len],
+                ..rec
+            }
+            .encode(&mut buf);
+            assert_eq!(check_frame(&buf).is_ok(), ok, "sealed body of {len} bytes");
         }
     }
 

@@ -27,6 +27,8 @@ pub(crate) struct ClosedSegment {
     pub records: u64,
     /// Records an earlier rewrite kept as tombstones.
     pub pinned: u64,
+    /// Complete records not sealed under the sealing key.
+    pub unsealed: u64,
     /// Size in bytes.
     pub bytes: u64,
 }
@@ -45,6 +47,7 @@ impl Log {
                     number: s.number,
                     records: s.records.load(Ordering::Relaxed),
                     pinned: s.pinned.live(now_ms, active),
+                    unsealed: s.unsealed,
                     bytes: s.file.len().unwrap_or(0),
                 };
                 (s.order, info)
@@ -114,7 +117,8 @@ impl Log {
     }
 
     /// Publishes `frames` (whole encoded records, `records` of them, of which
-    /// `pinned` were kept although no entry points at them) as the
+    /// `pinned` were kept although no entry points at them, and `unsealed`
+    /// are complete records not sealed under the sealing key) as the
     /// replacement of the segment in slot `input`, and returns the slot of
     /// the output. Durable and named when this returns.
     pub fn publish_rewrite(
@@ -123,6 +127,7 @@ impl Log {
         frames: &[u8],
         records: u64,
         pinned: Pin,
+        unsealed: u64,
     ) -> Result<u64> {
         self.check_poison()?;
         let (order, replaces) = self
@@ -154,6 +159,7 @@ impl Log {
                 order,
                 records: Arc::new(AtomicU64::new(records)),
                 pinned,
+                unsealed,
                 map: Arc::default(),
                 local: OnceLock::new(),
             },

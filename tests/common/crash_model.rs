@@ -580,7 +580,17 @@ pub fn shrink(case: &Case) -> Case {
 /// # Errors
 /// A description of the first broken invariant, naming the operation.
 pub fn run_case(case: &Case) -> Result<RunStats, String> {
-    let mut h = Harness::new(case.config)?;
+    run_case_with(case, &|_, _| {})
+}
+
+/// [`run_case`] with `tweak(options, opens_before)` applied to the options
+/// of every open (the first has `opens_before == 0`), such as keys that
+/// rotate at every restart (`tests/crash_encryption.rs`).
+///
+/// # Errors
+/// As [`run_case`].
+pub fn run_case_with(case: &Case, tweak: &dyn Fn(&mut Options, u64)) -> Result<RunStats, String> {
+    let mut h = Harness::new(case.config, tweak)?;
     let with_trace = |h: &Harness, e: String| {
         let keep = std::env::var("CRASH_TRACE")
             .ok()
@@ -1217,7 +1227,7 @@ fn io_kind(e: &Error) -> Option<io::ErrorKind> {
     }
 }
 
-struct Harness {
+struct Harness<'t> {
     config: Config,
     clock: Arc<ManualClock>,
     options: Options,
@@ -1236,10 +1246,12 @@ struct Harness {
     stats: RunStats,
     /// What each operation answered, for failure reports.
     trace: Vec<String>,
+    /// Applied to the options of every open ([`run_case_with`]).
+    tweak: &'t dyn Fn(&mut Options, u64),
 }
 
-impl Harness {
-    fn new(config: Config) -> Result<Harness, String> {
+impl<'t> Harness<'t> {
+    fn new(config: Config, tweak: &'t dyn Fn(&mut Options, u64)) -> Result<Harness<'t>, String> {
         let clock = Arc::new(ManualClock::new(START_MS));
         let options = Options {
             durability: config.durability,
@@ -1273,6 +1285,7 @@ impl Harness {
             opened_on_unsynced: false,
             stats: RunStats::default(),
             trace: Vec::new(),
+            tweak,
         };
         h.open().map_err(|e| format!("open a fresh engine: {e}"))?;
         Ok(h)
@@ -1283,7 +1296,9 @@ impl Harness {
             disk: self.disk.clone(),
             handle: self.tap.clone(),
         });
-        let engine = Engine::open_with_storage(storage, self.options.clone())
+        let mut options = self.options.clone();
+        (self.tweak)(&mut options, self.epoch);
+        let engine = Engine::open_with_storage(storage, options)
             .map_err(|e| format!("open failed: {e:?}"))?;
         self.engine = Some(engine);
         self.epoch += 1;

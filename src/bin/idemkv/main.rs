@@ -8,7 +8,8 @@
 //! counters; `--json` for one JSON object), `verify` (a read-only check of
 //! every record), `get` (one record and its body), `dump` (every live record
 //! as JSON lines), `compact` (a full sweep and compaction) and `backup` (a
-//! copy that opens as is).
+//! copy that opens as is). `get`, `dump` and `compact` take `--key-file`
+//! for a store whose bodies are sealed (feature `encryption`).
 //!
 //! # Output conventions
 //! - JSON is written by hand (no serde). A byte string that is valid UTF-8
@@ -35,6 +36,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use idemkv::{CorruptKind, Engine, Error, Options, RecordState};
 
+mod keys;
 mod render;
 use render::*;
 
@@ -65,13 +67,23 @@ JSON output (`stats --json`, `dump`) is written by hand: byte strings that
 are valid UTF-8 are JSON strings; others are lowercase hex under a field
 name ending in `_hex` (`user_hex`, `key_hex`, `body_hex`).
 
+KEY FILES (--key-file PATH, for get, dump and compact): the keys of a
+store whose bodies are sealed (Options::encryption; a build with the
+`encryption` feature). One key a line: its id in decimal, whitespace, and
+its 32 bytes as 64 hex digits. The first key line is the current key
+(compact seals with it); the others only open what they sealed. Blank
+lines and lines starting with # are ignored. Keep the file readable by
+the service's user only. verify, stats and backup never need keys.
+
 Exit codes:
   0   success (verify: no corruption; a torn tail is reported, but it is
       not corruption)
   1   error: no such directory, directory locked by a running engine, I/O
-      error, rejected user id or key
+      error, rejected user id or key, a bad key file, no key for a sealed
+      body
   2   corruption: damaged bytes in the log; stderr names the file and
-      offset (`corrupt: <file> at offset <n>: <kind>`)
+      offset (`corrupt: <file> at offset <n>: <kind>`); also a sealed body
+      that fails authentication (altered, or a wrong key under its id)
   3   get: no live record for that user and key
   64  the command line did not parse";
 
@@ -112,6 +124,9 @@ enum Command {
         user: OsString,
         /// The idempotency key.
         key: OsString,
+        /// The keys that open sealed bodies (see KEY FILES in --help).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Print every live record as one JSON object per line (in no
     /// particular order).
@@ -124,11 +139,23 @@ enum Command {
         /// Only the records of this user id.
         #[arg(long)]
         user: Option<OsString>,
+        /// The keys that open sealed bodies (see KEY FILES in --help).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Sweep expired records and rewrite every segment holding dead ones.
+    ///
+    /// With --key-file, every record kept is sealed under the file's
+    /// current key (plaintext ones, and ones under older keys, which the
+    /// file must hold): this completes a key rotation. Without it, sealed
+    /// records are copied as they are.
     Compact {
         /// The data directory.
         dir: PathBuf,
+        /// The keys to seal with (the first) and to open with (all; see KEY
+        /// FILES in --help).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Copy the store to DEST (a new or empty directory) that opens as is.
     ///
@@ -163,6 +190,9 @@ impl From<Error> for Failure {
             Error::Corrupt { file, offset, kind } => Failure::Corrupt { file, offset, kind },
             Error::Locked { dir } => {
                 Failure::Error(format!("{} is locked by a running engine", dir.display()))
+            }
+            missing @ Error::MissingKey { .. } => {
+                Failure::Error(format!("{missing} (give --key-file with that key)"))
             }
             other => Failure::Error(with_sources(&other)),
         }
@@ -237,7 +267,7 @@ fn main() -> ExitCode {
 fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
     match command {
         Command::Stats { dir, json } => {
-            let engine = open(&dir)?;
+            let engine = open(&dir, None)?;
             let inspection = engine.inspect();
             let stats = engine.stats();
             engine.close()?;
@@ -252,8 +282,13 @@ fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
             let report = idemkv::verify(&dir)?;
             verify_text(out, &dir, &report)
         }
-        Command::Get { dir, user, key } => {
-            let engine = open(&dir)?;
+        Command::Get {
+            dir,
+            user,
+            key,
+            key_file,
+        } => {
+            let engine = open(&dir, key_file.as_deref())?;
             let (user, key) = (user.as_encoded_bytes(), key.as_encoded_bytes());
             let view = engine.get(user, key)?;
             let body = match view {
@@ -272,8 +307,12 @@ fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
             };
             get_text(out, user, key, &view, body.as_deref())
         }
-        Command::Dump { dir, user } => {
-            let engine = open(&dir)?;
+        Command::Dump {
+            dir,
+            user,
+            key_file,
+        } => {
+            let engine = open(&dir, key_file.as_deref())?;
             let mut written: io::Result<()> = Ok(());
             engine.for_each_record(user.as_deref().map(OsStr::as_encoded_bytes), |record| {
                 if written.is_ok() {
@@ -283,14 +322,14 @@ fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
             engine.close()?;
             Ok(written?)
         }
-        Command::Compact { dir } => {
-            let engine = open(&dir)?;
+        Command::Compact { dir, key_file } => {
+            let engine = open(&dir, key_file.as_deref())?;
             let report = engine.compact()?;
             engine.close()?;
             compact_text(out, &dir, &report)
         }
         Command::Backup { dir, dest } => {
-            let engine = open(&dir)?;
+            let engine = open(&dir, None)?;
             let report = engine.backup_to(&dest)?;
             engine.close()?;
             writeln!(
@@ -326,9 +365,10 @@ fn require_dir(dir: &Path) -> Result<(), Failure> {
     }
 }
 
-/// Opens the engine on an existing data directory. Checks first, because
-/// `Engine::open` creates a missing directory and an empty log.
-fn open(dir: &Path) -> Result<Engine, Failure> {
+/// Opens the engine on an existing data directory, with the keys of
+/// `key_file` if given. Checks first, because `Engine::open` creates a
+/// missing directory and an empty log.
+fn open(dir: &Path, key_file: Option<&Path>) -> Result<Engine, Failure> {
     require_dir(dir)?;
     let entries = std::fs::read_dir(dir)
         .map_err(|e| Failure::Error(format!("cannot list {}: {e}", dir.display())))?;
@@ -347,10 +387,13 @@ fn open(dir: &Path) -> Result<Engine, Failure> {
             dir.display()
         )));
     }
-    let options = Options {
-        background: false,
-        ..Options::default()
-    };
+    let options = keys::with_keys(
+        Options {
+            background: false,
+            ..Options::default()
+        },
+        key_file,
+    )?;
     Ok(Engine::open(dir, options)?)
 }
 

@@ -300,6 +300,11 @@ pub(crate) fn compact_text(
         "  records dropped        {:>12}",
         report.records_dropped
     )?;
+    writeln!(
+        out,
+        "  records resealed       {:>12}",
+        report.records_resealed
+    )?;
     writeln!(out, "  bytes before           {:>12}", report.bytes_before)?;
     writeln!(out, "  bytes after            {:>12}", report.bytes_after)?;
     writeln!(
