@@ -87,6 +87,7 @@ mod once;
 mod options;
 mod outcome;
 mod recovery;
+mod salvage;
 mod state;
 mod stats;
 pub mod storage;
@@ -106,4 +107,8 @@ pub use once::{
 };
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
+pub use salvage::{
+    Affected, AffectedKey, HeaderRepair, QuarantinedRange, SalvageReport, SegmentSalvage, salvage,
+    salvage_storage,
+};
 pub use stats::{INDEX_SLOT_BYTES, Stats};

@@ -168,11 +168,7 @@ impl Counters {
     /// The counts now (each read on its own: a request counted meanwhile
     /// may show in one count and not yet in another).
     pub(super) fn snapshot(&self) -> ObservedCounts {
-        let get = |verdict: Verdict| {
-            self.answers
-                .get(verdict as usize)
-                .map_or(0, Striped::get)
-        };
+        let get = |verdict: Verdict| self.answers.get(verdict as usize).map_or(0, Striped::get);
         ObservedCounts {
             started: get(Verdict::Started),
             replays: get(Verdict::Replay),
