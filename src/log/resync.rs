@@ -1,30 +1,35 @@
 //! Walking a damaged segment for a salvage: which bytes are whole valid
-//! frames, which are damaged frames that their own length field still
-//! delimits, and which are garbage that no frame accounts for.
+//! frames, which are damaged frames whose own fields still delimit them,
+//! and which are garbage that no frame accounts for.
 //!
 //! # The resynchronisation rule
-//! The walk starts after the 56-byte header and goes frame by frame. A
-//! frame that passes every check of [`check_frame`] (length, CRC, fields)
-//! is kept. At a frame that fails:
-//! 1. if its length field claims a frame (at least a record's fixed part),
-//!    and so on from frame to frame, until one ends exactly at the end of
-//!    the file or where a valid frame starts, the damage is those frames
-//!    (records whose length survived: a CRC or a field failed), and the
-//!    walk goes on after them. Their bodies are never searched for frames,
-//!    so a stored response that holds the bytes of a frame does not come
-//!    back as a record when the record around it is damaged (unless its
-//!    length field is damaged too);
+//! The walk starts after the 56-byte header and goes frame by frame, from
+//! one frame boundary to the next. A frame that passes every check of
+//! [`check_frame`](super::record::check_frame) (length, CRC, fields) is
+//! kept. At a frame that fails:
+//! 1. if everything but its CRC checks out (its length field and the
+//!    lengths of its user, key and body agree, its kind is one), the
+//!    damage is that frame alone, as its length says, and the walk goes on
+//!    after it. Its body is not searched for frames: a stored response
+//!    that holds the bytes of a frame does not come back as a record when
+//!    damage to the record around it leaves its lengths intact;
 //! 2. otherwise the walk resynchronises at the first later offset where a
-//!    valid frame starts, or where a frame starts that rule 1 delimits; the
-//!    bytes in between are garbage (up to the end of the file if no such
-//!    offset exists).
+//!    whole valid frame starts; the bytes in between are garbage (up to the
+//!    end of the file if no valid frame follows).
+//!
+//! Rule 2 never skips a valid frame, and rule 1 trusts a length only when
+//! two independent lengths agree, so a kept record is never lost to a
+//! guessed boundary. The one case the rules cannot tell apart: damage that
+//! destroys a record's lengths while leaving a whole frame inside its body
+//! (a response that stores the bytes of a record) lets rule 2 take that
+//! inner frame for a record.
 //!
 //! A valid frame needs a matching CRC-32 over the length it claims and
 //! fields that decode exactly to that length, so random bytes pass with
 //! probability below 2^-32 per offset: garbage does not make up records.
-//! Like [`valid_frame_after`](super::reader), the search takes time linear
-//! in the bytes it passes: an offset is first checked for everything but
-//! its CRC, and CRCs come from one [`RangeCrc`] of the whole file.
+//! Like the torn-tail check (`reader.rs`), the search takes time linear in
+//! the bytes it passes: an offset is first checked for everything but its
+//! CRC, and CRCs come from one [`RangeCrc`] of the whole file.
 
 use super::crc::RangeCrc;
 use super::record::{FIXED, FRAME_HEADER, HEADER_LEN, frame_header, frame_shape};
@@ -35,19 +40,11 @@ use crate::error::CorruptKind;
 pub(crate) enum Piece {
     /// A whole valid frame: `buf[at..end]`.
     Frame { at: usize, end: usize },
-    /// A frame that fails its checks but whose length field delimits it
-    /// (rule 1): `buf[at..end]`, one record lost.
-    Bad {
-        at: usize,
-        end: usize,
-        kind: CorruptKind,
-    },
+    /// A frame whose CRC fails but whose fields delimit it (rule 1):
+    /// `buf[at..end]`, one record lost.
+    Bad { at: usize, end: usize },
     /// Bytes no frame accounts for (rule 2): `buf[at..end]`.
-    Garbage {
-        at: usize,
-        end: usize,
-        kind: CorruptKind,
-    },
+    Garbage { at: usize, end: usize },
 }
 
 impl Piece {
@@ -64,118 +61,89 @@ impl Piece {
             Piece::Frame { end, .. } | Piece::Bad { end, .. } | Piece::Garbage { end, .. } => end,
         }
     }
-}
 
-/// Frame checks over one segment image, sharing one [`RangeCrc`].
-struct Frames<'a> {
-    buf: &'a [u8],
-    crcs: RangeCrc<'a>,
-}
-
-impl Frames<'_> {
-    /// Where the valid frame starting at `at` ends, if one does.
-    fn valid_at(&mut self, at: usize) -> Option<usize> {
-        let (crc, len) = frame_shape(self.buf.get(at..)?)?;
-        let start = at.checked_add(FRAME_HEADER)?;
-        let end = start.checked_add(len)?;
-        (self.crcs.crc(start, end)? == crc).then_some(end)
-    }
-
-    /// Where the frame starting at `at` ends, by its length field, if that
-    /// claims at least a record's fixed part and fits the buffer.
-    fn claimed_end(&self, at: usize) -> Option<usize> {
-        let (len, _) = frame_header(self.buf.get(at..)?)?;
-        let end = at.checked_add(FRAME_HEADER)?.checked_add(len)?;
-        (len >= FIXED && end <= self.buf.len()).then_some(end)
-    }
-
-    /// Whether a valid frame starts at `at`, or the buffer ends there.
-    fn lands(&mut self, at: usize) -> bool {
-        at == self.buf.len() || self.valid_at(at).is_some()
-    }
-
-    /// Where the frame starting at `at` ends if its length field lands on
-    /// a valid frame or the end of the buffer (rule 1, one frame).
-    fn delimited_at(&mut self, at: usize) -> Option<usize> {
-        let end = self.claimed_end(at)?;
-        self.lands(end).then_some(end)
-    }
-
-    /// The ends of the frames that length fields chain from `at` until one
-    /// lands on a valid frame or the end of the buffer (rule 1), at most
-    /// [`MAX_CHAIN`] of them; `None` if the chain breaks first.
-    fn delimited_chain(&mut self, mut at: usize) -> Option<Vec<usize>> {
-        let mut ends = Vec::new();
-        while ends.len() < MAX_CHAIN {
-            let end = self.claimed_end(at)?;
-            ends.push(end);
-            if self.lands(end) {
-                return Some(ends);
-            }
-            at = end;
+    /// What was wrong with the piece's first bytes (`None` for a frame).
+    pub fn kind(&self) -> Option<CorruptKind> {
+        match self {
+            Piece::Frame { .. } => None,
+            Piece::Bad { .. } => Some(CorruptKind::Checksum),
+            Piece::Garbage { .. } => Some(CorruptKind::Malformed),
         }
-        None
     }
 }
 
-/// The most damaged frames in a row that rule 1 follows from the start of
-/// a damage (a bound on the work a crafted file can cause).
-const MAX_CHAIN: usize = 1024;
+/// Where the valid frame starting at `at` ends, if one does.
+fn valid_at(buf: &[u8], crcs: &mut RangeCrc<'_>, at: usize) -> Option<usize> {
+    let (crc, len) = frame_shape(buf.get(at..)?)?;
+    let start = at.checked_add(FRAME_HEADER)?;
+    let end = start.checked_add(len)?;
+    (crcs.crc(start, end)? == crc).then_some(end)
+}
 
 /// Walks the frames of segment image `buf` (after its header), covering
 /// every byte from [`HEADER_LEN`] to the end with pieces, in order.
 pub(crate) fn walk(buf: &[u8]) -> Vec<Piece> {
     let mut pieces = Vec::new();
-    let mut frames = Frames {
-        buf,
-        crcs: RangeCrc::new(buf, HEADER_LEN + FRAME_HEADER),
-    };
+    let mut crcs = RangeCrc::new(buf, HEADER_LEN + FRAME_HEADER);
     let mut at = HEADER_LEN;
     while at < buf.len() {
-        if let Some(end) = frames.valid_at(at) {
+        if let Some(end) = valid_at(buf, &mut crcs, at) {
             pieces.push(Piece::Frame { at, end });
             at = end;
-            continue;
+        } else if let Some((_, len)) = buf.get(at..).and_then(frame_shape) {
+            let end = at + FRAME_HEADER + len;
+            pieces.push(Piece::Bad { at, end });
+            at = end;
+        } else {
+            let end = (at + 1..buf.len())
+                .find(|&p| valid_at(buf, &mut crcs, p).is_some())
+                .unwrap_or(buf.len());
+            pieces.push(Piece::Garbage { at, end });
+            at = end;
         }
-        // Only the CRC fails if everything else parses.
-        let kind = match buf.get(at..).and_then(frame_shape) {
-            Some(_) => CorruptKind::Checksum,
-            None => CorruptKind::Malformed,
-        };
-        if let Some(ends) = frames.delimited_chain(at) {
-            let mut kind = kind;
-            for end in ends {
-                pieces.push(Piece::Bad { at, end, kind });
-                at = end;
-                kind = match buf.get(at..).and_then(frame_shape) {
-                    Some(_) => CorruptKind::Checksum,
-                    None => CorruptKind::Malformed,
-                };
-            }
-            continue;
-        }
-        let end = (at + 1..buf.len())
-            .find(|&p| frames.valid_at(p).is_some() || frames.delimited_at(p).is_some())
-            .unwrap_or(buf.len());
-        pieces.push(Piece::Garbage { at, end, kind });
-        at = end;
     }
     pieces
 }
 
-/// The frames that length fields delimit inside garbage `buf[at..end]`,
-/// following them from `at` for as long as each claims at least a record's
-/// fixed part and fits: the records a salvage can still count (and try to
-/// name) in it. Best effort: the lengths themselves may be damaged.
+/// Where the frame at `at` ends by the lengths in its fields (user, key,
+/// and a complete record's body), whatever its length field says, if its
+/// kind byte is one.
+fn fields_end(buf: &[u8], at: usize) -> Option<usize> {
+    let content = buf.get(at.checked_add(FRAME_HEADER)?..)?;
+    let u16_at = |i: usize| {
+        let b = content.get(i..i + 2)?;
+        Some(usize::from(u16::from_le_bytes(b.try_into().ok()?)))
+    };
+    let ids = FIXED + u16_at(FIXED - 4)? + u16_at(FIXED - 2)?;
+    let len = match *content.first()? {
+        1 | 3 | 4 | 5 => ids,
+        2 => {
+            let body = content.get(ids + 2..ids + 6)?;
+            ids + 6 + usize::try_from(u32::from_le_bytes(body.try_into().ok()?)).ok()?
+        }
+        _ => return None,
+    };
+    at.checked_add(FRAME_HEADER)?.checked_add(len)
+}
+
+/// The frames that lengths delimit inside garbage `buf[at..end]`, followed
+/// from `at` for as long as one fits: by its length field, else by the
+/// lengths of its fields. The records a salvage can still count (and try
+/// to name) in it; best effort, since the lengths may be damaged too.
 pub(crate) fn chained(buf: &[u8], mut at: usize, end: usize) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    while let Some((len, _)) = buf.get(at..end).and_then(frame_header) {
-        let Some(next) = at.checked_add(FRAME_HEADER + len) else {
+    while at < end {
+        let fits = |e: &usize| *e >= at + FRAME_HEADER + FIXED && *e <= end;
+        let by_length = buf
+            .get(at..end)
+            .and_then(frame_header)
+            .and_then(|(len, _)| at.checked_add(FRAME_HEADER + len));
+        let next = by_length
+            .filter(fits)
+            .or_else(|| fields_end(buf, at).filter(fits));
+        let Some(next) = next else {
             break;
         };
-        if len < FIXED || next > end {
-            break;
-        }
         out.push((at, next));
         at = next;
     }
@@ -273,7 +241,6 @@ mod tests {
             Piece::Bad {
                 at: starts[1],
                 end: starts[2],
-                kind: CorruptKind::Checksum
             }
         );
         assert_eq!(frames(&pieces), [starts[0], starts[2]]);
@@ -297,7 +264,6 @@ mod tests {
             Piece::Garbage {
                 at: starts[0],
                 end: starts[3],
-                kind: CorruptKind::Malformed
             }
         );
     }
@@ -311,10 +277,8 @@ mod tests {
         assert_eq!(pieces[1].end(), cut.len());
     }
 
-    /// A response body holding a whole valid frame: when the record around
-    /// it is damaged, the walk must not keep the frame inside it.
-    #[test]
-    fn a_frame_inside_a_damaged_record_body_is_never_kept() {
+    /// A response body holding a whole valid frame, and the frames around.
+    fn nested() -> (Vec<u8>, usize, usize) {
         let mut inner = Vec::new();
         record(b"victim", b"forged").encode(&mut inner);
         let mut buf = header();
@@ -322,14 +286,30 @@ mod tests {
         record(b"outer", &inner).encode(&mut buf);
         let after = buf.len();
         record(b"next", b"x").encode(&mut buf);
-        for flip in [outer + 4, outer + 9, outer + 20, after - 1] {
+        (buf, outer, after)
+    }
+
+    /// When the record around it is damaged but its lengths are not, the
+    /// walk must not keep the frame inside it.
+    #[test]
+    fn a_frame_inside_a_damaged_record_body_is_never_kept() {
+        let (buf, outer, after) = nested();
+        // The CRC, the token, the fingerprint, a byte of the inner frame,
+        // the body's last byte.
+        for flip in [outer + 4, outer + 9, outer + 50, outer + 100, after - 1] {
             let mut bad = buf.clone();
             bad[flip] ^= 1;
             let pieces = walk(&bad);
             assert_eq!(frames(&pieces), [after], "flip at {flip}");
+            assert_eq!(
+                pieces[0],
+                Piece::Bad {
+                    at: outer,
+                    end: after
+                }
+            );
         }
-        // The record after it damaged too: the lengths still chain to the
-        // end of the file.
+        // The record after it damaged too.
         let mut bad = buf.clone();
         bad[outer + 20] ^= 1;
         let end = bad.len();
@@ -337,23 +317,61 @@ mod tests {
         assert!(frames(&walk(&bad)).is_empty());
     }
 
+    /// The limit of the rules, pinned: damage to the length field of the
+    /// record around a frame leaves nothing to delimit it by, and the
+    /// search takes the inner frame for a record (module docs).
     #[test]
-    fn chained_lengths_count_records_inside_garbage() {
+    fn a_frame_inside_a_record_whose_length_is_destroyed_is_taken_for_a_record() {
+        let (buf, outer, after) = nested();
+        let mut bad = buf.clone();
+        bad[outer] ^= 1;
+        let inner = frames(&walk(&bad));
+        assert_eq!(inner.len(), 2);
+        assert!(inner[0] > outer && inner[0] < after && inner[1] == after);
+    }
+
+    #[test]
+    fn a_record_whose_length_field_is_lost_is_garbage_counted_by_its_fields() {
         let (mut buf, starts) = segment(&[b"a", b"b", b"c"]);
-        // Zero the second frame's length: the first is delimited by its
-        // own length, the second is garbage up to the third.
-        buf[starts[0] + 9] ^= 1;
         for b in &mut buf[starts[1]..starts[1] + 4] {
             *b = 0;
         }
         let pieces = walk(&buf);
-        assert!(matches!(pieces[0], Piece::Garbage { .. }), "{pieces:?}");
         assert_eq!(
-            chained(&buf, starts[0], pieces[0].end()),
-            [(starts[0], starts[1])]
+            pieces[1],
+            Piece::Garbage {
+                at: starts[1],
+                end: starts[2],
+            }
         );
+        assert_eq!(frames(&pieces), [starts[0], starts[2]]);
+        assert_eq!(
+            chained(&buf, starts[1], starts[2]),
+            [(starts[1], starts[2])]
+        );
+        assert_eq!(
+            ids(&buf, starts[1], starts[2]),
+            Some((&b"u"[..], &b"b"[..]))
+        );
+    }
+
+    #[test]
+    fn zeroed_frames_inside_garbage_are_not_counted() {
+        let (mut buf, starts) = segment(&[b"a", b"b", b"c"]);
+        for b in &mut buf[starts[1]..starts[2]] {
+            *b = 0;
+        }
+        let pieces = walk(&buf);
+        assert_eq!(
+            pieces[1],
+            Piece::Garbage {
+                at: starts[1],
+                end: starts[2]
+            }
+        );
+        assert!(chained(&buf, starts[1], starts[2]).is_empty());
         assert!(check_frame(&buf[starts[2]..]).is_ok());
-        assert_eq!(frames(&pieces), [starts[2]]);
+        assert_eq!(frames(&pieces), [starts[0], starts[2]]);
     }
 
     #[test]

@@ -21,8 +21,8 @@
 //! - written again with the same fields when its fields (bytes 16..56)
 //!   still pass their CRC and name the file (only the magic or version
 //!   bytes were hit); a file whose magic is intact, whose version is
-//!   another and whose bytes do not read as version-1 frames is from a
-//!   newer format, and the salvage refuses to run
+//!   another and in which no version-1 frame is found is from a newer
+//!   format, and the salvage refuses to run
 //!   ([`CorruptKind::UnsupportedVersion`]) rather than touch it;
 //! - otherwise rebuilt from the file name (order = file number,
 //!   `replaces` = 0). That order is right for a segment the log wrote but

@@ -99,10 +99,10 @@ impl Segment {
         }
         for piece in &self.pieces {
             let (at, end) = (piece.at(), piece.end());
-            let kind = match *piece {
-                Piece::Frame { .. } if self.unplaced.contains(&at) => CorruptKind::BadHeader,
-                Piece::Frame { .. } => continue,
-                Piece::Bad { kind, .. } | Piece::Garbage { kind, .. } => kind,
+            let kind = match piece.kind() {
+                Some(kind) => kind,
+                None if self.unplaced.contains(&at) => CorruptKind::BadHeader,
+                None => continue,
             };
             items.push(Range { at, end, kind });
         }
@@ -257,9 +257,10 @@ pub(super) fn plan(storage: &dyn Storage) -> Result<Plan> {
     })
 }
 
-/// A file whose magic is intact but whose version is another, and whose
-/// bytes after the header do not start with a version-1 frame, was written
-/// by a newer format: a salvage cannot read it, and leaves it alone.
+/// A file whose magic is intact but whose version is another, and in
+/// whose bytes after the header no version-1 frame is found, was written by
+/// a newer format: a salvage cannot read it, and leaves it alone. (A
+/// version-1 file whose version bytes were hit still holds valid frames.)
 fn refuse_newer_format(buf: &[u8], pieces: &[Piece], path: &std::path::Path) -> Result<()> {
     let version = buf
         .get(8..12)
@@ -268,8 +269,8 @@ fn refuse_newer_format(buf: &[u8], pieces: &[Piece], path: &std::path::Path) -> 
     let Some(version) = version.filter(|v| *v != VERSION) else {
         return Ok(());
     };
-    let frame_first = matches!(pieces.first(), None | Some(Piece::Frame { .. }));
-    if SegmentHeader::has_magic(buf) && !frame_first {
+    let readable = pieces.is_empty() || pieces.iter().any(|p| matches!(p, Piece::Frame { .. }));
+    if SegmentHeader::has_magic(buf) && !readable {
         return Err(Error::Corrupt {
             file: path.to_path_buf(),
             offset: 8,
