@@ -313,6 +313,27 @@ pub fn touched(files: &[File], damaged: &[(String, Range<usize>)]) -> BTreeSet<S
     out
 }
 
+/// The bytes of every file on `disk`, by name.
+pub fn snapshot(disk: &SimDisk) -> BTreeMap<String, Vec<u8>> {
+    disk.names()
+        .into_iter()
+        .map(|n| {
+            let bytes = disk.read_file(&n).unwrap();
+            (n, bytes)
+        })
+        .collect()
+}
+
+/// The `n`-th file (by number) that holds at least 8 frames and is not the
+/// last one.
+pub fn big_file(files: &[File], n: usize) -> &File {
+    files[..files.len() - 1]
+        .iter()
+        .filter(|f| f.frames.len() >= 8)
+        .nth(n)
+        .expect("not enough segment files")
+}
+
 /// A small deterministic random source (xorshift64*).
 pub struct Rng(pub u64);
 
