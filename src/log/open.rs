@@ -133,7 +133,10 @@ fn survey(storage: &dyn Storage) -> Result<Survey> {
     let names = storage.list().map_err(|e| Error::io(IoOp::List, &dir, e))?;
     if names.iter().any(|n| n == crate::salvage::MANIFEST) {
         // Some segments may be salvaged and others not yet: never replay a mix.
-        return Err(Error::SalvagePending { dir });
+        return Err(Error::SalvagePending {
+            // `path("")` ends with a separator: spell the directory as given.
+            dir: dir.components().collect(),
+        });
     }
     let temps = names
         .iter()
