@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use crate::error::{CorruptKind, Error, IoOp, Result};
-use crate::index::TOKEN_LIMIT;
+use crate::index::{OFFSET_LIMIT, TOKEN_LIMIT};
 use crate::log::record::{FIXED, FRAME_HEADER, HEADER_LEN, SegmentHeader, VERSION};
 use crate::log::resync::{Piece, ids, walk};
 use crate::log::{TOKEN_BLOCK, parse_name, read_all, segment_name};
@@ -27,11 +27,14 @@ pub(super) enum Header {
 
 impl Header {
     fn read(head: &[u8], id: u64) -> Header {
+        // A file replacing itself: fields no engine writes (recovery would
+        // remove the file); as untrusted as a damaged header.
+        let own = |h: &SegmentHeader| h.file == id && h.replaces != id;
         match SegmentHeader::decode(head) {
-            Ok(h) if h.file == id => Header::Intact(h),
+            Ok(h) if own(&h) => Header::Intact(h),
             Ok(_) => Header::Lost(CorruptKind::BadHeader),
             Err(kind) => match SegmentHeader::decode_fields(head) {
-                Some(h) if h.file == id => Header::Restored(h, kind),
+                Some(h) if own(&h) => Header::Restored(h, kind),
                 _ => Header::Lost(kind),
             },
         }
@@ -227,7 +230,7 @@ pub(super) fn plan(storage: &dyn Storage) -> Result<Plan> {
             rewrite: false,
         };
         let buf = segment.read(storage)?;
-        segment.pieces = walk(&buf);
+        segment.pieces = within_limits(&buf, walk(&buf));
         refuse_newer_format(&buf, &segment.pieces, &storage.path(&segment.name))?;
         for piece in &segment.pieces {
             if let Piece::Frame { at, .. } = *piece {
@@ -278,6 +281,24 @@ fn refuse_newer_format(buf: &[u8], pieces: &[Piece], path: &std::path::Path) -> 
         });
     }
     Ok(())
+}
+
+/// `pieces` with every valid frame that recovery would refuse as not
+/// written by this engine (a fencing token at or past `TOKEN_LIMIT`, an
+/// offset at or past `OFFSET_LIMIT`) made a damaged one, so that the
+/// salvaged directory opens.
+fn within_limits(buf: &[u8], pieces: Vec<Piece>) -> Vec<Piece> {
+    pieces
+        .into_iter()
+        .map(|p| match p {
+            Piece::Frame { at, end }
+                if token_at(buf, at) >= TOKEN_LIMIT || at as u64 >= OFFSET_LIMIT =>
+            {
+                Piece::Bad { at, end }
+            }
+            p => p,
+        })
+        .collect()
 }
 
 /// The fencing token of the (valid) frame at `at`.
