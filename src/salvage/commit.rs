@@ -137,21 +137,21 @@ pub(super) fn resume(storage: &dyn Storage) -> Result<bool> {
 
 /// Renames every entry's temporary file into place (one already renamed by
 /// an interrupted run is skipped), fsyncs the directory, then removes the
-/// manifest. With `check`, each file is first checked against the length
-/// and CRC the manifest records.
+/// manifest. With `check`, every file is first checked against the length
+/// and CRC the manifest records, and nothing is renamed unless all match.
 fn publish(storage: &dyn Storage, entries: &[Entry], check: bool) -> Result<()> {
     let names = list(storage)?;
-    for e in entries {
-        let pending = names.contains(&e.temp);
-        if check {
-            let at = if pending { &e.temp } else { &e.name };
-            check_file(storage, at, e)?;
+    let pending = |e: &Entry| names.contains(&e.temp);
+    if check {
+        // Every file first, so that a mismatch renames nothing.
+        for e in entries {
+            check_file(storage, if pending(e) { &e.temp } else { &e.name }, e)?;
         }
-        if pending {
-            storage
-                .rename(&e.temp, &e.name)
-                .map_err(io(storage, IoOp::Rename, &e.temp))?;
-        }
+    }
+    for e in entries.iter().filter(|e| pending(e)) {
+        storage
+            .rename(&e.temp, &e.name)
+            .map_err(io(storage, IoOp::Rename, &e.temp))?;
     }
     sync_dir(storage)?;
     storage
