@@ -64,6 +64,8 @@
 //! holds, appends the transition to the write-ahead log (`log/`), and
 //! waits for its group commit. All file access goes through
 //! [`storage::Storage`]. `docs/ARCHITECTURE.md` traces a call end to end.
+//! [`salvage`] brings back a directory that `open` refuses as corrupt,
+//! keeping every valid record.
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]

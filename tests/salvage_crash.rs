@@ -436,3 +436,35 @@ fn a_damaged_manifest_or_a_file_that_does_not_match_it_is_reported_never_guessed
         "changed {changed:?}, gone {gone:?}"
     );
 }
+
+/// The roll-forward is as safe to interrupt as the salvage: a crash at any
+/// of its calls leaves the pending directory (or the finished one), and a
+/// salvage after it still finishes.
+#[test]
+fn a_crash_at_every_call_of_a_resumed_salvage_still_leaves_a_pending_or_salvaged_directory() {
+    let store = build();
+    let (damaged, ranges) = damaged(&store);
+    let touched = touched(&files(&store.disk), &ranges);
+    let reference = reference(&damaged);
+    let pending = pending(&store);
+    let counting = Budget::new(&pending.crash(Tear::Clean), None);
+    assert!(salvage_storage(&counting).unwrap().resumed);
+    let calls = *counting.counter.calls.lock();
+    let mut seen = BTreeMap::new();
+    for n in 0..calls {
+        let disk = pending.crash(Tear::Clean);
+        assert!(
+            salvage_storage(&Budget::new(&disk, Some(n))).is_err(),
+            "call {n}"
+        );
+        for (label, image) in [("live", disk.clone()), ("crashed", disk.crash(Tear::Clean))] {
+            let label = format!("resume call {n}, {label}");
+            let got = classify(&image, &store, &reference, &label);
+            assert_ne!(got, Seen::Original, "{label}");
+            *seen.entry(got).or_insert(0) += 1;
+            finish(&image, &store, &reference, &touched, &label);
+        }
+    }
+    eprintln!("{calls} calls: {seen:?}");
+    assert!(seen.contains_key(&Seen::Pending) && calls > 10, "{seen:?}");
+}
