@@ -32,7 +32,7 @@
 //! CRC, and CRCs come from one [`RangeCrc`] of the whole file.
 
 use super::crc::RangeCrc;
-use super::record::{FIXED, FRAME_HEADER, HEADER_LEN, frame_header, frame_shape};
+use super::record::{FIXED, FRAME_HEADER, HEADER_LEN, Kind, decode, frame_header, frame_shape};
 use crate::error::CorruptKind;
 
 /// One stretch of a segment's bytes after its header, as the walk found it.
@@ -71,6 +71,9 @@ impl Piece {
         }
     }
 }
+
+/// The type byte of a token reservation, which has no key.
+const RESERVE: u8 = Kind::Reserve as u8;
 
 /// Where the valid frame starting at `at` ends, if one does.
 fn valid_at(buf: &[u8], crcs: &mut RangeCrc<'_>, at: usize) -> Option<usize> {
@@ -150,13 +153,17 @@ pub(crate) fn chained(buf: &[u8], mut at: usize, end: usize) -> Vec<(usize, usiz
     out
 }
 
-/// The user id and key of the frame `buf[at..end]` if its kind, lengths
-/// and ids can still be read, without checking its CRC (the ids may be
-/// damaged themselves). `None` for a token reservation (it has no key).
+/// The user id and key of the frame `buf[at..end]`: for a valid frame,
+/// as it decodes; for a damaged one, if its lengths and ids can still be
+/// read where every kind of record has them, without checking its CRC (the
+/// ids may be damaged themselves). `None` for a token reservation (it has
+/// no key).
 pub(crate) fn ids(buf: &[u8], at: usize, end: usize) -> Option<(&[u8], &[u8])> {
     let content = buf.get(at.checked_add(FRAME_HEADER)?..end)?;
-    let kind = *content.first()?;
-    if !(1..=4).contains(&kind) {
+    if let Ok(record) = decode(content) {
+        return (record.kind != Kind::Reserve).then_some((record.user, record.key));
+    }
+    if matches!(*content.first()?, 0 | RESERVE) {
         return None;
     }
     let lens = content.get(FIXED - 4..FIXED)?;
