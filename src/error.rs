@@ -97,6 +97,17 @@ pub enum Error {
         dir: PathBuf,
     },
 
+    /// A salvage of the directory (`idemkv::salvage`, `idemkv salvage DIR`)
+    /// was interrupted after its commit point: some segment files may be
+    /// salvaged and others not yet, so no engine opens it. Nothing was
+    /// changed; run the salvage again, which finishes the interrupted one
+    /// (its plan is in the directory's `SALVAGE` file).
+    #[error("an interrupted salvage of {} is pending; run salvage again to finish it", dir.display())]
+    SalvagePending {
+        /// The data directory.
+        dir: PathBuf,
+    },
+
     /// The engine was closed.
     #[error("engine is closed")]
     Closed,

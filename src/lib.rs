@@ -69,6 +69,8 @@
 //! holds, appends the transition to the write-ahead log (`log/`), and
 //! waits for its group commit. All file access goes through
 //! [`storage::Storage`]. `docs/ARCHITECTURE.md` traces a call end to end.
+//! [`salvage`] brings back a directory that `open` refuses as corrupt,
+//! keeping every valid record.
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
@@ -94,6 +96,7 @@ mod once;
 mod options;
 mod outcome;
 mod recovery;
+mod salvage;
 mod state;
 mod stats;
 pub mod storage;
@@ -115,4 +118,8 @@ pub use once::{
 };
 pub use options::{Durability, Options};
 pub use outcome::{Begin, Fingerprint, Lease, Outcome, RecordState, RecordView};
+pub use salvage::{
+    Affected, AffectedKey, HeaderRepair, QuarantinedRange, SalvageReport, SegmentSalvage, salvage,
+    salvage_storage,
+};
 pub use stats::{INDEX_SLOT_BYTES, Stats};

@@ -84,7 +84,8 @@ pub struct VerifyReport {
 /// # Errors
 /// [`Error::Corrupt`] naming the file and offset of the first damage that
 /// is not a torn tail; [`Error::Locked`] if an engine holds the directory;
-/// [`Error::Io`] if `dir` does not exist or cannot be read.
+/// [`Error::SalvagePending`] if a salvage was interrupted after its commit
+/// point; [`Error::Io`] if `dir` does not exist or cannot be read.
 pub fn verify(dir: impl AsRef<Path>) -> Result<VerifyReport> {
     let dir = dir.as_ref();
     if !dir.is_dir() {

@@ -71,7 +71,9 @@ impl Engine {
     /// # Errors
     /// [`Error::InvalidOptions`]; [`Error::Locked`] if another engine holds
     /// `dir`; [`Error::Corrupt`] naming the file and offset of damage that
-    /// is not a torn tail; [`Error::Io`] if the files cannot be read.
+    /// is not a torn tail ([`salvage`](crate::salvage) is the way back);
+    /// [`Error::SalvagePending`] if a salvage of `dir` was interrupted after
+    /// its commit point; [`Error::Io`] if the files cannot be read.
     pub fn open(dir: impl AsRef<std::path::Path>, options: Options) -> Result<Engine> {
         options.validate()?;
         let storage: Arc<dyn Storage> = Arc::new(FsStorage::open(dir)?);

@@ -43,6 +43,7 @@ mod open;
 mod read;
 pub(crate) mod reader;
 pub(crate) mod record;
+pub(crate) mod resync;
 mod rewrite;
 mod seal;
 pub(crate) mod syncer;
@@ -69,7 +70,7 @@ use writer::Writer;
 
 pub(crate) use backup::BackupFile;
 pub(crate) use offload::Chore;
-pub(crate) use open::{Replayed, verify};
+pub(crate) use open::{Replayed, parse_name, read_all, verify};
 pub(crate) use read::ReadRecord;
 use read::{MapUse, read_from};
 pub(crate) use rewrite::ClosedSegment;
@@ -298,7 +299,7 @@ pub(crate) struct Log {
 /// How many fencing tokens one reservation covers: about a second of
 /// leases at a million a second, and 2^28 restarts before the 2^48 tokens
 /// run out even if every restart wastes a whole block.
-const TOKEN_BLOCK: u64 = 1 << 20;
+pub(crate) const TOKEN_BLOCK: u64 = 1 << 20;
 
 impl Log {
     /// Hands out a fencing token greater than every token handed out or

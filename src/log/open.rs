@@ -33,7 +33,7 @@ impl Replayed<'_> {
 }
 
 /// The file number in a segment's name (6 to 16 hex digits), if it is one.
-fn parse_name(name: &str, suffix: &str) -> Option<u64> {
+pub(crate) fn parse_name(name: &str, suffix: &str) -> Option<u64> {
     let hex = name.strip_suffix(suffix)?;
     if !(6..=16).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
@@ -45,7 +45,11 @@ fn parse_name(name: &str, suffix: &str) -> Option<u64> {
 
 /// Reads a whole file into `buf` (reused from segment to segment, so a
 /// long replay does not fault fresh pages in for every segment).
-fn read_all(file: &dyn StorageFile, path: &std::path::Path, buf: &mut Vec<u8>) -> Result<()> {
+pub(crate) fn read_all(
+    file: &dyn StorageFile,
+    path: &std::path::Path,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
     let len = file.len().map_err(|e| Error::io(IoOp::Read, path, e))?;
     let len = usize::try_from(len).map_err(|_| Error::Corrupt {
         file: path.to_path_buf(),
@@ -138,6 +142,13 @@ struct Survey {
 fn survey(storage: &dyn Storage) -> Result<Survey> {
     let dir = storage.path("");
     let names = storage.list().map_err(|e| Error::io(IoOp::List, &dir, e))?;
+    if names.iter().any(|n| n == crate::salvage::MANIFEST) {
+        // Some segments may be salvaged and others not yet: never replay a mix.
+        return Err(Error::SalvagePending {
+            // `path("")` ends with a separator: spell the directory as given.
+            dir: dir.components().collect(),
+        });
+    }
     let temps = names
         .iter()
         .filter(|n| parse_name(n, ".log.tmp").is_some())

@@ -46,7 +46,7 @@ use crate::error::CorruptKind;
 /// Bytes of the frame header (`len`, `crc`).
 pub(crate) const FRAME_HEADER: usize = 8;
 /// Bytes of the fixed part of a record (type through `key_len`).
-const FIXED: usize = 1 + 8 + 8 + 8 + 8 + 16 + 2 + 2;
+pub(crate) const FIXED: usize = 1 + 8 + 8 + 8 + 8 + 16 + 2 + 2;
 /// Bytes of a segment header.
 pub(crate) const HEADER_LEN: usize = 56;
 /// The segment magic.
@@ -367,6 +367,33 @@ impl SegmentHeader {
         let mut out = [0u8; HEADER_LEN];
         out.copy_from_slice(&head);
         out
+    }
+
+    /// Parses the fields of a header (bytes 16..56) if they pass the CRC
+    /// stored at 12..16, whatever the magic and version bytes hold: what a
+    /// salvage can still trust of a header whose first 12 bytes are damaged.
+    pub fn decode_fields(buf: &[u8]) -> Option<SegmentHeader> {
+        let mut c = Cursor {
+            buf: buf.get(MAGIC.len() + 4..)?,
+        };
+        let crc = c.u32()?;
+        let body = c.take(HEADER_BODY)?;
+        if crc::hash(body) != crc {
+            return None;
+        }
+        let mut b = Cursor { buf: body };
+        Some(SegmentHeader {
+            file: b.u64()?,
+            order: b.u64()?,
+            replaces: b.u64()?,
+            token_floor: b.u64()?,
+            created_ms: b.u64()?,
+        })
+    }
+
+    /// Whether `buf` starts with the segment magic.
+    pub fn has_magic(buf: &[u8]) -> bool {
+        buf.get(..MAGIC.len()) == Some(&MAGIC[..])
     }
 
     /// Parses a header; `buf` may be longer than the header.

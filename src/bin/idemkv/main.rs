@@ -7,9 +7,11 @@
 //! Commands: `stats` (records by state, segments, live and dead bytes,
 //! counters; `--json` for one JSON object), `verify` (a read-only check of
 //! every record), `get` (one record and its body), `dump` (every live record
-//! as JSON lines), `compact` (a full sweep and compaction) and `backup` (a
-//! copy that opens as is). `get`, `dump` and `compact` take `--key-file`
-//! for a store whose bodies are sealed (feature `encryption`).
+//! as JSON lines), `compact` (a full sweep and compaction), `backup` (a
+//! copy that opens as is) and `salvage` (keep every valid record of a
+//! damaged directory, quarantine the damaged bytes). `get`, `dump` and
+//! `compact` take `--key-file` for a store whose bodies are sealed
+//! (feature `encryption`).
 //!
 //! # Output conventions
 //! - JSON is written by hand (no serde). A byte string that is valid UTF-8
@@ -38,6 +40,7 @@ use idemkv::{CorruptKind, Engine, Error, Options, RecordState};
 
 mod keys;
 mod render;
+mod salvage;
 use render::*;
 
 /// Success.
@@ -56,12 +59,21 @@ const EXIT_USAGE: u8 = 64;
 const LONG_ABOUT: &str = "\
 Inspect and maintain an idemkv data directory.
 
-Every command except `verify` opens the directory as an engine (no
-background thread, Durability::Sync). Like any open, this cuts off a torn
-tail left by a crash, and it fails if a running engine holds the directory.
-These commands refuse a directory that holds no segment file (*.log), so a
-mistyped path is never turned into a new data directory. `verify` only
-reads (it holds the directory lock while it does).
+Every command except `verify` and `salvage` opens the directory as an
+engine (no background thread, Durability::Sync). Like any open, this cuts
+off a torn tail left by a crash, and it fails if a running engine holds the
+directory. These commands and `salvage` refuse a directory that holds no
+segment file (*.log), so a mistyped path is never turned into a new data
+directory.
+`verify` only reads (it holds the directory lock while it does).
+
+`salvage` is for a directory that the other commands refuse as corrupt: it
+keeps every record whose checksum is valid, in its own segment file and
+order, moves each damaged byte range to a file beside the data
+(NNNNNN.log.OFFSET.quarantine), and prints what it kept and dropped. It is
+offline (it refuses a directory a running engine holds) and safe to
+interrupt: a directory it was interrupted in is refused by every other
+command until `salvage` runs again and finishes.
 
 JSON output (`stats --json`, `dump`) is written by hand: byte strings that
 are valid UTF-8 are JSON strings; others are lowercase hex under a field
@@ -77,13 +89,16 @@ the service's user only. verify, stats and backup never need keys.
 
 Exit codes:
   0   success (verify: no corruption; a torn tail is reported, but it is
-      not corruption)
+      not corruption; salvage: the directory opens now, whatever was
+      dropped, or had nothing to salvage)
   1   error: no such directory, directory locked by a running engine, I/O
       error, rejected user id or key, a bad key file, no key for a sealed
-      body
+      body, an interrupted salvage to finish
   2   corruption: damaged bytes in the log; stderr names the file and
       offset (`corrupt: <file> at offset <n>: <kind>`); also a sealed body
-      that fails authentication (altered, or a wrong key under its id)
+      that fails authentication (altered, or a wrong key under its id);
+      salvage: a segment file of a newer format, or a damaged salvage
+      manifest (nothing done)
   3   get: no live record for that user and key
   64  the command line did not parse";
 
@@ -167,6 +182,18 @@ enum Command {
         /// Where the copy goes: must not exist yet, or be empty.
         dest: PathBuf,
     },
+    /// Keep every valid record of a damaged directory; quarantine the rest.
+    ///
+    /// Every record whose checksum is valid stays in its own segment file
+    /// and order; each damaged byte range goes to
+    /// DIR/NNNNNN.log.OFFSET.quarantine, as it was. Prints what was kept and
+    /// dropped, and the keys affected where they can be read. Offline:
+    /// refuses a directory a running engine holds. Safe to interrupt: run
+    /// it again to finish.
+    Salvage {
+        /// The data directory.
+        dir: PathBuf,
+    },
 }
 
 /// Why a command failed; each kind has its own exit code.
@@ -194,6 +221,11 @@ impl From<Error> for Failure {
             missing @ Error::MissingKey { .. } => {
                 Failure::Error(format!("{missing} (give --key-file with that key)"))
             }
+            Error::SalvagePending { dir } => Failure::Error(format!(
+                "an interrupted salvage of {} is pending; run `idemkv salvage {}` to finish it",
+                dir.display(),
+                dir.display()
+            )),
             other => Failure::Error(with_sources(&other)),
         }
     }
@@ -343,6 +375,11 @@ fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
             )?;
             Ok(())
         }
+        Command::Salvage { dir } => {
+            require_data(&dir)?;
+            let report = idemkv::salvage(&dir)?;
+            salvage::salvage_text(out, &dir, &report)
+        }
     }
 }
 
@@ -365,10 +402,8 @@ fn require_dir(dir: &Path) -> Result<(), Failure> {
     }
 }
 
-/// Opens the engine on an existing data directory, with the keys of
-/// `key_file` if given. Checks first, because `Engine::open` creates a
-/// missing directory and an empty log.
-fn open(dir: &Path, key_file: Option<&Path>) -> Result<Engine, Failure> {
+/// Fails unless `dir` is an existing directory holding a segment file.
+fn require_data(dir: &Path) -> Result<(), Failure> {
     require_dir(dir)?;
     let entries = std::fs::read_dir(dir)
         .map_err(|e| Failure::Error(format!("cannot list {}: {e}", dir.display())))?;
@@ -387,6 +422,14 @@ fn open(dir: &Path, key_file: Option<&Path>) -> Result<Engine, Failure> {
             dir.display()
         )));
     }
+    Ok(())
+}
+
+/// Opens the engine on an existing data directory, with the keys of
+/// `key_file` if given. Checks first, because `Engine::open` creates a
+/// missing directory and an empty log.
+fn open(dir: &Path, key_file: Option<&Path>) -> Result<Engine, Failure> {
+    require_data(dir)?;
     let options = keys::with_keys(
         Options {
             background: false,
