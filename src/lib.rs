@@ -76,6 +76,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
 mod clock;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 #[cfg(test)]
 mod collision_tests;
 mod compact;

@@ -4,6 +4,7 @@
 
 mod asynch;
 mod backup;
+mod ingest;
 mod inspect;
 mod owner;
 mod read;
@@ -86,6 +87,17 @@ impl Engine {
     /// As [`Engine::open`], except for the directory lock, which belongs to
     /// the storage.
     pub fn open_with_storage(storage: Arc<dyn Storage>, options: Options) -> Result<Engine> {
+        Engine::open_as(storage, options, instance_id())
+    }
+
+    /// [`Engine::open_with_storage`] with a chosen instance number: the
+    /// copies of one cluster partition share one, so that a lease granted by
+    /// one owner stays valid (by its token) under the next.
+    pub(crate) fn open_as(
+        storage: Arc<dyn Storage>,
+        options: Options,
+        instance: u64,
+    ) -> Result<Engine> {
         options.validate()?;
         let counters = Arc::new(Counters::default());
         let index = Arc::new(Index::new(options.shards));
@@ -124,7 +136,7 @@ impl Engine {
         });
         Ok(Engine {
             clock,
-            instance: instance_id(),
+            instance,
             options,
             index,
             log,

@@ -216,7 +216,7 @@ impl Log {
     /// # Errors
     /// The leader's sync error for the leader; [`Error::Poisoned`] for every
     /// caller after a failed sync.
-    pub(super) fn sync_past(&self, at: u64) -> Result<()> {
+    pub(crate) fn sync_past(&self, at: u64) -> Result<()> {
         loop {
             if self.is_durable(at) {
                 return Ok(());

@@ -378,6 +378,18 @@ impl Log {
         Ok(())
     }
 
+    /// Makes every token handed out from now on, and the floor of every
+    /// segment created from now on, greater than `token`: a record copied
+    /// in from another copy of the log (`Engine::ingest`)
+    /// carries tokens this log never handed out. If that passes the
+    /// reserved limit, the next `begin` reserves a new block first.
+    #[cfg_attr(not(all(feature = "cluster", test)), allow(dead_code))]
+    pub(crate) fn raise_tokens_past(&self, token: u64) {
+        let above = token.saturating_add(1);
+        self.next_token.fetch_max(above, Ordering::SeqCst);
+        self.reserve_target.fetch_max(above, Ordering::SeqCst);
+    }
+
     /// The token floor of a segment created now: above every token handed
     /// out, or that may be handed out before the next reservation.
     pub(super) fn token_floor(&self) -> u64 {

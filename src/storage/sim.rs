@@ -221,6 +221,35 @@ impl SimDisk {
         }
     }
 
+    /// The disk as a process that dies now (`kill -9`) leaves it: a new,
+    /// independent disk holding every live name and byte, synced or not
+    /// (the operating system still has them), and made durable there.
+    pub fn kill(&self) -> SimDisk {
+        let state = self.state.lock();
+        let mut inodes = Vec::new();
+        let mut names = HashMap::new();
+        for (name, &ino) in &state.live_names {
+            let Some(inode) = state.inodes.get(ino) else {
+                continue;
+            };
+            let bytes = inode.lock().live.clone();
+            names.insert(name.clone(), inodes.len());
+            inodes.push(Arc::new(Mutex::new(Inode {
+                live: bytes.clone(),
+                durable: bytes,
+                ..Inode::default()
+            })));
+        }
+        SimDisk {
+            state: Arc::new(Mutex::new(State {
+                inodes,
+                durable_names: names.clone(),
+                live_names: names,
+                ..State::default()
+            })),
+        }
+    }
+
     /// The names of the live files.
     pub fn names(&self) -> Vec<String> {
         self.state.lock().live_names.keys().cloned().collect()
