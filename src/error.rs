@@ -196,6 +196,42 @@ pub enum Error {
         /// The accepted range.
         problem: &'static str,
     },
+
+    /// A cluster node (`cluster::Node`) could not get an answer for the
+    /// user's partition: see [`Unavailable`] for what is known of the call.
+    #[error("the cluster is unavailable (partition {partition:?}): {reason}")]
+    Unavailable {
+        /// The user's partition (`None`: the cluster as a whole, as when a
+        /// node cannot start).
+        partition: Option<u32>,
+        /// Why, and whether the call may have happened.
+        reason: Unavailable,
+    },
+}
+
+/// Why a cluster node could not answer ([`Error::Unavailable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// No node served the partition within the forwarding timeout (it is
+    /// moving, or its owner is down and its ownership has not expired yet).
+    /// The call did not happen.
+    #[error("no node serves it")]
+    NoOwner,
+    /// The NATS connection failed or timed out while the call was
+    /// forwarded: the call may or may not have happened (a retry with the
+    /// same key is safe: that is what the key is for).
+    #[error("the forwarded call got no answer")]
+    NoAnswer,
+    /// The owner's copy of the partition failed (its changelog refused an
+    /// append, or its disk failed): the call was not acknowledged; the
+    /// partition moves or reopens.
+    #[error("the owner's copy of the partition failed")]
+    CopyFailed,
+    /// The NATS system could not be reached, or refused the cluster's
+    /// streams or buckets.
+    #[error("NATS JetStream could not be reached or refused the request")]
+    Nats,
 }
 
 /// Which argument an [`Error::InvalidKey`] is about.

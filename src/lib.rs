@@ -112,7 +112,7 @@ pub use engine::{
     AsyncEngine, AsyncRunContext, BackupReport, Engine, Inspection, RecordDump, SegmentInfo,
     VerifyReport, verify, verify_storage,
 };
-pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result};
+pub use error::{CorruptKind, Error, IoOp, KeyPart, KeyProblem, LostReason, Result, Unavailable};
 pub use heartbeat::Heartbeat;
 pub use once::{
     BODY_NOT_KEPT, Delivery, Done, ReplayHook, RunContext, RunError, RunOptions, RunReplay,

@@ -11,11 +11,14 @@
 //! log hold its record, and a former owner can never append after another
 //! node fenced the stream.
 
-// Used by the node (under way); until then only by the tests.
-#[allow(dead_code)]
+mod jetstream;
+mod node;
+mod options;
+mod partition;
 mod replicate;
 #[cfg(test)]
 mod replicate_tests;
+mod wire;
 
-#[allow(unused_imports)]
-pub(crate) use replicate::{Changelog, ReplicatingStorage, Replication, reconcile};
+pub use node::Node;
+pub use options::ClusterOptions;

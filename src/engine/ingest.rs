@@ -16,7 +16,7 @@
 //!   the floor of every segment created later (`Log::raise_tokens_past`).
 
 // Only the cluster copies records in.
-#![cfg_attr(not(all(feature = "cluster", test)), allow(dead_code))]
+#![cfg_attr(not(feature = "cluster"), allow(dead_code))]
 
 use crate::clock::Now;
 use crate::error::{CorruptKind, Error, Result};

@@ -383,7 +383,7 @@ impl Log {
     /// in from another copy of the log (`Engine::ingest`)
     /// carries tokens this log never handed out. If that passes the
     /// reserved limit, the next `begin` reserves a new block first.
-    #[cfg_attr(not(all(feature = "cluster", test)), allow(dead_code))]
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn raise_tokens_past(&self, token: u64) {
         let above = token.saturating_add(1);
         self.next_token.fetch_max(above, Ordering::SeqCst);

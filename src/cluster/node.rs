@@ -1,0 +1,638 @@
+//! [`Node`]: one member of a cluster. It answers every call: from its own
+//! copy when it serves the user's partition, else by forwarding the call to
+//! the partition's owner over NATS request/reply.
+//!
+//! # Ownership
+//! The owners bucket (a JetStream key-value bucket whose entries expire
+//! `ownership_ttl` after their last write) holds, per partition, the id of
+//! the node that serves it. A node claims a free partition with `create`
+//! (which fails if the entry exists), renews it with `update` expecting its
+//! last revision (which fails if anyone else wrote it), and answers for the
+//! partition only until three quarters of the TTL after its last renewal
+//! started: an owner that stops renewing (killed, paused, cut off) stops
+//! answering before anyone else may claim. Appends do not rely on that
+//! timing: they are fenced on the stream (`partition.rs`).
+//!
+//! Which partitions a node claims: the members bucket lists the live nodes;
+//! each partition has a preferred node (rendezvous hashing over the live
+//! ids), which claims it when it is free; a node that serves a partition
+//! another live node prefers hands it off (closes its copy, deletes its
+//! entry). A free partition whose preferred node is not live is claimed by
+//! any node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::{Mutex, RwLock};
+
+use super::jetstream::Names;
+use super::options::{ClusterOptions, partition_of};
+use super::partition::{Ctx, Served};
+use super::wire::{Call, Reply};
+use crate::error::{Error, Result, Unavailable};
+use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordView};
+
+/// A member of a cluster: the same calls as [`AsyncEngine`](crate::AsyncEngine),
+/// answered for any user from any node. `Clone + Send + Sync`; clones share
+/// the node.
+///
+/// A node runs its NATS connection and background work on a small runtime
+/// of its own (two threads), so its calls can be made from any tokio
+/// runtime, current-thread or multi-thread.
+#[derive(Clone, Debug)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ctx: Ctx,
+    client: async_nats::Client,
+    owners: kv::Store,
+    members: kv::Store,
+    /// The partitions this node serves or is taking over.
+    served: RwLock<HashMap<u32, Arc<Served>>>,
+    /// When each free partition was first seen free (by this node).
+    free_since: Mutex<HashMap<u32, Instant>>,
+    stopped: AtomicBool,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.lock().take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn nats_error<E: std::fmt::Debug>(e: E) -> Error {
+    crate::trace::event!(warn, error = ?e, "NATS refused or failed");
+    let _ = e;
+    Error::Unavailable {
+        partition: None,
+        reason: Unavailable::Nats,
+    }
+}
+
+/// The key of partition `p` in the owners bucket.
+fn owner_key(p: u32) -> String {
+    format!("p{p}")
+}
+
+/// The live node that prefers partition `p` (rendezvous hashing).
+fn preferred(live: &[String], p: u32) -> Option<&str> {
+    live.iter()
+        .max_by_key(|id| xxhash_rust::xxh3::xxh3_64(format!("{id}/{p}").as_bytes()))
+        .map(String::as_str)
+}
+
+/// Finds or creates a key-value bucket. The bucket's stream is made here
+/// with the key-value conventions (the client's own `create_key_value`
+/// first asks for account information in a form nats-server 2.9 does not
+/// send).
+async fn bucket(
+    js: &jetstream::Context,
+    name: String,
+    options: &ClusterOptions,
+) -> Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let config = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age: options.ownership_ttl,
+        duplicate_window: options.ownership_ttl,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: options.replicas,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    // Another node may create it meanwhile: then it is there to get.
+    let _ = js.get_or_create_stream(config).await;
+    js.get_key_value(&name).await.map_err(nats_error)
+}
+
+impl Node {
+    /// Joins the cluster: connects to NATS, creates the cluster's buckets
+    /// if they are missing, and starts claiming partitions in the
+    /// background (calls made before this node or another serves a
+    /// partition wait for it, up to `forward_timeout`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`]; [`Error::Unavailable`] with
+    /// [`Unavailable::Nats`] if NATS cannot be reached or refuses the
+    /// buckets; [`Error::Io`] if the data directory cannot be made.
+    pub async fn start(options: ClusterOptions) -> Result<Node> {
+        options.validate()?;
+        std::fs::create_dir_all(&options.data_dir)
+            .map_err(|e| Error::io(crate::error::IoOp::Create, options.data_dir.clone(), e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("idemkv-cluster")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io(crate::error::IoOp::Create, options.data_dir.clone(), e))?;
+        let handle = runtime.handle().clone();
+        let options = Arc::new(options);
+        let setup = {
+            let options = Arc::clone(&options);
+            handle.spawn(async move {
+                let addrs: Vec<async_nats::ServerAddr> = options
+                    .nats_urls
+                    .iter()
+                    .map(|u| u.parse())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(nats_error)?;
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .connection_timeout(options.forward_timeout)
+                    .connect(addrs)
+                    .await
+                    .map_err(nats_error)?;
+                let js = jetstream::new(client.clone());
+                let names = Names::new(&options.name);
+                let owners = bucket(&js, names.owners(), &options).await?;
+                let members = bucket(&js, names.members(), &options).await?;
+                Ok::<_, Error>((client, js, owners, members))
+            })
+        };
+        let (client, js, owners, members) =
+            match tokio::time::timeout(options.forward_timeout * 2, setup).await {
+                Ok(Ok(Ok(setup))) => setup,
+                failed => {
+                    // Dropping a runtime may block: not on the caller's.
+                    runtime.shutdown_background();
+                    return Err(match failed {
+                        Ok(Ok(Err(e))) => e,
+                        _ => nats_error(()),
+                    });
+                }
+            };
+        let inner = Arc::new(Inner {
+            ctx: Ctx {
+                names: Names::new(&options.name),
+                options,
+                js,
+                runtime: handle.clone(),
+            },
+            client,
+            owners,
+            members,
+            served: RwLock::default(),
+            free_since: Mutex::default(),
+            stopped: AtomicBool::new(false),
+            runtime: Mutex::new(Some(runtime)),
+        });
+        handle.spawn(background(Arc::downgrade(&inner)));
+        Ok(Node { inner })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.inner.ctx.options.node_id
+    }
+
+    /// The partition of `user`.
+    pub fn partition_of(&self, user: impl AsRef<[u8]>) -> u32 {
+        partition_of(user.as_ref(), self.inner.ctx.options.partitions)
+    }
+
+    /// The partitions this node answers for now, in order.
+    pub fn serving(&self) -> Vec<u32> {
+        let mut served: Vec<u32> = self
+            .inner
+            .served
+            .read()
+            .values()
+            .filter(|s| s.valid())
+            .map(|s| s.partition)
+            .collect();
+        served.sort_unstable();
+        served
+    }
+
+    /// Leaves the cluster: stops claiming, hands every partition it serves
+    /// off (closing its copy and freeing its entry, so another node claims
+    /// it at once), and leaves the members bucket. Calls made after it fail
+    /// with [`Error::Closed`].
+    pub async fn shutdown(&self) {
+        let inner = Arc::clone(&self.inner);
+        if inner.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let work = {
+            let inner = Arc::clone(&inner);
+            inner.ctx.runtime.clone().spawn(async move {
+                let served: Vec<_> = inner.served.write().drain().collect();
+                for (p, s) in served {
+                    s.close().await;
+                    let rev = s.revision.load(Ordering::SeqCst);
+                    let _ = inner
+                        .owners
+                        .delete_expect_revision(owner_key(p), Some(rev))
+                        .await;
+                }
+                let _ = inner.members.delete(&inner.ctx.options.node_id).await;
+            })
+        };
+        let _ = work.await;
+    }
+
+    /// Runs `call` on the owner of its user's partition.
+    async fn call(&self, call: Call, waits: Duration) -> Result<Reply> {
+        let inner = &self.inner;
+        if inner.stopped.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let p = self.partition_of(call.user());
+        let deadline = Instant::now() + inner.ctx.options.forward_timeout;
+        let payload = call.encode();
+        loop {
+            let local = inner.served.read().get(&p).cloned();
+            let mut forward = true;
+            if let Some(served) = local.filter(|s| s.valid()) {
+                match served.execute(call.clone()).await {
+                    Reply::NotOwner => {}
+                    reply => return Ok(reply),
+                }
+                forward = !served.valid();
+            }
+            if forward {
+                let request = async_nats::Request::new()
+                    .payload(payload.clone())
+                    .timeout(Some(inner.ctx.options.forward_timeout + waits));
+                match inner
+                    .client
+                    .send_request(inner.ctx.names.call_subject(p), request)
+                    .await
+                {
+                    Ok(message) => match Reply::decode(&message.payload) {
+                        Some(Reply::NotOwner) => {}
+                        Some(reply) => return Ok(reply),
+                        None => return Err(no_answer(p)),
+                    },
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                    Err(_) => return Err(no_answer(p)),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable {
+                    partition: Some(p),
+                    reason: Unavailable::NoOwner,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// [`AsyncEngine::begin`](crate::AsyncEngine::begin), on the owner of
+    /// `user`'s partition.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::begin`, and [`Error::Unavailable`].
+    pub async fn begin(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+    ) -> Result<Begin> {
+        let call = Call::Begin {
+            user: Bytes::copy_from_slice(user.as_ref()),
+            key: Bytes::copy_from_slice(key.as_ref()),
+            fingerprint,
+        };
+        match self.call(call, Duration::ZERO).await? {
+            Reply::Begin(b) => Ok(b),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::begin_wait`](crate::AsyncEngine::begin_wait), on the
+    /// owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::begin_wait`, and [`Error::Unavailable`].
+    pub async fn begin_wait(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<Begin> {
+        let call = Call::BeginWait {
+            user: Bytes::copy_from_slice(user.as_ref()),
+            key: Bytes::copy_from_slice(key.as_ref()),
+            fingerprint,
+            timeout,
+        };
+        match self.call(call, timeout).await? {
+            Reply::Begin(b) => Ok(b),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::wait`](crate::AsyncEngine::wait), on the owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::wait`, and [`Error::Unavailable`].
+    pub async fn wait(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> Result<Option<Outcome>> {
+        let call = Call::Wait {
+            user: Bytes::copy_from_slice(user.as_ref()),
+            key: Bytes::copy_from_slice(key.as_ref()),
+            fingerprint,
+            timeout,
+        };
+        match self.call(call, timeout).await? {
+            Reply::Outcome(o) => Ok(o),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::complete`](crate::AsyncEngine::complete), on the
+    /// owner (any node: a lease from one node completes through another).
+    ///
+    /// # Errors
+    /// As `AsyncEngine::complete`, and [`Error::Unavailable`].
+    pub async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<()> {
+        self.complete_inner(lease, outcome, None).await
+    }
+
+    /// [`AsyncEngine::complete_with_ttl`](crate::AsyncEngine::complete_with_ttl),
+    /// on the owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::complete_with_ttl`, and [`Error::Unavailable`].
+    pub async fn complete_with_ttl(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.complete_inner(lease, outcome, Some(ttl)).await
+    }
+
+    async fn complete_inner(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let call = Call::Complete {
+            lease: lease.clone(),
+            outcome,
+            ttl,
+        };
+        match self.call(call, Duration::ZERO).await? {
+            Reply::Done => Ok(()),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::release`](crate::AsyncEngine::release), on the owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::release`, and [`Error::Unavailable`].
+    pub async fn release(&self, lease: &Lease) -> Result<()> {
+        let call = Call::Release {
+            lease: lease.clone(),
+        };
+        match self.call(call, Duration::ZERO).await? {
+            Reply::Done => Ok(()),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::extend`](crate::AsyncEngine::extend), on the owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::extend`, and [`Error::Unavailable`].
+    pub async fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
+        let call = Call::Extend {
+            lease: lease.clone(),
+            by,
+        };
+        match self.call(call, Duration::ZERO).await? {
+            Reply::Lease(l) => Ok(l),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::outcome`](crate::AsyncEngine::outcome), on the owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::outcome`, and [`Error::Unavailable`].
+    pub async fn outcome(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Outcome>> {
+        let call = Call::Outcome {
+            user: Bytes::copy_from_slice(user.as_ref()),
+            key: Bytes::copy_from_slice(key.as_ref()),
+        };
+        match self.call(call, Duration::ZERO).await? {
+            Reply::Outcome(o) => Ok(o),
+            other => unexpected(other),
+        }
+    }
+
+    /// [`AsyncEngine::get`](crate::AsyncEngine::get), on the owner.
+    ///
+    /// # Errors
+    /// As `AsyncEngine::get`, and [`Error::Unavailable`].
+    pub async fn get(
+        &self,
+        user: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<RecordView>> {
+        let call = Call::Get {
+            user: Bytes::copy_from_slice(user.as_ref()),
+            key: Bytes::copy_from_slice(key.as_ref()),
+        };
+        match self.call(call, Duration::ZERO).await? {
+            Reply::View(v) => Ok(v),
+            other => unexpected(other),
+        }
+    }
+}
+
+fn no_answer(p: u32) -> Error {
+    Error::Unavailable {
+        partition: Some(p),
+        reason: Unavailable::NoAnswer,
+    }
+}
+
+/// A reply of the wrong shape (or a failure) as the call's result.
+fn unexpected<T>(reply: Reply) -> Result<T> {
+    match reply {
+        Reply::Failed(e) => Err(e),
+        _ => Err(Error::Unavailable {
+            partition: None,
+            reason: Unavailable::NoAnswer,
+        }),
+    }
+}
+
+/// The node's background work: a round every quarter of the ownership TTL.
+async fn background(weak: Weak<Inner>) {
+    loop {
+        let tick = {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            round(&inner).await;
+            inner.ctx.options.ownership_ttl / 4
+        };
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// One round: renew membership, renew or give up what this node serves,
+/// claim the free partitions it should serve.
+async fn round(inner: &Arc<Inner>) {
+    let options = &inner.ctx.options;
+    let me = options.node_id.as_str();
+    let started = Instant::now();
+    let until = started + options.ownership_ttl * 3 / 4;
+    if inner.members.put(me, Bytes::new()).await.is_err() {
+        return; // NATS is unreachable: every renewal would fail too
+    }
+    let mut live: Vec<String> = match inner.members.keys().await {
+        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+        Err(_) => return,
+    };
+    if !live.iter().any(|id| id == me) {
+        live.push(me.to_owned());
+    }
+    for p in 0..options.partitions {
+        let wanted = preferred(&live, p) == Some(me);
+        let served = inner.served.read().get(&p).cloned();
+        match served {
+            Some(s) if s.is_lost() => {
+                inner.served.write().remove(&p);
+                s.close().await;
+            }
+            Some(s) if !wanted && s.valid() => {
+                // Another live node prefers it: hand it off.
+                inner.served.write().remove(&p);
+                s.close().await;
+                let rev = s.revision.load(Ordering::SeqCst);
+                let _ = inner
+                    .owners
+                    .delete_expect_revision(owner_key(p), Some(rev))
+                    .await;
+            }
+            Some(s) => {
+                let rev = s.revision.load(Ordering::SeqCst);
+                match inner
+                    .owners
+                    .update(owner_key(p), Bytes::from(me.to_owned()), rev)
+                    .await
+                {
+                    Ok(rev) => s.renew(until, rev),
+                    Err(_) => {
+                        s.lose();
+                        inner.served.write().remove(&p);
+                        s.close().await;
+                    }
+                }
+            }
+            None => {
+                let free = match inner.owners.entry(owner_key(p)).await {
+                    Ok(None) => true,
+                    Ok(Some(entry)) => entry.operation != kv::Operation::Put,
+                    Err(_) => false,
+                };
+                if !free {
+                    inner.free_since.lock().remove(&p);
+                    continue;
+                }
+                // The preferred node claims a free partition; if it has not
+                // within a TTL (it is stuck, or cannot open its copy), any
+                // node does.
+                let since = *inner.free_since.lock().entry(p).or_insert(started);
+                if wanted || started.duration_since(since) > options.ownership_ttl {
+                    inner.free_since.lock().remove(&p);
+                    claim(inner, p, until).await;
+                }
+            }
+        }
+    }
+}
+
+/// Claims free partition `p` and takes it over in the background.
+async fn claim(inner: &Arc<Inner>, p: u32, until: Instant) {
+    let me = inner.ctx.options.node_id.clone();
+    let Ok(rev) = inner.owners.create(owner_key(p), Bytes::from(me)).await else {
+        return; // another node was quicker
+    };
+    let served = Arc::new(Served::claimed(p, rev, until));
+    inner.served.write().insert(p, Arc::clone(&served));
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        if served.take_over(&inner.ctx).await.is_err() {
+            inner.served.write().remove(&p);
+            let rev = served.revision.load(Ordering::SeqCst);
+            let _ = inner
+                .owners
+                .delete_expect_revision(owner_key(p), Some(rev))
+                .await;
+            return;
+        }
+        let (client, subject) = (inner.client.clone(), inner.ctx.names.call_subject(p));
+        drop(inner);
+        answer_calls(client, subject, served).await;
+    });
+}
+
+/// Answers the calls forwarded to partition `p` while this node serves it.
+/// (It holds no reference to the node, so that dropping the node stops it.)
+async fn answer_calls(client: async_nats::Client, subject: String, served: Arc<Served>) {
+    let Ok(mut calls) = client.queue_subscribe(subject, "owner".into()).await else {
+        served.lose();
+        return;
+    };
+    loop {
+        let message = tokio::select! {
+            message = calls.next() => message,
+            () = served.lost_signal.notified() => None,
+        };
+        let Some(message) = message else { break };
+        if served.is_lost() {
+            break;
+        }
+        let (served, client) = (Arc::clone(&served), client.clone());
+        tokio::spawn(async move {
+            let reply = match Call::decode(&message.payload) {
+                Some(call) => served.execute(call).await,
+                None => Reply::Failed(Error::Unavailable {
+                    partition: Some(served.partition),
+                    reason: Unavailable::NoAnswer,
+                }),
+            };
+            if let Some(to) = message.reply {
+                let _ = client.publish(to, reply.encode()).await;
+            }
+        });
+    }
+    let _ = calls.unsubscribe().await;
+}

@@ -1,0 +1,160 @@
+//! The cluster against real NATS servers started by the test: calls from
+//! any node, leases across nodes, a node that dies and comes back.
+
+mod nats;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use idemkv::cluster::{ClusterOptions, Node};
+use idemkv::{Begin, Fingerprint, Outcome};
+
+const PARTITIONS: u32 = 4;
+
+fn options(id: &str, dir: &Path, urls: Vec<String>, replicas: usize) -> ClusterOptions {
+    let mut o = ClusterOptions::new(id, dir, urls);
+    o.partitions = PARTITIONS;
+    o.replicas = replicas;
+    o.ownership_ttl = Duration::from_secs(1);
+    o.forward_timeout = Duration::from_secs(15);
+    o
+}
+
+/// Waits until the nodes between them serve every partition, each once.
+async fn until_served(nodes: &[&Node]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut all: Vec<u32> = nodes.iter().flat_map(|n| n.serving()).collect();
+        all.sort_unstable();
+        if all == (0..PARTITIONS).collect::<Vec<_>>() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never all served: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn outcome(i: usize) -> Outcome {
+    Outcome {
+        status: 201,
+        body: format!("charged {i}").into(),
+    }
+}
+
+fn fp(i: usize) -> Fingerprint {
+    Fingerprint::of(format!("request {i}").as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_answers_and_a_lease_completes_through_another() {
+    let nats = nats::Nats::start(1);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Node::start(options("a", da.path(), nats.urls(), 1))
+        .await
+        .unwrap();
+    let b = Node::start(options("b", db.path(), nats.urls(), 1))
+        .await
+        .unwrap();
+    until_served(&[&a, &b]).await;
+    // Both serve a share, so half the calls below are forwarded.
+    assert!(!a.serving().is_empty() && !b.serving().is_empty());
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let Begin::Started(lease) = a.begin(&user, "order", fp(i)).await.unwrap() else {
+            panic!("a fresh key starts")
+        };
+        // In flight, from either node.
+        for n in [&a, &b] {
+            assert!(matches!(
+                n.begin(&user, "order", fp(i)).await.unwrap(),
+                Begin::InFlight { .. }
+            ));
+        }
+        // The lease from a completes through b.
+        b.complete(&lease, outcome(i)).await.unwrap();
+        for n in [&a, &b] {
+            match n.begin(&user, "order", fp(i)).await.unwrap() {
+                Begin::Replay(o) => assert_eq!(o, outcome(i)),
+                other => panic!("user {i}: {other:?}"),
+            }
+            assert!(matches!(
+                n.begin(&user, "order", fp(i + 1)).await.unwrap(),
+                Begin::Mismatch
+            ));
+            assert_eq!(n.outcome(&user, "order").await.unwrap(), Some(outcome(i)));
+        }
+        // A completed lease cannot complete again, from anywhere.
+        assert!(a.complete(&lease, outcome(0)).await.is_err());
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_loses_its_partitions_but_no_acknowledged_record() {
+    let nats = nats::Nats::start(1);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Node::start(options("a", da.path(), nats.urls(), 1))
+        .await
+        .unwrap();
+    let b = Node::start(options("b", db.path(), nats.urls(), 1))
+        .await
+        .unwrap();
+    until_served(&[&a, &b]).await;
+    let mut leases = Vec::new();
+    for i in 0..60 {
+        let user = format!("user-{i}");
+        let Begin::Started(lease) = a.begin(&user, "order", fp(i)).await.unwrap() else {
+            panic!("a fresh key starts")
+        };
+        if i % 3 == 0 {
+            leases.push((i, lease)); // left in flight
+        } else {
+            a.complete(&lease, outcome(i)).await.unwrap();
+        }
+    }
+    // a dies without handing anything off: its entries expire.
+    drop(a);
+    until_served(&[&b]).await;
+    for i in (0..60).filter(|i| i % 3 != 0) {
+        match b.begin(format!("user-{i}"), "order", fp(i)).await.unwrap() {
+            Begin::Replay(o) => assert_eq!(o, outcome(i)),
+            other => panic!("user {i} after failover: {other:?}"),
+        }
+    }
+    // The in-flight leases are still live, and complete through b.
+    for (i, lease) in &leases {
+        let user = format!("user-{i}");
+        assert!(matches!(
+            b.begin(&user, "order", fp(*i)).await.unwrap(),
+            Begin::InFlight { .. }
+        ));
+        b.complete(lease, outcome(*i)).await.unwrap();
+    }
+    // a comes back on its directory, catches up, and takes its share again.
+    let a = Node::start(options("a", da.path(), nats.urls(), 1))
+        .await
+        .unwrap();
+    // b hands a its share (the partitions a is preferred for) once a shows
+    // up in the members bucket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.serving().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "a rejoined but was never handed a partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_served(&[&a, &b]).await;
+    for i in 0..60 {
+        match a.begin(format!("user-{i}"), "order", fp(i)).await.unwrap() {
+            Begin::Replay(o) => assert_eq!(o, outcome(i)),
+            other => panic!("user {i} after rejoin: {other:?}"),
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
