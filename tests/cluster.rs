@@ -58,9 +58,17 @@ async fn any_node_answers_and_a_lease_completes_through_another() {
     let b = Node::start(options("b", db.path(), nats.urls(), 1))
         .await
         .unwrap();
+    // Both serve a share (once each sees the other in the members bucket),
+    // so about half the calls below are forwarded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.serving().is_empty() || b.serving().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were never shared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     until_served(&[&a, &b]).await;
-    // Both serve a share, so half the calls below are forwarded.
-    assert!(!a.serving().is_empty() && !b.serving().is_empty());
     for i in 0..40 {
         let user = format!("user-{i}");
         let Begin::Started(lease) = a.begin(&user, "order", fp(i)).await.unwrap() else {
@@ -153,6 +161,67 @@ async fn a_node_that_dies_loses_its_partitions_but_no_acknowledged_record() {
         match a.begin(format!("user-{i}"), "order", fp(i)).await.unwrap() {
             Begin::Replay(o) => assert_eq!(o, outcome(i)),
             other => panic!("user {i} after rejoin: {other:?}"),
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Begins and completes `user`'s key through `node`, retrying through
+/// failures (a retry is what the key is for) until it is completed or
+/// replayed; returns what the store holds for it.
+async fn charge(node: &Node, user: &str, i: usize) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "{user} never completed");
+        match node
+            .begin_wait(user, "order", fp(i), Duration::from_secs(5))
+            .await
+        {
+            Ok(Begin::Started(lease)) => {
+                if node.complete(&lease, outcome(i)).await.is_ok() {
+                    return outcome(i);
+                }
+            }
+            Ok(Begin::Replay(o)) => return o,
+            Ok(Begin::Mismatch) => panic!("{user}: mismatch"),
+            Ok(Begin::InFlight { .. }) | Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_server_killed_and_restarted_loses_no_acknowledged_record() {
+    let mut nats = nats::Nats::start(3);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut oa = options("a", da.path(), nats.urls(), 3);
+    oa.engine.lease_ttl = Duration::from_secs(2);
+    let mut ob = options("b", db.path(), nats.urls(), 3);
+    ob.engine.lease_ttl = Duration::from_secs(2);
+    let a = Node::start(oa).await.unwrap();
+    let b = Node::start(ob).await.unwrap();
+    until_served(&[&a, &b]).await;
+    let mut done = Vec::new();
+    for i in 0..240 {
+        if i == 80 {
+            nats.servers[1].kill();
+        }
+        if i == 160 {
+            nats.servers[1].restart();
+        }
+        let node = if i % 2 == 0 { &a } else { &b };
+        done.push(charge(node, &format!("user-{i}"), i).await);
+    }
+    for (i, want) in done.iter().enumerate() {
+        for n in [&a, &b] {
+            assert_eq!(
+                n.outcome(format!("user-{i}"), "order")
+                    .await
+                    .unwrap()
+                    .as_ref(),
+                Some(want)
+            );
         }
     }
     a.shutdown().await;
