@@ -100,6 +100,7 @@ mod salvage;
 mod state;
 mod stats;
 pub mod storage;
+pub mod store;
 mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -123,3 +124,4 @@ pub use salvage::{
     salvage_storage,
 };
 pub use stats::{INDEX_SLOT_BYTES, Stats};
+pub use store::IdempotencyStore;

@@ -7,11 +7,12 @@ use super::lease::Claim;
 use super::respond::{Stored, not_kept_body};
 use super::stored::*;
 use super::*;
-use crate::{Begin, Durability, Fingerprint, Options};
+use crate::{AsyncEngine, Begin, Durability, Engine, Fingerprint, Options};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
+use std::sync::Arc;
 
 #[test]
 fn retry_after_rounds_up_to_whole_seconds() {
@@ -310,7 +311,7 @@ fn too_large_outcome_is_stored_in_the_largest_not_kept_form_that_fits() {
     ] {
         let (_dir, engine, lease) = engine_and_lease(max);
         let stored_response = Stored {
-            engine: Arc::clone(&engine),
+            store: AsyncEngine::new(Arc::clone(&engine)),
             lease,
             status: 201,
             kept: kept.clone(),
@@ -334,12 +335,12 @@ fn too_large_outcome_is_stored_in_the_largest_not_kept_form_that_fits() {
 #[test]
 fn claim_dropped_outside_a_runtime_releases_the_key_at_once() {
     let (_dir, engine, lease) = engine_and_lease(1 << 20);
-    drop(Claim::new(Arc::clone(&engine), lease));
+    drop(Claim::new(AsyncEngine::new(Arc::clone(&engine)), lease));
     assert!(engine.get("u", "k").unwrap().is_none());
     // Disarmed, it leaves the lease alone.
     let Begin::Started(lease) = engine.begin("u", "k", Fingerprint::of(b"r")).unwrap() else {
         panic!("released");
     };
-    let _lease = Claim::new(Arc::clone(&engine), lease).into_lease();
+    let _lease = Claim::new(AsyncEngine::new(Arc::clone(&engine)), lease).into_lease();
     assert!(engine.get("u", "k").unwrap().is_some());
 }
