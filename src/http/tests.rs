@@ -1,5 +1,5 @@
 //! Unit tests of the stored-response encoding, header parsing, the kept
-//! headers, the store policy and the not-kept fallbacks.
+//! headers, the store policy, the not-kept fallbacks and a dropped claim.
 
 use super::handle::*;
 use super::headers::*;
@@ -12,7 +12,9 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[test]
 fn retry_after_rounds_up_to_whole_seconds() {
@@ -343,4 +345,113 @@ fn claim_dropped_outside_a_runtime_releases_the_key_at_once() {
     };
     let _lease = Claim::new(AsyncEngine::new(Arc::clone(&engine)), lease).into_lease();
     assert!(engine.get("u", "k").unwrap().is_some());
+}
+
+/// The engine as a store that can release only asynchronously (the
+/// trait's provided `release_now`, `heartbeat` and `begin_waited`), as a
+/// remote store does.
+#[derive(Clone)]
+struct AsyncOnly(AsyncEngine);
+
+impl IdempotencyStore for AsyncOnly {
+    fn begin(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+    ) -> impl Future<Output = crate::Result<Begin>> + Send {
+        IdempotencyStore::begin(&self.0, user, key, fingerprint)
+    }
+
+    fn begin_wait(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> impl Future<Output = crate::Result<Begin>> + Send {
+        IdempotencyStore::begin_wait(&self.0, user, key, fingerprint, timeout)
+    }
+
+    fn wait(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> impl Future<Output = crate::Result<Option<crate::Outcome>>> + Send {
+        IdempotencyStore::wait(&self.0, user, key, fingerprint, timeout)
+    }
+
+    fn complete(
+        &self,
+        lease: &crate::Lease,
+        outcome: crate::Outcome,
+    ) -> impl Future<Output = crate::Result<()>> + Send {
+        IdempotencyStore::complete(&self.0, lease, outcome)
+    }
+
+    fn complete_with_ttl(
+        &self,
+        lease: &crate::Lease,
+        outcome: crate::Outcome,
+        ttl: Duration,
+    ) -> impl Future<Output = crate::Result<()>> + Send {
+        IdempotencyStore::complete_with_ttl(&self.0, lease, outcome, ttl)
+    }
+
+    fn release(&self, lease: &crate::Lease) -> impl Future<Output = crate::Result<()>> + Send {
+        IdempotencyStore::release(&self.0, lease)
+    }
+
+    fn extend(
+        &self,
+        lease: &crate::Lease,
+        by: Duration,
+    ) -> impl Future<Output = crate::Result<crate::Lease>> + Send {
+        IdempotencyStore::extend(&self.0, lease, by)
+    }
+
+    fn outcome(
+        &self,
+        user: &[u8],
+        key: &[u8],
+    ) -> impl Future<Output = crate::Result<Option<crate::Outcome>>> + Send {
+        IdempotencyStore::outcome(&self.0, user, key)
+    }
+
+    fn get(
+        &self,
+        user: &[u8],
+        key: &[u8],
+    ) -> impl Future<Output = crate::Result<Option<crate::RecordView>>> + Send {
+        IdempotencyStore::get(&self.0, user, key)
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        IdempotencyStore::lease_ttl(&self.0)
+    }
+}
+
+#[test]
+fn claim_dropped_on_a_store_without_release_now_is_released_on_a_task() {
+    let (_dir, engine, lease) = engine_and_lease(1 << 20);
+    let store = AsyncOnly(AsyncEngine::new(Arc::clone(&engine)));
+    // Outside a runtime nothing can run the release: the lease expires.
+    drop(Claim::new(store.clone(), lease.clone()));
+    assert!(engine.get("u", "k").unwrap().is_some());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        drop(Claim::new(store, lease));
+        for _ in 0..1000 {
+            if engine.get("u", "k").unwrap().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the dropped claim's key was never released");
+    });
 }
