@@ -1,6 +1,7 @@
 //! An HTTP integration: a [`tower::Layer`] that gives any service (an axum
 //! `Router`, a tower stack) the semantics of the IETF httpapi
-//! *The Idempotency-Key HTTP Header Field* draft, on an [`Engine`].
+//! *The Idempotency-Key HTTP Header Field* draft, on an
+//! [`Engine`](crate::Engine) or any other [`IdempotencyStore`].
 //!
 //! Enabled by the cargo feature `http`.
 //!
@@ -26,6 +27,23 @@
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Any store
+//! The layer runs on any [`IdempotencyStore`]. [`IdempotencyLayer::new`]
+//! takes an engine (`Arc<Engine>`) and calls it through its
+//! [`AsyncEngine`]; [`IdempotencyLayer::with_store`] takes any store, such
+//! as a `cluster::Node` (which forwards each call to the owner of the
+//! user's partition) or a wrapper that counts or fails calls, and every
+//! `begin`, `complete`, `release`, `extend` and `get` of every request goes
+//! through it. What this page says of the engine holds of the store: its
+//! `lease_ttl`, its limits (a key or user id it refuses with
+//! `Error::InvalidKey` gets `400`), its failures (`503`). A store that has
+//! no heartbeat of its own ([`IdempotencyStore::heartbeat`] answers
+//! `None`) has a running request's lease extended by a tokio task per
+//! request that calls its `extend` (the runtime needs its time driver);
+//! one that cannot release from a `Drop` ([`IdempotencyStore::release_now`]
+//! answers `false`) has a claim dropped before its handler ran released by
+//! a tokio task.
 //!
 //! # Whose key it is: the user source
 //! Keys are scoped by a user id, so the same key from two users names two
@@ -203,9 +221,10 @@
 //! of `lease_ttl` (or every [`IdempotencyLayer::heartbeat_every`]; by
 //! `lease_ttl`), while the handler runs and while a
 //! streamed body is sent, so a slow handler keeps its key and a retry gets
-//! `409` instead of running the work a second time. The extends are made
-//! by the engine's heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
-//! which serves every request's lease: no task or timer per request. The
+//! `409` instead of running the work a second time. On an engine the
+//! extends are made by its heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
+//! which serves every request's lease: no task or timer per request (on
+//! another store, by its own heartbeat or a tokio task: "Any store"). The
 //! heartbeat stops when the response is stored or released (before the
 //! store or release is written), when the request is dropped, when an
 //! extend fails, or once [`IdempotencyLayer::heartbeat_limit`] (default 5
@@ -235,11 +254,12 @@
 //!   claimed (retries get `409`) until then. Once the layer has the whole
 //!   answer, its store (or release) runs on a task of its own and
 //!   finishes even if the request is dropped meanwhile.
-//! - Engine calls go through [`AsyncEngine`](crate::AsyncEngine): a durable
-//!   call awaits its fsync without holding a thread (no `spawn_blocking`),
-//!   and a request waiting for an in-flight key (`wait_in_flight`) holds no
-//!   thread either. The layer needs a tokio runtime for its
-//!   store-or-release task (the heartbeat runs on the engine's thread).
+//! - Store calls are the store's futures (an engine's go through
+//!   [`AsyncEngine`]): a durable call awaits its fsync without holding a
+//!   thread (no `spawn_blocking`), and a request waiting for an in-flight
+//!   key (`wait_in_flight`) holds no thread either. The layer needs a tokio
+//!   runtime for its store-or-release task (on an engine the heartbeat
+//!   runs on the engine's thread).
 //!
 //! # Defaults
 //! [`IdempotencyLayer::new`]: methods `POST` and `PATCH`; key required; no

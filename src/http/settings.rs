@@ -180,11 +180,11 @@ impl<S: IdempotencyStore> IdempotencyLayer<S> {
     }
 
     /// How long the layer keeps a running request's lease alive: from the
-    /// moment the handler is called, the engine's heartbeat thread extends
-    /// the lease (by the engine's `lease_ttl`, every third of it) while the
-    /// handler runs and its response body streams, until `limit` has
-    /// passed (or the engine's `Options::heartbeat_limit`, if that is
-    /// shorter); the lease then ends at most one `lease_ttl` later, and a
+    /// moment the handler is called, the lease is extended (by the store's
+    /// `lease_ttl`, every third of it; on an engine by its heartbeat
+    /// thread) while the handler runs and its response body streams, until
+    /// `limit` has passed (on an engine, or the engine's
+    /// `Options::heartbeat_limit` if that is shorter); the lease then ends at most one `lease_ttl` later, and a
     /// retry may run the work again. `Duration::ZERO` turns the heartbeat
     /// off (the lease lasts `lease_ttl`). Default:
     /// [`DEFAULT_HEARTBEAT_LIMIT`].
