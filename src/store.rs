@@ -38,9 +38,10 @@ use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordView};
 /// [`AsyncEngine`] (which implements it by delegating to its own methods),
 /// as futures that are `Send`, so a layer can run them on any task.
 ///
-/// Implemented by [`AsyncEngine`] and by the cluster's `Node`; a wrapper
-/// (metrics, fault injection in tests) implements it by delegating.
-/// Clones share the store (a clone per request must be cheap: an `Arc`).
+/// Implemented by [`AsyncEngine`] and (issue 15) the cluster's `Node`; a
+/// wrapper (metrics, fault injection in tests) implements it by
+/// delegating. Clones share the store (a clone per request must be cheap:
+/// an `Arc`).
 ///
 /// Every method answers as the [`AsyncEngine`] method of the same name
 /// does (see the [module documentation](self) for the errors the HTTP
