@@ -46,7 +46,9 @@
 //! ## Async
 //! [`AsyncEngine`] offers the same calls as futures that never block the
 //! thread polling them on an fsync (the engine's own syncer thread wakes
-//! them), on any executor.
+//! them), on any executor. [`IdempotencyStore`] (`store.rs`) is those calls
+//! as a trait: the HTTP layer runs on any store that implements it (the
+//! engine's `AsyncEngine`, a cluster node).
 //!
 //! ## Cargo features
 //! None is on by default: a service that links only the engine compiles only
@@ -102,6 +104,7 @@ mod salvage;
 mod state;
 mod stats;
 pub mod storage;
+pub mod store;
 mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -125,3 +128,4 @@ pub use salvage::{
     salvage_storage,
 };
 pub use stats::{INDEX_SLOT_BYTES, Stats};
+pub use store::IdempotencyStore;

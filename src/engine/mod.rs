@@ -407,7 +407,6 @@ impl Engine {
     }
 
     /// The lease TTL this engine grants.
-    #[cfg(feature = "http")]
     pub(crate) fn lease_ttl(&self) -> Duration {
         self.options.lease_ttl
     }

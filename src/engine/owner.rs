@@ -115,7 +115,6 @@ impl Engine {
     /// Releases without waiting for the record's sync (the HTTP layer's
     /// release of a request dropped before its handler ran: if a crash
     /// takes the release back, the lease expires on its own).
-    #[cfg(feature = "http")]
     pub(crate) fn release_unsynced(&self, lease: &Lease) -> Result<()> {
         self.with_chores(|| self.release_write(lease)).map(|_| ())
     }

@@ -12,13 +12,13 @@ use http::{Response, StatusCode};
 
 use super::stored::problem;
 use super::{Config, IdempotencyLayer, request_fingerprint};
-use crate::Fingerprint;
+use crate::{Fingerprint, IdempotencyStore};
 
 /// How the layer fingerprints a request when told to by `fingerprint_with`.
 pub(super) type FingerprintFn =
     dyn Fn(&Parts, &Bytes) -> Result<Fingerprint, FingerprintError> + Send + Sync;
 
-impl IdempotencyLayer {
+impl<S: IdempotencyStore> IdempotencyLayer<S> {
     /// Fingerprints each request with `fingerprint` instead of the default
     /// [`request_fingerprint`] (method, path and query, and the whole
     /// body): two requests with one key are the same request (a retry is
@@ -49,7 +49,7 @@ impl IdempotencyLayer {
     ///         request_fingerprint(&parts.method, &parts.uri, &body[..end])
     ///     });
     /// ```
-    pub fn fingerprint_with<F, R>(self, fingerprint: F) -> IdempotencyLayer
+    pub fn fingerprint_with<F, R>(self, fingerprint: F) -> IdempotencyLayer<S>
     where
         F: Fn(&Parts, &Bytes) -> R + Send + Sync + 'static,
         R: IntoFingerprint,
@@ -129,8 +129,8 @@ impl FingerprintError {
 
 /// The fingerprint of a request: the configured function's, else
 /// [`request_fingerprint`]'s.
-pub(super) fn fingerprint(
-    config: &Config,
+pub(super) fn fingerprint<St: IdempotencyStore>(
+    config: &Config<St>,
     parts: &Parts,
     body: &Bytes,
 ) -> Result<Fingerprint, FingerprintError> {

@@ -1,7 +1,7 @@
 //! Handling one request: the key, the fingerprint, begin, and what to do
 //! with each answer.
 
-use crate::{AsyncEngine, Begin, Engine, Error, Fingerprint, KeyPart, Outcome};
+use crate::{Begin, Error, Fingerprint, IdempotencyStore, KeyPart, Outcome};
 use axum::body::{Body, HttpBody};
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -21,12 +21,13 @@ use super::stored::*;
 use super::*;
 
 /// One request through the layer.
-pub(super) async fn handle<S, B, ResBody>(
-    config: Arc<Config>,
+pub(super) async fn handle<St, S, B, ResBody>(
+    config: Arc<Config<St>>,
     inner: S,
     request: Request<B>,
 ) -> Result<Response<Body>, S::Error>
 where
+    St: IdempotencyStore,
     S: tower::Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
     B: HttpBody<Data = Bytes> + Send + 'static,
@@ -65,7 +66,7 @@ where
     };
     let (key, record_ttl) = key.key(&user, &parts, fingerprint);
     let call = Call {
-        engine: Arc::clone(&config.engine),
+        store: config.store.clone(),
         user: Bytes::from(user),
         key,
         fingerprint,
@@ -118,8 +119,8 @@ where
 }
 
 /// What `begin` answered, with a started lease held by a [`Claim`].
-pub(super) enum Answer {
-    Started(Claim),
+pub(super) enum Answer<St: IdempotencyStore> {
+    Started(Claim<St>),
     /// The stored outcome, and whether it was served after waiting for the
     /// key's first request.
     Replay(Outcome, bool),
@@ -129,32 +130,32 @@ pub(super) enum Answer {
     },
 }
 
-/// The engine calls of one request.
-pub(super) struct Call {
-    pub(super) engine: Arc<Engine>,
+/// The store calls of one request.
+pub(super) struct Call<St: IdempotencyStore> {
+    pub(super) store: St,
     pub(super) user: Bytes,
     pub(super) key: Bytes,
     pub(super) fingerprint: Fingerprint,
-    /// The record TTL of the response (`None`: the engine's).
+    /// The record TTL of the response (`None`: the store's).
     pub(super) record_ttl: Option<Duration>,
 }
 
-impl Call {
+impl<St: IdempotencyStore> Call<St> {
     /// `begin_wait` with `wait`: while another request holds the key, waits
     /// up to `wait` for its lease to end, holding no thread. A started
     /// lease is wrapped in a [`Claim`] in the same poll that receives it;
-    /// a request dropped before that is covered by the async `begin`, which
-    /// releases a lease it granted but never handed out.
-    pub(super) async fn begin(&self, wait: Duration) -> Result<Answer, Failure> {
-        let engine = AsyncEngine::new(Arc::clone(&self.engine));
-        let (answer, waited) = engine
+    /// a request dropped before that is covered by the store's `begin`
+    /// (the engine's releases a lease it granted but never handed out).
+    pub(super) async fn begin(&self, wait: Duration) -> Result<Answer<St>, Failure> {
+        let (answer, waited) = self
+            .store
             .begin_waited(&self.user, &self.key, self.fingerprint, wait)
             .await
-            .map_err(Failure::Engine)?;
+            .map_err(Failure::Store)?;
         Ok(match answer {
-            Begin::Started(lease) => Answer::Started(
-                Claim::new(Arc::clone(&self.engine), lease).record_ttl(self.record_ttl),
-            ),
+            Begin::Started(lease) => {
+                Answer::Started(Claim::new(self.store.clone(), lease).record_ttl(self.record_ttl))
+            }
             Begin::Replay(outcome) => Answer::Replay(outcome, waited),
             Begin::Mismatch => Answer::Mismatch,
             Begin::InFlight { retry_after } => Answer::InFlight { retry_after },
@@ -162,17 +163,17 @@ impl Call {
     }
 }
 
-/// Why an engine call gave no answer.
+/// Why a store call gave no answer.
 pub(super) enum Failure {
-    /// The engine returned an error.
-    Engine(Error),
+    /// The store returned an error.
+    Store(Error),
 }
 
 impl Failure {
-    /// `400` for a key or user id the engine rejects, else `503`.
+    /// `400` for a key or user id the store rejects, else `503`.
     fn response(&self) -> Response<Body> {
         match self {
-            Failure::Engine(Error::InvalidKey {
+            Failure::Store(Error::InvalidKey {
                 part: KeyPart::User,
                 ..
             }) => problem(
@@ -180,8 +181,8 @@ impl Failure {
                 "User id is invalid",
                 "The user id of the request is longer than the idempotency store accepts.",
             ),
-            Failure::Engine(Error::InvalidKey { .. }) => bad_key(),
-            Failure::Engine(_) => problem(
+            Failure::Store(Error::InvalidKey { .. }) => bad_key(),
+            Failure::Store(_) => problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Idempotency store unavailable",
                 "The request was not processed; retry later with the same Idempotency-Key.",

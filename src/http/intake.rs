@@ -18,7 +18,7 @@ use super::handle::{KeyHeader, idempotency_key};
 use super::observe::{Early, Source, Verdict};
 use super::stored::{bad_key, problem};
 use super::{BoxError, Config};
-use crate::Fingerprint;
+use crate::{Fingerprint, IdempotencyStore};
 
 /// A request ready for `begin`.
 pub(super) struct Intake {
@@ -64,8 +64,13 @@ impl KeySource {
 /// one, when `key_from` or derived keys are configured, the body is read
 /// first (the key may be in it), then `key_from` is asked, then a key is
 /// derived, and the user is checked once there is a key.
-pub(super) async fn intake<B>(config: &Config, parts: Parts, body: B) -> Result<Intake, Early>
+pub(super) async fn intake<St, B>(
+    config: &Config<St>,
+    parts: Parts,
+    body: B,
+) -> Result<Intake, Early>
 where
+    St: IdempotencyStore,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -156,8 +161,9 @@ fn whole(body: Bytes) -> Body {
 
 /// A request without a key: `400`, or passed through when keys are not
 /// required.
-fn no_key<B>(config: &Config, parts: Parts, body: B) -> Early
+fn no_key<St, B>(config: &Config<St>, parts: Parts, body: B) -> Early
 where
+    St: IdempotencyStore,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -175,7 +181,7 @@ where
 /// The user id of a keyed request, or why there is none: no source
 /// configured, or none (or the empty user id, which would be a scope
 /// shared by every such request) for this request.
-fn user_of(config: &Config, parts: &Parts) -> Result<String, NoUser> {
+fn user_of<St: IdempotencyStore>(config: &Config<St>, parts: &Parts) -> Result<String, NoUser> {
     let Some(user_of) = &config.user else {
         return Err(NoUser::NoSource);
     };

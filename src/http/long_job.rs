@@ -16,9 +16,9 @@ use parking_lot::Mutex;
 
 use super::stored::{conflict, retry_after_secs};
 use super::{Config, IdempotencyLayer};
-use crate::{AsyncEngine, RecordState};
+use crate::{IdempotencyStore, RecordState};
 
-impl IdempotencyLayer {
+impl<S: IdempotencyStore> IdempotencyLayer<S> {
     /// The status a request gets while its key's first request is still
     /// running (after [`wait_in_flight`](Self::wait_in_flight), if set).
     /// Default: `409 Conflict`, a problem body and `Retry-After`.
@@ -33,7 +33,7 @@ impl IdempotencyLayer {
     /// minute 14 is told "accepted, still running, look here", and the job
     /// does not run twice. An informational (1xx) status cannot end a
     /// response: it leaves the setting unchanged.
-    pub fn in_flight_status(self, status: StatusCode) -> IdempotencyLayer {
+    pub fn in_flight_status(self, status: StatusCode) -> IdempotencyLayer<S> {
         if status.is_informational() {
             return self;
         }
@@ -41,15 +41,15 @@ impl IdempotencyLayer {
     }
 
     /// How often the lease of a running request is extended (by the
-    /// engine's `lease_ttl`), in real time. Default (and with
-    /// `Duration::ZERO`): a third of the engine's `lease_ttl`. A shorter
+    /// store's `lease_ttl`), in real time. Default (and with
+    /// `Duration::ZERO`): a third of the store's `lease_ttl`. A shorter
     /// interval leaves more of the lease in hand when an extend is late (a
     /// slow disk, a paused process) at the cost of one log append per
     /// extend; the extends stop at [`heartbeat_limit`](Self::heartbeat_limit)
     /// either way. Set `heartbeat_limit` (and the engine's
     /// `Options::heartbeat_limit`) above the longest job: a 15-minute job
     /// needs more than the default 5 minutes.
-    pub fn heartbeat_every(self, every: Duration) -> IdempotencyLayer {
+    pub fn heartbeat_every(self, every: Duration) -> IdempotencyLayer<S> {
         self.with(|c| c.heartbeat_every = (!every.is_zero()).then_some(every))
     }
 }
@@ -129,8 +129,8 @@ impl Job {
     /// key `(user, key)` was started with fencing token `token`, and, if
     /// the in-flight status can carry a `Location`, registers it so that
     /// retries see it while the returned job is alive.
-    pub(super) fn start(
-        config: &Config,
+    pub(super) fn start<St: IdempotencyStore>(
+        config: &Config<St>,
         user: &Bytes,
         key: &Bytes,
         token: u64,
@@ -173,8 +173,8 @@ fn shows_location(status: StatusCode) -> bool {
 /// ending in `retry_after`: `409` (the default), or the configured
 /// in-flight status with `Retry-After` and the running handler's
 /// `Location`.
-pub(super) async fn in_flight(
-    config: &Config,
+pub(super) async fn in_flight<St: IdempotencyStore>(
+    config: &Config<St>,
     user: &Bytes,
     key: &Bytes,
     retry_after: Duration,
@@ -212,11 +212,14 @@ pub(super) async fn in_flight(
 /// it still holds the key: a handler whose lease was taken over (by a
 /// retry in another process, after its lease expired) no longer speaks for
 /// the key.
-async fn running_location(config: &Config, user: &Bytes, key: &Bytes) -> Option<HeaderValue> {
+async fn running_location<St: IdempotencyStore>(
+    config: &Config<St>,
+    user: &Bytes,
+    key: &Bytes,
+) -> Option<HeaderValue> {
     let id = (user.clone(), key.clone());
     let (token, location) = config.locations.running.lock().get(&id).cloned()?;
     let location = location.get()?;
-    let engine = AsyncEngine::new(Arc::clone(&config.engine));
-    let view = engine.get(user, key).await.ok()??;
+    let view = config.store.get(user, key).await.ok()??;
     (view.state == RecordState::InProgress && view.token == token).then_some(location)
 }

@@ -1,6 +1,7 @@
 //! An HTTP integration: a [`tower::Layer`] that gives any service (an axum
 //! `Router`, a tower stack) the semantics of the IETF httpapi
-//! *The Idempotency-Key HTTP Header Field* draft, on an [`Engine`].
+//! *The Idempotency-Key HTTP Header Field* draft, on an
+//! [`Engine`](crate::Engine) or any other [`IdempotencyStore`].
 //!
 //! Enabled by the cargo feature `http`.
 //!
@@ -26,6 +27,23 @@
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Any store
+//! The layer runs on any [`IdempotencyStore`]. [`IdempotencyLayer::new`]
+//! takes an engine (`Arc<Engine>`) and calls it through its
+//! [`AsyncEngine`]; [`IdempotencyLayer::with_store`] takes any store, such
+//! as a `cluster::Node` (which forwards each call to the owner of the
+//! user's partition) or a wrapper that counts or fails calls, and every
+//! `begin`, `complete`, `release`, `extend` and `get` of every request goes
+//! through it. What this page says of the engine holds of the store: its
+//! `lease_ttl`, its limits (a key or user id it refuses with
+//! `Error::InvalidKey` gets `400`), its failures (`503`). A store that has
+//! no heartbeat of its own ([`IdempotencyStore::heartbeat`] answers
+//! `None`) has a running request's lease extended by a tokio task per
+//! request that calls its `extend` (the runtime needs its time driver);
+//! one that cannot release from a `Drop` ([`IdempotencyStore::release_now`]
+//! answers `false`) has a claim dropped before its handler ran released by
+//! a tokio task.
 //!
 //! # Whose key it is: the user source
 //! Keys are scoped by a user id, so the same key from two users names two
@@ -203,9 +221,10 @@
 //! of `lease_ttl` (or every [`IdempotencyLayer::heartbeat_every`]; by
 //! `lease_ttl`), while the handler runs and while a
 //! streamed body is sent, so a slow handler keeps its key and a retry gets
-//! `409` instead of running the work a second time. The extends are made
-//! by the engine's heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
-//! which serves every request's lease: no task or timer per request. The
+//! `409` instead of running the work a second time. On an engine the
+//! extends are made by its heartbeat thread ([`Engine::heartbeat`](crate::Engine::heartbeat)),
+//! which serves every request's lease: no task or timer per request (on
+//! another store, by its own heartbeat or a tokio task: "Any store"). The
 //! heartbeat stops when the response is stored or released (before the
 //! store or release is written), when the request is dropped, when an
 //! extend fails, or once [`IdempotencyLayer::heartbeat_limit`] (default 5
@@ -235,11 +254,12 @@
 //!   claimed (retries get `409`) until then. Once the layer has the whole
 //!   answer, its store (or release) runs on a task of its own and
 //!   finishes even if the request is dropped meanwhile.
-//! - Engine calls go through [`AsyncEngine`](crate::AsyncEngine): a durable
-//!   call awaits its fsync without holding a thread (no `spawn_blocking`),
-//!   and a request waiting for an in-flight key (`wait_in_flight`) holds no
-//!   thread either. The layer needs a tokio runtime for its
-//!   store-or-release task (the heartbeat runs on the engine's thread).
+//! - Store calls are the store's futures (an engine's go through
+//!   [`AsyncEngine`]): a durable call awaits its fsync without holding a
+//!   thread (no `spawn_blocking`), and a request waiting for an in-flight
+//!   key (`wait_in_flight`) holds no thread either. The layer needs a tokio
+//!   runtime for its store-or-release task (on an engine the heartbeat
+//!   runs on the engine's thread).
 //!
 //! # Defaults
 //! [`IdempotencyLayer::new`]: methods `POST` and `PATCH`; key required; no
@@ -253,7 +273,6 @@
 //!
 #![doc = include_str!("rollout.md")]
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,14 +296,15 @@ mod replay;
 mod respond;
 mod rollout;
 mod service;
+mod settings;
 mod stored;
+mod task_heartbeat;
 #[cfg(test)]
 mod tests;
 
 pub use derive::DERIVED_KEY_PREFIX;
 pub use fingerprint::{FingerprintError, IntoFingerprint};
 pub use handle::request_fingerprint;
-use handle::*;
 use headers::HeaderPolicy;
 #[cfg(feature = "json")]
 pub use json_fields::json_fields;
@@ -295,7 +315,7 @@ use rollout::Rollout;
 pub use service::IdempotencyService;
 pub use stored::StoredResponse;
 
-use crate::Engine;
+use crate::{AsyncEngine, IdempotencyStore};
 
 /// The request header that carries the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -358,29 +378,33 @@ pub fn stored_by_default(status: StatusCode) -> bool {
 }
 
 /// A [`tower::Layer`] that answers requests carrying an `Idempotency-Key`
-/// header from an [`Engine`]: see the [module documentation](self).
+/// header from an [`IdempotencyStore`] (by default the [`AsyncEngine`] of
+/// an [`Engine`](crate::Engine)): see the [module documentation](self).
 ///
-/// Built with [`IdempotencyLayer::new`] and configured with its builder
-/// methods; cloning is cheap (an `Arc`). A layer must be given a user
+/// Built with [`IdempotencyLayer::new`] (on an engine) or
+/// [`IdempotencyLayer::with_store`] (on any store: a cluster `Node`, a
+/// wrapper) and configured with its builder methods; cloning is cheap (an
+/// `Arc`). A layer must be given a user
 /// source ([`user_from`](IdempotencyLayer::user_from),
 /// [`user_header`](IdempotencyLayer::user_header) or
 /// [`fixed_user`](IdempotencyLayer::fixed_user)): without one, every keyed
 /// request is refused with `400`.
 #[derive(Clone)]
-pub struct IdempotencyLayer {
-    config: Arc<Config>,
+pub struct IdempotencyLayer<S: IdempotencyStore = AsyncEngine> {
+    config: Arc<Config<S>>,
 }
 
 /// The layer's settings, shared by every service it wraps.
 #[derive(Clone)]
-struct Config {
-    engine: Arc<Engine>,
+struct Config<S: IdempotencyStore> {
+    /// Where the records are kept (`new`: the engine's [`AsyncEngine`]).
+    store: S,
     methods: Vec<Method>,
     /// `None`: no user source configured (every keyed request gets `400`).
     user: Option<Arc<UserFn>>,
     key_required: bool,
     max_body: usize,
-    store: Arc<StoreFn>,
+    store_when: Arc<StoreFn>,
     wait: Duration,
     headers: HeaderPolicy,
     max_response: usize,
@@ -391,197 +415,11 @@ struct Config {
     // fingerprint.rs hold their builder methods).
     /// The answer to a key in flight (`in_flight_status`).
     in_flight_status: StatusCode,
-    /// `None`: a third of the engine's `lease_ttl` (`heartbeat_every`).
+    /// `None`: a third of the store's `lease_ttl` (`heartbeat_every`).
     heartbeat_every: Option<Duration>,
     /// The `Location`s running handlers published, by key.
     locations: Arc<long_job::Locations>,
     on_replay: Option<Arc<replay::ReplayFn>>,
     /// `None`: [`request_fingerprint`].
     fingerprint: Option<Arc<fingerprint::FingerprintFn>>,
-}
-
-impl IdempotencyLayer {
-    /// A layer on `engine` with the defaults: keys required on `POST` and
-    /// `PATCH`; **no user source**, so every keyed request gets `400`
-    /// until one is set with [`user_from`](IdempotencyLayer::user_from),
-    /// [`user_header`](IdempotencyLayer::user_header) or
-    /// [`fixed_user`](IdempotencyLayer::fixed_user); request bodies up to
-    /// [`DEFAULT_MAX_BODY`]; responses stored as [`stored_by_default`]
-    /// says, others released; `409` at once for a key in flight; every
-    /// end-to-end header but `date` and `set-cookie` kept on replays;
-    /// responses up to [`DEFAULT_MAX_RESPONSE`] buffered and stored; the
-    /// lease kept alive for up to [`DEFAULT_HEARTBEAT_LIMIT`].
-    pub fn new(engine: Arc<Engine>) -> IdempotencyLayer {
-        IdempotencyLayer {
-            config: Arc::new(Config {
-                engine,
-                methods: vec![Method::POST, Method::PATCH],
-                user: None,
-                key_required: true,
-                max_body: DEFAULT_MAX_BODY,
-                store: Arc::new(stored_by_default),
-                wait: Duration::ZERO,
-                headers: HeaderPolicy::default(),
-                max_response: DEFAULT_MAX_RESPONSE,
-                heartbeat_limit: DEFAULT_HEARTBEAT_LIMIT,
-                rollout: Rollout::default(),
-                in_flight_status: StatusCode::CONFLICT,
-                heartbeat_every: None,
-                locations: Arc::default(),
-                on_replay: None,
-                fingerprint: None,
-            }),
-        }
-    }
-
-    /// The methods the layer handles (replacing the default `POST`,
-    /// `PATCH`). Requests with other methods pass through untouched, with
-    /// or without a key.
-    pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> IdempotencyLayer {
-        self.with(|c| c.methods = methods.into_iter().collect())
-    }
-
-    /// Takes the user id (the scope of the keys) from each request with
-    /// `user`, typically from an identity that authentication middleware
-    /// put in the request's extensions. A request for which it returns
-    /// `None` or an empty string gets `400`; it is never served from a
-    /// shared scope.
-    ///
-    /// ```no_run
-    /// # use std::sync::Arc;
-    /// # use idemkv::{Engine, Options, http::IdempotencyLayer};
-    /// /// Put in the extensions by the service's authentication middleware.
-    /// #[derive(Clone)]
-    /// struct Authenticated(String);
-    ///
-    /// # let engine = Arc::new(Engine::open("/tmp/idem", Options::default()).unwrap());
-    /// let layer = IdempotencyLayer::new(engine)
-    ///     .user_from(|parts| parts.extensions.get::<Authenticated>().map(|a| a.0.clone()));
-    /// ```
-    pub fn user_from<F>(self, user: F) -> IdempotencyLayer
-    where
-        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
-    {
-        self.with(|c| c.user = Some(Arc::new(user)))
-    }
-
-    /// The former name of [`IdempotencyLayer::user_from`].
-    #[deprecated(note = "renamed to `user_from`")]
-    pub fn user_id<F>(self, user: F) -> IdempotencyLayer
-    where
-        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
-    {
-        self.user_from(user)
-    }
-
-    /// Takes the user id from the request header `name`. A request without
-    /// it, with it repeated, empty, or not printable ASCII gets `400`.
-    ///
-    /// **Only behind a trusted proxy**: the header must be set (and any
-    /// client-sent copy removed) by a gateway that authenticated the
-    /// client. Otherwise a client picks its own scope, and can replay
-    /// another user's stored responses by naming that user and a key.
-    pub fn user_header(self, name: HeaderName) -> IdempotencyLayer {
-        self.user_from(move |parts| user_from_header(parts, &name))
-    }
-
-    /// Scopes every key to the one user id `user` (a service with a single
-    /// tenant, or one engine per tenant). An empty `user` refuses every
-    /// keyed request.
-    pub fn fixed_user(self, user: impl Into<String>) -> IdempotencyLayer {
-        let user = user.into();
-        self.user_from(move |_| Some(user.clone()))
-    }
-
-    /// Whether a request with a handled method but no `Idempotency-Key`
-    /// gets `400` (`true`, the default) or passes through untouched.
-    pub fn key_required(self, required: bool) -> IdempotencyLayer {
-        self.with(|c| c.key_required = required)
-    }
-
-    /// The largest request body the layer buffers, in bytes; a larger one
-    /// gets `413`. Default: [`DEFAULT_MAX_BODY`].
-    pub fn max_body_bytes(self, max: usize) -> IdempotencyLayer {
-        self.with(|c| c.max_body = max)
-    }
-
-    /// Which response statuses are stored and replayed; for the others the
-    /// key is released so that a retry runs the work again. Default:
-    /// [`stored_by_default`].
-    pub fn store_when<F>(self, store: F) -> IdempotencyLayer
-    where
-        F: Fn(StatusCode) -> bool + Send + Sync + 'static,
-    {
-        self.with(|c| c.store = Arc::new(store))
-    }
-
-    /// How long a request whose key is in flight waits for the first
-    /// request's lease to end (it then gets that request's answer, a `422`
-    /// if it differs, or runs itself if the key was released or expired)
-    /// before it is answered `409`. Default: zero, `409` at once.
-    pub fn wait_in_flight(self, wait: Duration) -> IdempotencyLayer {
-        self.with(|c| c.wait = wait)
-    }
-
-    /// Keeps the response header `name` (every value of it) in stored
-    /// responses and on replays: re-allows a header dropped by default
-    /// (`date`, `set-cookie`) or by [`drop_header`](Self::drop_header).
-    /// Hop-by-hop headers and `content-length` are never kept.
-    pub fn keep_header(self, name: HeaderName) -> IdempotencyLayer {
-        self.with(|c| c.headers.allow(name))
-    }
-
-    /// Leaves the response header `name` out of stored responses and
-    /// replays (the first response still carries it). Undoes an earlier
-    /// [`keep_header`](Self::keep_header) of the same name, and the other
-    /// way round.
-    pub fn drop_header(self, name: HeaderName) -> IdempotencyLayer {
-        self.with(|c| c.headers.deny(name))
-    }
-
-    /// The largest response the layer buffers to store, in bytes, counted
-    /// as stored (the kept headers, encoded, plus the body). A larger
-    /// response is streamed to the client as it is produced and stored
-    /// with its body not kept (see the module documentation). Default:
-    /// [`DEFAULT_MAX_RESPONSE`]; set it to the engine's
-    /// `Options::max_response_len` if you change that (a response the
-    /// engine finds too large is stored as not kept too, after buffering).
-    pub fn max_response_bytes(self, max: usize) -> IdempotencyLayer {
-        self.with(|c| c.max_response = max)
-    }
-
-    /// How long the layer keeps a running request's lease alive: from the
-    /// moment the handler is called, the engine's heartbeat thread extends
-    /// the lease (by the engine's `lease_ttl`, every third of it) while the
-    /// handler runs and its response body streams, until `limit` has
-    /// passed (or the engine's `Options::heartbeat_limit`, if that is
-    /// shorter); the lease then ends at most one `lease_ttl` later, and a
-    /// retry may run the work again. `Duration::ZERO` turns the heartbeat
-    /// off (the lease lasts `lease_ttl`). Default:
-    /// [`DEFAULT_HEARTBEAT_LIMIT`].
-    pub fn heartbeat_limit(self, limit: Duration) -> IdempotencyLayer {
-        self.with(|c| c.heartbeat_limit = limit)
-    }
-
-    /// Applies `change` to the configuration (copied if shared).
-    fn with(mut self, change: impl FnOnce(&mut Config)) -> IdempotencyLayer {
-        change(Arc::make_mut(&mut self.config));
-        self
-    }
-}
-
-impl fmt::Debug for IdempotencyLayer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyLayer")
-            .field("methods", &self.config.methods)
-            .field("key_required", &self.config.key_required)
-            .field("max_body", &self.config.max_body)
-            .field("user_source", &self.config.user.is_some())
-            .field("wait", &self.config.wait)
-            .field("headers", &self.config.headers)
-            .field("max_response", &self.config.max_response)
-            .field("heartbeat_limit", &self.config.heartbeat_limit)
-            .field("rollout", &self.config.rollout)
-            .finish_non_exhaustive()
-    }
 }

@@ -14,7 +14,7 @@ use super::handle::{Answer, Call, Failure, pass_through};
 use super::respond::run;
 use super::{BoxError, Config};
 use crate::stats::{Striped, bump};
-use crate::{Error, KeyPart};
+use crate::{Error, IdempotencyStore, KeyPart};
 
 /// What an [`IdempotencyLayer`](super::IdempotencyLayer) answered its
 /// handled requests (those with a method in
@@ -112,19 +112,19 @@ impl Verdict {
     }
 
     /// What `begin` (or its failure) means.
-    pub(super) fn of(answer: &Result<Answer, Failure>) -> Verdict {
+    pub(super) fn of<St: IdempotencyStore>(answer: &Result<Answer<St>, Failure>) -> Verdict {
         match answer {
             Ok(Answer::Started(_)) => Verdict::Started,
             Ok(Answer::Replay(..)) => Verdict::Replay,
             Ok(Answer::InFlight { .. }) => Verdict::InFlight,
             Ok(Answer::Mismatch) => Verdict::Mismatch,
             // As `Failure::response` answers.
-            Err(Failure::Engine(Error::InvalidKey {
+            Err(Failure::Store(Error::InvalidKey {
                 part: KeyPart::User,
                 ..
             })) => Verdict::BadUser,
-            Err(Failure::Engine(Error::InvalidKey { .. })) => Verdict::BadKey,
-            Err(Failure::Engine(_)) => Verdict::Unavailable,
+            Err(Failure::Store(Error::InvalidKey { .. })) => Verdict::BadKey,
+            Err(Failure::Store(_)) => Verdict::Unavailable,
         }
     }
 }
@@ -200,12 +200,13 @@ pub(super) struct Early {
 impl Early {
     /// Counts the answer; enforcing, gives the refusal; observing (or
     /// passing through), runs the inner service on the request.
-    pub(super) async fn answer<S, ResBody>(
+    pub(super) async fn answer<St, S, ResBody>(
         self,
-        config: &Config,
+        config: &Config<St>,
         inner: S,
     ) -> Result<Response<Body>, S::Error>
     where
+        St: IdempotencyStore,
         S: tower::Service<Request<Body>, Response = Response<ResBody>>,
         ResBody: HttpBody<Data = Bytes> + Send + 'static,
         ResBody::Error: Into<BoxError>,
@@ -228,14 +229,15 @@ impl Early {
 /// enforcement runs it (its response stored, or the key released); for
 /// any other answer nothing is written, so a record another request made
 /// is never changed.
-pub(super) async fn observe<S, ResBody>(
-    config: &Config,
+pub(super) async fn observe<St, S, ResBody>(
+    config: &Config<St>,
     inner: S,
     parts: Parts,
     body: Bytes,
-    call: Call,
+    call: Call<St>,
 ) -> Result<Response<Body>, S::Error>
 where
+    St: IdempotencyStore,
     S: tower::Service<Request<Body>, Response = Response<ResBody>>,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
@@ -243,7 +245,7 @@ where
     let answer = call.begin(Duration::ZERO).await;
     let verdict = Verdict::of(&answer);
     config.rollout.counts.answer(verdict);
-    trace(verdict, &parts, Some(&call));
+    trace(verdict, &parts, Some((&call.user, &call.key)));
     let request = Request::from_parts(parts, Body::from(body));
     match answer {
         Ok(Answer::Started(claim)) => run(config, inner, request, claim).await,
@@ -256,14 +258,14 @@ where
 /// request run (`started`, `unkeyed`), `info` when it would have answered
 /// otherwise.
 #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
-fn trace(verdict: Verdict, parts: &Parts, call: Option<&Call>) {
+fn trace(verdict: Verdict, parts: &Parts, id: Option<(&Bytes, &Bytes)>) {
     #[cfg(feature = "tracing")]
     {
         let answer = verdict.name();
-        let (user, key) = match call {
-            Some(call) => (
-                String::from_utf8_lossy(&call.user).into_owned(),
-                String::from_utf8_lossy(&call.key).into_owned(),
+        let (user, key) = match id {
+            Some((user, key)) => (
+                String::from_utf8_lossy(user).into_owned(),
+                String::from_utf8_lossy(key).into_owned(),
             ),
             None => (String::new(), String::new()),
         };

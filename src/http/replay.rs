@@ -11,12 +11,12 @@ use http::{HeaderMap, Response, StatusCode};
 
 use super::stored::{StoredResponse, replay};
 use super::{IDEMPOTENT_BODY_NOT_KEPT, IDEMPOTENT_REPLAYED, IdempotencyLayer};
-use crate::Outcome;
+use crate::{IdempotencyStore, Outcome};
 
 /// How a replay hook is called.
 pub(super) type ReplayFn = dyn Fn(&mut Replay<'_>) + Send + Sync;
 
-impl IdempotencyLayer {
+impl<S: IdempotencyStore> IdempotencyLayer<S> {
     /// Calls `hook` before each replay is sent (a request answered from a
     /// stored response; not a first run, a `409`/in-flight answer or a
     /// problem), with the request's parts, the status, headers and body
@@ -53,7 +53,7 @@ impl IdempotencyLayer {
     ///         );
     ///     });
     /// ```
-    pub fn on_replay<F>(self, hook: F) -> IdempotencyLayer
+    pub fn on_replay<F>(self, hook: F) -> IdempotencyLayer<S>
     where
         F: Fn(&mut Replay<'_>) + Send + Sync + 'static,
     {

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -17,7 +16,8 @@ use super::headers::{not_kept_headers, not_kept_marker};
 use super::lease::{Claim, heartbeat};
 use super::stored::{StoredResponse, problem};
 use super::{BoxError, Config};
-use crate::{AsyncEngine, Engine, Error, Heartbeat, Lease, Outcome};
+use crate::store::KeepAlive;
+use crate::{Error, IdempotencyStore, Lease, Outcome};
 
 /// `http_body::Frame<Bytes>`, named through `http-body-util` (the crate
 /// has no direct dependency on `http-body`, and neither axum nor
@@ -39,24 +39,25 @@ impl<T, E> OptionResult for Option<Result<T, E>> {
 /// Runs the inner service for a started key and stores or releases its
 /// response (see the module documentation, "How a response is stored" and
 /// "Failure handling").
-pub(super) async fn run<S, ResBody>(
-    config: &Config,
+pub(super) async fn run<St, S, ResBody>(
+    config: &Config<St>,
     mut inner: S,
     request: Request<Body>,
-    claim: Claim,
+    claim: Claim<St>,
 ) -> Result<Response<Body>, S::Error>
 where
+    St: IdempotencyStore,
     S: tower::Service<Request<Body>, Response = Response<ResBody>>,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let engine = &config.engine;
+    let store = &config.store;
     // From here on the work may happen: a dropped request no longer
     // releases the key (its lease expires), and the heartbeat keeps it.
     let record_ttl = claim.record_ttl;
     let lease = claim.into_lease();
     let heartbeat = heartbeat(
-        engine,
+        store,
         &lease,
         config.heartbeat_every,
         config.heartbeat_limit,
@@ -64,18 +65,18 @@ where
     let response = match inner.call(request).await {
         Ok(response) => response,
         Err(e) => {
-            let _ = settle(heartbeat, release(engine, lease)).await;
+            let _ = settle(heartbeat, release(store, lease)).await;
             return Err(e);
         }
     };
     let (mut parts, body) = response.into_parts();
-    if !(config.store)(parts.status) {
-        let _ = settle(heartbeat, release(engine, lease)).await;
+    if !(config.store_when)(parts.status) {
+        let _ = settle(heartbeat, release(store, lease)).await;
         return Ok(Response::from_parts(parts, Body::new(body)));
     }
     let kept = config.headers.kept(&parts.headers);
     let stored = Stored {
-        engine: Arc::clone(engine),
+        store: store.clone(),
         lease,
         status: parts.status.as_u16(),
         kept,
@@ -91,7 +92,7 @@ where
             Ok(Response::from_parts(parts, Body::from(bytes)))
         }
         Buffered::Failed => {
-            let _ = settle(heartbeat, release(engine, stored.lease)).await;
+            let _ = settle(heartbeat, release(store, stored.lease)).await;
             Ok(problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Response failed",
@@ -106,7 +107,7 @@ where
             let streamed = Streamed {
                 body,
                 prefix: Some(prefix),
-                end: Some((stored, heartbeat)),
+                end: Some(Box::new((stored, heartbeat))),
                 finishing: None,
                 done: false,
             };
@@ -118,11 +119,12 @@ where
 /// What the layer does once the handler's answer is known: stops the
 /// heartbeat (at once: it waits at most for an extend of this lease under
 /// way, an append to the log, so that none runs after the store or
-/// release), then runs `then` (an async engine call, which holds no thread
-/// while its fsync runs) to its end: in place, and if the request is
+/// release; a store's own heartbeat stops as it documents), then runs
+/// `then` (an async store call, which holds no thread while its fsync or
+/// round trip runs) to its end: in place, and if the request is
 /// dropped first (the client hung up after the work was done), what is
 /// left of it on a task of its own ([`Finish`]).
-fn settle(heartbeat: Heartbeat, then: impl Future<Output = ()> + Send + 'static) -> Finish {
+fn settle(heartbeat: KeepAlive, then: impl Future<Output = ()> + Send + 'static) -> Finish {
     heartbeat.stop();
     Finish(Some(Box::pin(then)))
 }
@@ -156,11 +158,14 @@ impl Drop for Finish {
 }
 
 /// Releases `lease`, ignoring failure (a lost lease no longer holds the
-/// key; a failing engine lets the lease expire).
-fn release(engine: &Arc<Engine>, lease: Lease) -> impl Future<Output = ()> + Send + 'static {
-    let engine = AsyncEngine::new(Arc::clone(engine));
+/// key; a failing store lets the lease expire).
+fn release<St: IdempotencyStore>(
+    store: &St,
+    lease: Lease,
+) -> impl Future<Output = ()> + Send + 'static {
+    let store = store.clone();
     async move {
-        let _ = engine.release(&lease).await;
+        let _ = store.release(&lease).await;
     }
 }
 
@@ -204,17 +209,17 @@ where
 
 /// What a completed key stores: the status and kept headers of the
 /// response, for the lease that ran it.
-pub(super) struct Stored {
-    pub(super) engine: Arc<Engine>,
+pub(super) struct Stored<St: IdempotencyStore> {
+    pub(super) store: St,
     pub(super) lease: Lease,
     pub(super) status: u16,
     pub(super) kept: Vec<(HeaderName, HeaderValue)>,
-    /// The record TTL (`None`: the engine's `record_ttl`).
+    /// The record TTL (`None`: the store's `record_ttl`).
     pub(super) record_ttl: Option<Duration>,
 }
 
-impl Stored {
-    /// [`Stored::store_forms`], ignoring failure: a lost lease or a disk
+impl<St: IdempotencyStore> Stored<St> {
+    /// [`Stored::store_forms`], ignoring failure: a lost lease or a store
     /// error leaves the lease to expire (the work ran, so the key is not
     /// released).
     async fn store(self, body: Option<Bytes>) {
@@ -222,7 +227,7 @@ impl Stored {
     }
 
     /// Completes the lease with the response and `body`; with `None`, or if
-    /// that is larger than the engine keeps, with the not-kept forms, each
+    /// that is larger than the store keeps, with the not-kept forms, each
     /// smaller than the last: the status, the headers that do not describe
     /// the body, `Idempotent-Body-Not-Kept: true` and the not-kept problem
     /// body; else the status and the marker alone; else the status with an
@@ -245,7 +250,6 @@ impl Stored {
             .chain([not_kept, marker])
             .map(|stored| stored.encode())
             .chain([Bytes::new()]);
-        let engine = AsyncEngine::new(Arc::clone(&self.engine));
         let forms: Vec<Bytes> = forms.collect();
         let mut result = Ok(());
         for body in forms {
@@ -254,8 +258,12 @@ impl Stored {
                 body,
             };
             result = match self.record_ttl {
-                Some(ttl) => engine.complete_with_ttl(&self.lease, outcome, ttl).await,
-                None => engine.complete(&self.lease, outcome).await,
+                Some(ttl) => {
+                    self.store
+                        .complete_with_ttl(&self.lease, outcome, ttl)
+                        .await
+                }
+                None => self.store.complete(&self.lease, outcome).await,
             };
             if !matches!(result, Err(Error::ResponseTooLarge { .. })) {
                 break;
@@ -279,24 +287,25 @@ pub(super) fn not_kept_body(status: u16) -> Bytes {
 /// it fails, the key is released before the error is passed on. Dropped
 /// before either (the client went away), it stops the heartbeat and
 /// leaves the lease to expire.
-struct Streamed<B> {
+struct Streamed<B, St: IdempotencyStore> {
     body: Pin<Box<B>>,
     prefix: Option<Bytes>,
-    /// What to store at the end, and the heartbeat to stop then.
-    end: Option<(Stored, Heartbeat)>,
+    /// What to store at the end, and the heartbeat to stop then (boxed:
+    /// the body is `Unpin` whatever the store).
+    end: Option<Box<(Stored<St>, KeepAlive)>>,
     /// The store or release in progress, and the error to pass on after it
     /// (`None`: the end of the body).
     finishing: Option<(Finish, Option<BoxError>)>,
     done: bool,
 }
 
-impl<B> Streamed<B> {
+impl<B, St: IdempotencyStore> Streamed<B, St> {
     /// Starts storing (the body ended: `error` is `None`) or releasing (it
     /// failed with `error`).
     fn finish(&mut self, error: Option<BoxError>) {
-        let finishing = match self.end.take() {
+        let finishing = match self.end.take().map(|end| *end) {
             Some((stored, heartbeat)) if error.is_some() => {
-                settle(heartbeat, release(&stored.engine, stored.lease))
+                settle(heartbeat, release(&stored.store, stored.lease))
             }
             Some((stored, heartbeat)) => settle(heartbeat, stored.store(None)),
             // (Not reached: the body finishes once.)
@@ -306,8 +315,9 @@ impl<B> Streamed<B> {
     }
 }
 
-impl<B> HttpBody for Streamed<B>
+impl<B, St> HttpBody for Streamed<B, St>
 where
+    St: IdempotencyStore,
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
 {

@@ -11,6 +11,7 @@ use http::request::Parts;
 
 use super::IdempotencyLayer;
 use super::observe::{Counters, ObservedCounts};
+use crate::IdempotencyStore;
 
 /// How a key is read from a request's parts and buffered body.
 pub(super) type KeyFromFn = dyn Fn(&Parts, &Bytes) -> Option<String> + Send + Sync;
@@ -47,7 +48,7 @@ impl fmt::Debug for Rollout {
     }
 }
 
-impl IdempotencyLayer {
+impl<S: IdempotencyStore> IdempotencyLayer<S> {
     /// Observe mode (`true`) or enforcement (`false`, the default).
     ///
     /// In observe mode every handled request runs the inner service and
@@ -62,7 +63,7 @@ impl IdempotencyLayer {
     /// stored response stays. A layer without observe mode on the same
     /// engine later enforces on those records. See the module
     /// documentation, "Rolling out".
-    pub fn observe_only(self, observe: bool) -> IdempotencyLayer {
+    pub fn observe_only(self, observe: bool) -> IdempotencyLayer<S> {
         self.with(|c| c.rollout.observe = observe)
     }
 
@@ -92,7 +93,7 @@ impl IdempotencyLayer {
     /// running. Choose `window` as short as a client's retries allow, and
     /// prefer client keys. A zero `window` turns derivation off (the
     /// default).
-    pub fn derive_missing_keys(self, window: Duration) -> IdempotencyLayer {
+    pub fn derive_missing_keys(self, window: Duration) -> IdempotencyLayer<S> {
         self.with(|c| c.rollout.derive = (!window.is_zero()).then_some(window))
     }
 
@@ -124,7 +125,7 @@ impl IdempotencyLayer {
     ///         Some(rest.split_once('"')?.0.to_owned())
     ///     });
     /// ```
-    pub fn key_from<F>(self, f: F) -> IdempotencyLayer
+    pub fn key_from<F>(self, f: F) -> IdempotencyLayer<S>
     where
         F: Fn(&Parts, &Bytes) -> Option<String> + Send + Sync + 'static,
     {

@@ -13,11 +13,12 @@ use http::{Request, Response};
 
 use super::handle::handle;
 use super::{BoxError, Config, IdempotencyLayer};
+use crate::{AsyncEngine, IdempotencyStore};
 
-impl<S> tower::Layer<S> for IdempotencyLayer {
-    type Service = IdempotencyService<S>;
+impl<S, St: IdempotencyStore> tower::Layer<S> for IdempotencyLayer<St> {
+    type Service = IdempotencyService<S, St>;
 
-    fn layer(&self, inner: S) -> IdempotencyService<S> {
+    fn layer(&self, inner: S) -> IdempotencyService<S, St> {
         IdempotencyService {
             inner,
             config: Arc::clone(&self.config),
@@ -25,18 +26,19 @@ impl<S> tower::Layer<S> for IdempotencyLayer {
     }
 }
 
-/// The [`tower::Service`] made by [`IdempotencyLayer`] around `S`.
+/// The [`tower::Service`] made by [`IdempotencyLayer`] around `S`, on the
+/// store `St` (the layer's).
 ///
 /// It takes requests with any body and hands the inner service an
 /// [`axum::body::Body`]; its responses have an `axum::body::Body`. Its
 /// error is the inner service's.
 #[derive(Clone)]
-pub struct IdempotencyService<S> {
+pub struct IdempotencyService<S, St: IdempotencyStore = AsyncEngine> {
     inner: S,
-    config: Arc<Config>,
+    config: Arc<Config<St>>,
 }
 
-impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
+impl<S: fmt::Debug, St: IdempotencyStore> fmt::Debug for IdempotencyService<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyService")
             .field("inner", &self.inner)
@@ -44,8 +46,9 @@ impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
     }
 }
 
-impl<S, B, ResBody> tower::Service<Request<B>> for IdempotencyService<S>
+impl<S, St, B, ResBody> tower::Service<Request<B>> for IdempotencyService<S, St>
 where
+    St: IdempotencyStore,
     S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,

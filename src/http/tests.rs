@@ -1,5 +1,5 @@
 //! Unit tests of the stored-response encoding, header parsing, the kept
-//! headers, the store policy and the not-kept fallbacks.
+//! headers, the store policy, the not-kept fallbacks and a dropped claim.
 
 use super::handle::*;
 use super::headers::*;
@@ -7,11 +7,14 @@ use super::lease::Claim;
 use super::respond::{Stored, not_kept_body};
 use super::stored::*;
 use super::*;
-use crate::{Begin, Durability, Fingerprint, Options};
+use crate::{AsyncEngine, Begin, Durability, Engine, Fingerprint, Options};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[test]
 fn retry_after_rounds_up_to_whole_seconds() {
@@ -310,7 +313,7 @@ fn too_large_outcome_is_stored_in_the_largest_not_kept_form_that_fits() {
     ] {
         let (_dir, engine, lease) = engine_and_lease(max);
         let stored_response = Stored {
-            engine: Arc::clone(&engine),
+            store: AsyncEngine::new(Arc::clone(&engine)),
             lease,
             status: 201,
             kept: kept.clone(),
@@ -334,12 +337,121 @@ fn too_large_outcome_is_stored_in_the_largest_not_kept_form_that_fits() {
 #[test]
 fn claim_dropped_outside_a_runtime_releases_the_key_at_once() {
     let (_dir, engine, lease) = engine_and_lease(1 << 20);
-    drop(Claim::new(Arc::clone(&engine), lease));
+    drop(Claim::new(AsyncEngine::new(Arc::clone(&engine)), lease));
     assert!(engine.get("u", "k").unwrap().is_none());
     // Disarmed, it leaves the lease alone.
     let Begin::Started(lease) = engine.begin("u", "k", Fingerprint::of(b"r")).unwrap() else {
         panic!("released");
     };
-    let _lease = Claim::new(Arc::clone(&engine), lease).into_lease();
+    let _lease = Claim::new(AsyncEngine::new(Arc::clone(&engine)), lease).into_lease();
     assert!(engine.get("u", "k").unwrap().is_some());
+}
+
+/// The engine as a store that can release only asynchronously (the
+/// trait's provided `release_now`, `heartbeat` and `begin_waited`), as a
+/// remote store does.
+#[derive(Clone)]
+struct AsyncOnly(AsyncEngine);
+
+impl IdempotencyStore for AsyncOnly {
+    fn begin(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+    ) -> impl Future<Output = crate::Result<Begin>> + Send {
+        IdempotencyStore::begin(&self.0, user, key, fingerprint)
+    }
+
+    fn begin_wait(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> impl Future<Output = crate::Result<Begin>> + Send {
+        IdempotencyStore::begin_wait(&self.0, user, key, fingerprint, timeout)
+    }
+
+    fn wait(
+        &self,
+        user: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> impl Future<Output = crate::Result<Option<crate::Outcome>>> + Send {
+        IdempotencyStore::wait(&self.0, user, key, fingerprint, timeout)
+    }
+
+    fn complete(
+        &self,
+        lease: &crate::Lease,
+        outcome: crate::Outcome,
+    ) -> impl Future<Output = crate::Result<()>> + Send {
+        IdempotencyStore::complete(&self.0, lease, outcome)
+    }
+
+    fn complete_with_ttl(
+        &self,
+        lease: &crate::Lease,
+        outcome: crate::Outcome,
+        ttl: Duration,
+    ) -> impl Future<Output = crate::Result<()>> + Send {
+        IdempotencyStore::complete_with_ttl(&self.0, lease, outcome, ttl)
+    }
+
+    fn release(&self, lease: &crate::Lease) -> impl Future<Output = crate::Result<()>> + Send {
+        IdempotencyStore::release(&self.0, lease)
+    }
+
+    fn extend(
+        &self,
+        lease: &crate::Lease,
+        by: Duration,
+    ) -> impl Future<Output = crate::Result<crate::Lease>> + Send {
+        IdempotencyStore::extend(&self.0, lease, by)
+    }
+
+    fn outcome(
+        &self,
+        user: &[u8],
+        key: &[u8],
+    ) -> impl Future<Output = crate::Result<Option<crate::Outcome>>> + Send {
+        IdempotencyStore::outcome(&self.0, user, key)
+    }
+
+    fn get(
+        &self,
+        user: &[u8],
+        key: &[u8],
+    ) -> impl Future<Output = crate::Result<Option<crate::RecordView>>> + Send {
+        IdempotencyStore::get(&self.0, user, key)
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        IdempotencyStore::lease_ttl(&self.0)
+    }
+}
+
+#[test]
+fn claim_dropped_on_a_store_without_release_now_is_released_on_a_task() {
+    let (_dir, engine, lease) = engine_and_lease(1 << 20);
+    let store = AsyncOnly(AsyncEngine::new(Arc::clone(&engine)));
+    // Outside a runtime nothing can run the release: the lease expires.
+    drop(Claim::new(store.clone(), lease.clone()));
+    assert!(engine.get("u", "k").unwrap().is_some());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        drop(Claim::new(store, lease));
+        for _ in 0..1000 {
+            if engine.get("u", "k").unwrap().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the dropped claim's key was never released");
+    });
 }
