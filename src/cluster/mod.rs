@@ -11,6 +11,7 @@
 //! log hold its record, and a former owner can never append after another
 //! node fenced the stream.
 
+mod calls;
 mod jetstream;
 mod node;
 mod options;

@@ -35,7 +35,6 @@ use super::options::{ClusterOptions, partition_of};
 use super::partition::{Ctx, Served};
 use super::wire::{Call, Reply};
 use crate::error::{Error, Result, Unavailable};
-use crate::outcome::{Begin, Fingerprint, Lease, Outcome, RecordView};
 
 /// A member of a cluster: the same calls as [`AsyncEngine`](crate::AsyncEngine),
 /// answered for any user from any node. `Clone + Send + Sync`; clones share
@@ -162,13 +161,27 @@ impl Node {
                     .map_err(nats_error)?;
                 let js = jetstream::new(client.clone());
                 let names = Names::new(&options.name);
-                let owners = bucket(&js, names.owners(), &options).await?;
-                let members = bucket(&js, names.members(), &options).await?;
-                Ok::<_, Error>((client, js, owners, members))
+                // A JetStream cluster that is just starting has no meta
+                // leader for a few seconds: try again until it has.
+                let ready = Instant::now() + options.forward_timeout * 2;
+                loop {
+                    let buckets = async {
+                        let owners = bucket(&js, names.owners(), &options).await?;
+                        let members = bucket(&js, names.members(), &options).await?;
+                        Ok::<_, Error>((owners, members))
+                    };
+                    match buckets.await {
+                        Ok((owners, members)) => {
+                            break Ok::<_, Error>((client, js, owners, members));
+                        }
+                        Err(e) if Instant::now() >= ready => break Err(e),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                    }
+                }
             })
         };
         let (client, js, owners, members) =
-            match tokio::time::timeout(options.forward_timeout * 2, setup).await {
+            match tokio::time::timeout(options.forward_timeout * 3, setup).await {
                 Ok(Ok(Ok(setup))) => setup,
                 failed => {
                     // Dropping a runtime may block: not on the caller's.
@@ -206,6 +219,11 @@ impl Node {
     /// The partition of `user`.
     pub fn partition_of(&self, user: impl AsRef<[u8]>) -> u32 {
         partition_of(user.as_ref(), self.inner.ctx.options.partitions)
+    }
+
+    /// The lease TTL of the partitions' engines.
+    pub fn lease_ttl(&self) -> Duration {
+        self.inner.ctx.options.engine.lease_ttl
     }
 
     /// The partitions this node answers for now, in order.
@@ -250,7 +268,7 @@ impl Node {
     }
 
     /// Runs `call` on the owner of its user's partition.
-    async fn call(&self, call: Call, waits: Duration) -> Result<Reply> {
+    pub(super) async fn call(&self, call: Call, waits: Duration) -> Result<Reply> {
         let inner = &self.inner;
         if inner.stopped.load(Ordering::SeqCst) {
             return Err(Error::Closed);
@@ -295,199 +313,12 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-
-    /// [`AsyncEngine::begin`](crate::AsyncEngine::begin), on the owner of
-    /// `user`'s partition.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::begin`, and [`Error::Unavailable`].
-    pub async fn begin(
-        &self,
-        user: impl AsRef<[u8]>,
-        key: impl AsRef<[u8]>,
-        fingerprint: Fingerprint,
-    ) -> Result<Begin> {
-        let call = Call::Begin {
-            user: Bytes::copy_from_slice(user.as_ref()),
-            key: Bytes::copy_from_slice(key.as_ref()),
-            fingerprint,
-        };
-        match self.call(call, Duration::ZERO).await? {
-            Reply::Begin(b) => Ok(b),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::begin_wait`](crate::AsyncEngine::begin_wait), on the
-    /// owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::begin_wait`, and [`Error::Unavailable`].
-    pub async fn begin_wait(
-        &self,
-        user: impl AsRef<[u8]>,
-        key: impl AsRef<[u8]>,
-        fingerprint: Fingerprint,
-        timeout: Duration,
-    ) -> Result<Begin> {
-        let call = Call::BeginWait {
-            user: Bytes::copy_from_slice(user.as_ref()),
-            key: Bytes::copy_from_slice(key.as_ref()),
-            fingerprint,
-            timeout,
-        };
-        match self.call(call, timeout).await? {
-            Reply::Begin(b) => Ok(b),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::wait`](crate::AsyncEngine::wait), on the owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::wait`, and [`Error::Unavailable`].
-    pub async fn wait(
-        &self,
-        user: impl AsRef<[u8]>,
-        key: impl AsRef<[u8]>,
-        fingerprint: Fingerprint,
-        timeout: Duration,
-    ) -> Result<Option<Outcome>> {
-        let call = Call::Wait {
-            user: Bytes::copy_from_slice(user.as_ref()),
-            key: Bytes::copy_from_slice(key.as_ref()),
-            fingerprint,
-            timeout,
-        };
-        match self.call(call, timeout).await? {
-            Reply::Outcome(o) => Ok(o),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::complete`](crate::AsyncEngine::complete), on the
-    /// owner (any node: a lease from one node completes through another).
-    ///
-    /// # Errors
-    /// As `AsyncEngine::complete`, and [`Error::Unavailable`].
-    pub async fn complete(&self, lease: &Lease, outcome: Outcome) -> Result<()> {
-        self.complete_inner(lease, outcome, None).await
-    }
-
-    /// [`AsyncEngine::complete_with_ttl`](crate::AsyncEngine::complete_with_ttl),
-    /// on the owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::complete_with_ttl`, and [`Error::Unavailable`].
-    pub async fn complete_with_ttl(
-        &self,
-        lease: &Lease,
-        outcome: Outcome,
-        ttl: Duration,
-    ) -> Result<()> {
-        self.complete_inner(lease, outcome, Some(ttl)).await
-    }
-
-    async fn complete_inner(
-        &self,
-        lease: &Lease,
-        outcome: Outcome,
-        ttl: Option<Duration>,
-    ) -> Result<()> {
-        let call = Call::Complete {
-            lease: lease.clone(),
-            outcome,
-            ttl,
-        };
-        match self.call(call, Duration::ZERO).await? {
-            Reply::Done => Ok(()),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::release`](crate::AsyncEngine::release), on the owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::release`, and [`Error::Unavailable`].
-    pub async fn release(&self, lease: &Lease) -> Result<()> {
-        let call = Call::Release {
-            lease: lease.clone(),
-        };
-        match self.call(call, Duration::ZERO).await? {
-            Reply::Done => Ok(()),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::extend`](crate::AsyncEngine::extend), on the owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::extend`, and [`Error::Unavailable`].
-    pub async fn extend(&self, lease: &Lease, by: Duration) -> Result<Lease> {
-        let call = Call::Extend {
-            lease: lease.clone(),
-            by,
-        };
-        match self.call(call, Duration::ZERO).await? {
-            Reply::Lease(l) => Ok(l),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::outcome`](crate::AsyncEngine::outcome), on the owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::outcome`, and [`Error::Unavailable`].
-    pub async fn outcome(
-        &self,
-        user: impl AsRef<[u8]>,
-        key: impl AsRef<[u8]>,
-    ) -> Result<Option<Outcome>> {
-        let call = Call::Outcome {
-            user: Bytes::copy_from_slice(user.as_ref()),
-            key: Bytes::copy_from_slice(key.as_ref()),
-        };
-        match self.call(call, Duration::ZERO).await? {
-            Reply::Outcome(o) => Ok(o),
-            other => unexpected(other),
-        }
-    }
-
-    /// [`AsyncEngine::get`](crate::AsyncEngine::get), on the owner.
-    ///
-    /// # Errors
-    /// As `AsyncEngine::get`, and [`Error::Unavailable`].
-    pub async fn get(
-        &self,
-        user: impl AsRef<[u8]>,
-        key: impl AsRef<[u8]>,
-    ) -> Result<Option<RecordView>> {
-        let call = Call::Get {
-            user: Bytes::copy_from_slice(user.as_ref()),
-            key: Bytes::copy_from_slice(key.as_ref()),
-        };
-        match self.call(call, Duration::ZERO).await? {
-            Reply::View(v) => Ok(v),
-            other => unexpected(other),
-        }
-    }
 }
 
 fn no_answer(p: u32) -> Error {
     Error::Unavailable {
         partition: Some(p),
         reason: Unavailable::NoAnswer,
-    }
-}
-
-/// A reply of the wrong shape (or a failure) as the call's result.
-fn unexpected<T>(reply: Reply) -> Result<T> {
-    match reply {
-        Reply::Failed(e) => Err(e),
-        _ => Err(Error::Unavailable {
-            partition: None,
-            reason: Unavailable::NoAnswer,
-        }),
     }
 }
 
