@@ -227,3 +227,61 @@ async fn a_jetstream_server_killed_and_restarted_loses_no_acknowledged_record() 
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_streams_stay_short_and_still_rebuild_every_record() {
+    let nats = nats::Nats::start(1);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let trimmed = |id: &str, dir: &Path| {
+        let mut o = options(id, dir, nats.urls(), 1);
+        o.trim_after = 40;
+        o
+    };
+    let a = Node::start(trimmed("a", da.path())).await.unwrap();
+    until_served(&[&a]).await;
+    for i in 0..600 {
+        charge(&a, &format!("user-{i}"), i).await;
+    }
+    // Give the rounds time to trim, then look at the streams from outside.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut trimmed_any = false;
+    for p in 0..PARTITIONS {
+        let mut stream = js.get_stream(format!("idemkv_P{p:04}")).await.unwrap();
+        let info = stream.info().await.unwrap();
+        // 600 keys, two records each, over 4 partitions: ~300 messages
+        // each untrimmed; with a snapshot every 40 sends far fewer stay.
+        assert!(info.state.messages < 200, "partition {p}: {:?}", info.state);
+        trimmed_any |= info.state.first_sequence > 1;
+    }
+    assert!(trimmed_any, "no stream was trimmed");
+    // b starts with an empty directory and a's copies are gone: it
+    // rebuilds every partition from the trimmed streams alone.
+    drop(a);
+    let b = Node::start(trimmed("b", db.path())).await.unwrap();
+    until_served(&[&b]).await;
+    for i in 0..600 {
+        assert_eq!(
+            b.outcome(format!("user-{i}"), "order").await.unwrap(),
+            Some(outcome(i)),
+            "user {i}"
+        );
+    }
+    // a comes back with copies older than the trims: they are started over.
+    for i in 600..700 {
+        charge(&b, &format!("user-{i}"), i).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.shutdown().await;
+    let a = Node::start(trimmed("a", da.path())).await.unwrap();
+    until_served(&[&a]).await;
+    for i in 0..700 {
+        assert_eq!(
+            a.outcome(format!("user-{i}"), "order").await.unwrap(),
+            Some(outcome(i)),
+            "user {i}"
+        );
+    }
+    a.shutdown().await;
+}

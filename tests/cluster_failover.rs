@@ -279,7 +279,7 @@ async fn kills_restarts_and_a_join_under_load_lose_nothing_acknowledged() {
     let all: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let checked = Arc::new(AtomicUsize::new(0));
     let entries: Arc<Vec<(String, String)>> = Arc::new(bodies.into_iter().collect());
-    let checkers: Vec<_> = (0..32)
+    let checkers: Vec<_> = (0..64)
         .map(|c| {
             let (entries, all, checked) = (entries.clone(), all.clone(), checked.clone());
             tokio::spawn(async move {
@@ -294,7 +294,7 @@ async fn kills_restarts_and_a_join_under_load_lose_nothing_acknowledged() {
                         assert_eq!(&reply.body, body, "{id} from {addr}");
                         checked.fetch_add(1, Ordering::Relaxed);
                     }
-                    i += 32;
+                    i += 64;
                 }
             })
         })

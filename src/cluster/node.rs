@@ -379,7 +379,13 @@ async fn round(inner: &Arc<Inner>) {
                     .update(owner_key(p), Bytes::from(me.to_owned()), rev)
                     .await
                 {
-                    Ok(rev) => s.renew(until, rev),
+                    Ok(rev) => {
+                        s.renew(until, rev);
+                        let ctx = inner.ctx.clone();
+                        tokio::spawn(async move {
+                            let _ = s.trim_if_due(&ctx).await;
+                        });
+                    }
                     Err(_) => {
                         s.lose();
                         inner.served.write().remove(&p);

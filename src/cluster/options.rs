@@ -50,6 +50,12 @@ pub struct ClusterOptions {
     /// after its last heartbeat, and stops answering for them a quarter of
     /// it before. Default 3 s.
     pub ownership_ttl: Duration,
+    /// How many messages a partition's owner appends to its stream before
+    /// it trims the stream: it appends a snapshot of its live records and
+    /// purges every message before the snapshot, so the stream (and a new
+    /// owner's catch-up) stays proportional to the live records, not the
+    /// history. `0`: never trim. Default 10 000.
+    pub trim_after: u64,
     /// How long a call waits for the user's partition to have an owner
     /// (forwarded calls, a partition that is moving) before it fails with
     /// [`Error::Unavailable`]. Default 5 s.
@@ -73,6 +79,7 @@ impl ClusterOptions {
             replicas: 3,
             engine: Options::default(),
             ownership_ttl: Duration::from_secs(3),
+            trim_after: 10_000,
             forward_timeout: Duration::from_secs(5),
         }
     }

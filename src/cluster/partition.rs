@@ -32,6 +32,27 @@ use crate::error::{Error, IoOp, Unavailable};
 use crate::storage::{FsStorage, Storage};
 use crate::{Engine, Result};
 
+/// Why a catch-up did not end with the fence in.
+#[derive(Debug)]
+enum CatchUp {
+    /// The stream was trimmed under it: the copy must start over.
+    Trimmed,
+    /// The stream was unreachable, or kept moving, or the copy failed.
+    Failed,
+}
+
+/// Removes a copy's files (its records are all in the stream).
+fn wipe(dir: &std::path::Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(IoOp::List, dir, e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(IoOp::Remove, path.clone(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// What a partition needs from its node.
 #[derive(Clone, Debug)]
 pub(crate) struct Ctx {
@@ -55,6 +76,8 @@ pub(crate) struct Served {
     /// The owners-bucket revision of this node's entry.
     pub revision: AtomicU64,
     lost: AtomicBool,
+    /// Set while a trim runs.
+    trimming: AtomicBool,
     /// Notified when the partition is lost (its call subscription ends).
     pub lost_signal: tokio::sync::Notify,
 }
@@ -96,6 +119,7 @@ impl Served {
             until: Mutex::new(until),
             revision: AtomicU64::new(revision),
             lost: AtomicBool::new(false),
+            trimming: AtomicBool::new(false),
             lost_signal: tokio::sync::Notify::new(),
         }
     }
@@ -110,10 +134,27 @@ impl Served {
         let timeout = ctx.options.forward_timeout;
         let log = changelog(&ctx.runtime, &ctx.js, &ctx.names, p, timeout);
         let instance = instance_of(&ctx.options.name, p);
+        let stream = stream_of(&ctx.js, &ctx.names, p, ctx.options.replicas)
+            .await
+            .map_err(io_error(p))?;
+        let (first, _) = bounds(&stream).await.map_err(io_error(p))?;
+        let home = dir.clone();
         let (engine, replication) = blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(IoOp::Create, dir.clone(), e))?;
+            let mut seq = {
+                let inner = FsStorage::open(&dir)?;
+                let seq = reconcile(&inner).map_err(|e| Error::io(IoOp::Truncate, dir.clone(), e));
+                inner.close();
+                seq?
+            };
+            if first > seq + 1 {
+                // The stream was trimmed past this copy's mark: the records
+                // in between are gone, and the snapshot after them holds the
+                // state. Start the copy over from the stream's first message.
+                wipe(&dir)?;
+                seq = first - 1;
+            }
             let inner: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir)?);
-            let seq = reconcile(&*inner).map_err(|e| Error::io(IoOp::Truncate, dir.clone(), e))?;
             let replication = Replication::new(log, Arc::clone(&inner), local_sync, seq);
             let storage = ReplicatingStorage::new(inner, Arc::clone(&replication));
             let engine = Engine::open_as(Arc::new(storage), engine_options, instance)?;
@@ -124,31 +165,39 @@ impl Served {
         let fenced = self.catch_up_and_fence(ctx).await;
         if fenced.is_err() || self.lost.load(Ordering::SeqCst) {
             self.close().await;
-            return fenced;
+            if let Err(CatchUp::Trimmed) = fenced {
+                // Trimmed while it was copied in: start over next time.
+                let _ = blocking(move || wipe(&home)).await;
+            }
+            return Err(unavailable(p));
         }
         self.ready.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Steps 3 and 4 of the module docs.
-    async fn catch_up_and_fence(&self, ctx: &Ctx) -> Result<()> {
+    async fn catch_up_and_fence(&self, ctx: &Ctx) -> std::result::Result<(), CatchUp> {
         let p = self.partition;
         let Some((_, replication)) = self.copy.get() else {
-            return Err(unavailable(p));
+            return Err(CatchUp::Failed);
         };
         let stream = stream_of(&ctx.js, &ctx.names, p, ctx.options.replicas)
             .await
-            .map_err(io_error(p))?;
+            .map_err(|_| CatchUp::Failed)?;
         for _ in 0..16 {
-            let (_, last) = bounds(&stream).await.map_err(io_error(p))?;
+            let (_, last) = bounds(&stream).await.map_err(|_| CatchUp::Failed)?;
             if self.lost.load(Ordering::SeqCst) {
-                return Err(unavailable(p));
+                return Err(CatchUp::Failed);
             }
             let mut seq = replication.last_seq();
             while seq < last {
                 seq += 1;
-                if let Some(frames) = frames_at(&stream, seq).await.map_err(io_error(p))? {
-                    self.copy_in(frames).await?;
+                match frames_at(&stream, seq).await.map_err(|_| CatchUp::Failed)? {
+                    Some(frames) => self.copy_in(frames).await.map_err(|_| CatchUp::Failed)?,
+                    // Only a trim removes messages: what was between is in
+                    // the snapshot after it, but this copy already holds
+                    // part of the older history, so it starts over.
+                    None => return Err(CatchUp::Trimmed),
                 }
                 replication.copied(seq);
             }
@@ -168,10 +217,55 @@ impl Served {
             // unreachable): copy in what came, then fence again.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(Error::Unavailable {
-            partition: Some(p),
-            reason: Unavailable::NoOwner,
+        Err(CatchUp::Failed)
+    }
+
+    /// Trims the stream if the copy sent `trim_after` messages since its
+    /// last snapshot: appends a snapshot of the live records, then purges
+    /// every message before it. Returns whether it trimmed.
+    ///
+    /// # Errors
+    /// A failed snapshot send fails the copy (the partition is given up, as
+    /// after a failed sync); a failed purge is retried next time.
+    pub async fn trim_if_due(&self, ctx: &Ctx) -> Result<bool> {
+        let every = ctx.options.trim_after;
+        let Some((engine, replication)) = self.copy.get() else {
+            return Ok(false);
+        };
+        if every == 0 || !self.valid() || replication.sent_since_snapshot() < every {
+            return Ok(false);
+        }
+        if self.trimming.swap(true, Ordering::SeqCst) {
+            return Ok(false); // one at a time
+        }
+        let trimmed = self.trim(ctx, engine, replication).await;
+        self.trimming.store(false, Ordering::SeqCst);
+        trimmed.map(|()| true)
+    }
+
+    async fn trim(
+        &self,
+        ctx: &Ctx,
+        engine: &AsyncEngine,
+        replication: &Arc<Replication>,
+    ) -> Result<()> {
+        let p = self.partition;
+        let (engine, replication) = (Arc::clone(engine.engine()), Arc::clone(replication));
+        let first = blocking(move || {
+            replication
+                .send_snapshot(|| engine.snapshot_frames().map_err(io::Error::other))
+                .map_err(|_| unavailable(p))
         })
+        .await?;
+        let stream = stream_of(&ctx.js, &ctx.names, p, ctx.options.replicas)
+            .await
+            .map_err(io_error(p))?;
+        stream
+            .purge()
+            .sequence(first)
+            .await
+            .map_err(|_| unavailable(p))?;
+        Ok(())
     }
 
     async fn copy_in(&self, frames: Bytes) -> Result<()> {

@@ -190,6 +190,8 @@ struct State {
     last_seq: u64,
     /// Follow mode: the last sequence whose frames were all appended.
     copied: u64,
+    /// Messages sent since the last snapshot.
+    sent: u64,
 }
 
 impl Replication {
@@ -210,6 +212,7 @@ impl Replication {
             state: Mutex::new(State {
                 last_seq: seq,
                 copied: seq,
+                sent: 0,
             }),
         })
     }
@@ -237,6 +240,37 @@ impl Replication {
         self.own.store(true, Ordering::SeqCst);
     }
 
+    /// Messages this copy sent since its last snapshot (or since it took
+    /// ownership).
+    pub fn sent_since_snapshot(&self) -> u64 {
+        self.state.lock().sent
+    }
+
+    /// Sends a snapshot of the copy (own mode): `frames` (called with the
+    /// send lock held, so every record appended after it reads the index
+    /// is sent after the snapshot) gives every live record; they are sent
+    /// fenced like any append. Returns the sequence of the snapshot's first
+    /// message: every message before it may then be purged, since the
+    /// snapshot and what follows it hold the whole state.
+    ///
+    /// # Errors
+    /// A copy not in own mode, or one whose send failed; `frames`' error; a
+    /// refused send (which fails the copy, as a refused sync does).
+    pub fn send_snapshot(&self, frames: impl FnOnce() -> io::Result<Vec<u8>>) -> io::Result<u64> {
+        let mut s = self.state.lock();
+        if self.failed.load(Ordering::SeqCst) || !self.own.load(Ordering::SeqCst) {
+            return Err(refused());
+        }
+        let frames = frames()?;
+        let first = s.last_seq + 1;
+        if let Err(e) = self.send(&mut s, &frames) {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        s.sent = 0;
+        Ok(first)
+    }
+
     /// Whether a send failed (the copy must be reopened).
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
@@ -262,6 +296,7 @@ impl Replication {
             s.last_seq = self
                 .changelog
                 .append(Bytes::copy_from_slice(chunk), s.last_seq)?;
+            s.sent += 1;
             rest = tail;
         }
         Ok(())

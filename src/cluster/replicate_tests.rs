@@ -19,7 +19,8 @@ use crate::{Engine, Error, Options};
 /// JetStream's expected-last-sequence, and failures on demand.
 #[derive(Debug, Default)]
 struct MemoryLog {
-    messages: Mutex<Vec<Bytes>>,
+    /// `None`: purged.
+    messages: Mutex<Vec<Option<Bytes>>>,
     /// Appends from this count on fail (`u64::MAX`: none).
     fail_from: AtomicU64,
     /// Whether a failing append lands anyway (the ack was lost).
@@ -41,11 +42,20 @@ impl MemoryLog {
         Arc::new(log)
     }
 
+    /// The messages after `seq` that were not purged.
     fn since(&self, seq: u64) -> Vec<(u64, Bytes)> {
         let m = self.messages.lock();
         (seq as usize..m.len())
-            .map(|i| (i as u64 + 1, m[i].clone()))
+            .filter_map(|i| Some((i as u64 + 1, m[i].clone()?)))
             .collect()
+    }
+
+    /// Purges every message before `seq`.
+    fn purge_before(&self, seq: u64) {
+        let mut m = self.messages.lock();
+        for slot in m.iter_mut().take(seq.saturating_sub(1) as usize) {
+            *slot = None;
+        }
     }
 
     fn last(&self) -> u64 {
@@ -72,17 +82,17 @@ impl Changelog for MemoryLog {
             };
             *self.crashed.lock() = Some(after);
             if self.lands_anyway.load(Ordering::SeqCst) {
-                m.push(frames);
+                m.push(Some(frames));
             }
             return Err(io::Error::other("the process died here"));
         }
         if n >= self.fail_from.load(Ordering::SeqCst) {
             if self.lands_anyway.load(Ordering::SeqCst) {
-                m.push(frames);
+                m.push(Some(frames));
             }
             return Err(io::Error::other("injected changelog failure"));
         }
-        m.push(frames);
+        m.push(Some(frames));
         Ok(m.len() as u64)
     }
 }
@@ -342,4 +352,87 @@ fn crashes_and_refusals_at_random_lose_no_acknowledged_record() {
             }
         }
     }
+}
+
+#[test]
+fn a_snapshot_and_what_follows_it_rebuild_the_state_without_the_history() {
+    let log = MemoryLog::new();
+    let (engine, replication) = open_copy(&SimDisk::new(), &log, true);
+    let fp = Fingerprint::of(b"r");
+    let mut top = 0;
+    // A history with every kind of record: completed, released, extended,
+    // in flight, completed then begun again under another fingerprint.
+    for (i, key) in keys().enumerate() {
+        let Begin::Started(lease) = engine.begin("u", &key, fp).unwrap() else {
+            panic!()
+        };
+        top = top.max(lease.token());
+        match i % 4 {
+            0 => engine.complete(&lease, outcome(key.clone())).unwrap(),
+            1 => engine.release(&lease).unwrap(),
+            2 => {
+                let lease = engine
+                    .extend(&lease, std::time::Duration::from_secs(90))
+                    .unwrap();
+                engine.complete(&lease, outcome(key.clone())).unwrap();
+            }
+            _ => {}
+        }
+    }
+    // The last lease before the snapshot is released: its token is the
+    // highest, and no live record carries it.
+    let Begin::Started(gone) = engine.begin("u", "gone", fp).unwrap() else {
+        panic!()
+    };
+    top = top.max(gone.token());
+    engine.release(&gone).unwrap();
+    let first = replication
+        .send_snapshot(|| engine.snapshot_frames().map_err(io::Error::other))
+        .unwrap();
+    // From the snapshot alone, tokens go on above the released one.
+    log.purge_before(first);
+    let Begin::Started(after) = rebuilt(&log).begin("u", "gone", fp).unwrap() else {
+        panic!("gone was released")
+    };
+    assert!(
+        after.token() > top,
+        "token {} reissued (top {top})",
+        after.token()
+    );
+    assert!(
+        first > 1 && first <= log.last(),
+        "snapshot at {first} of {}",
+        log.last()
+    );
+    // Writes after the snapshot, then the trim.
+    let Begin::Started(late) = engine.begin("u", "late", fp).unwrap() else {
+        panic!()
+    };
+    top = top.max(late.token());
+    engine.complete(&late, outcome("late".into())).unwrap();
+    log.purge_before(first);
+    assert!(log.since(0).iter().all(|(seq, _)| *seq >= first));
+    let copy = rebuilt(&log);
+    for key in keys().chain(["late".to_owned()]) {
+        let view = |e: &Engine| {
+            e.get("u", &key)
+                .unwrap()
+                .map(|v| (v.state, v.token, v.status))
+        };
+        assert_eq!(view(&copy), view(&engine), "{key}");
+        assert_eq!(
+            copy.outcome("u", &key).unwrap(),
+            engine.outcome("u", &key).unwrap(),
+            "{key}"
+        );
+    }
+    // Tokens go on above every token of the history, purged or not.
+    let Begin::Started(next) = copy.begin("u", "k1", fp).unwrap() else {
+        panic!("k1 was released")
+    };
+    assert!(
+        next.token() > top,
+        "token {} reissued (top {top})",
+        next.token()
+    );
 }

@@ -75,6 +75,43 @@ impl Engine {
         self.log.sync_past(pos)
     }
 
+    /// What a copy needs to rebuild this engine's records without their
+    /// history: a token reservation frame carrying the highest token
+    /// handed out (so a copy built from it never hands one out again), then
+    /// the frame of every record the index holds (each key's latest).
+    /// Compaction is paused meanwhile, so that no record moves.
+    ///
+    /// # Errors
+    /// [`Error::Closed`]; a record that cannot be read back
+    /// ([`Error::Io`], [`Error::Corrupt`]).
+    pub(crate) fn snapshot_frames(&self) -> Result<Vec<u8>> {
+        self.check_open()?;
+        let _still = self.compactor.pause("snapshot")?;
+        let mut out = Vec::new();
+        let reserve = Record {
+            kind: Kind::Reserve,
+            token: self.log.highest_token(),
+            deadline_ms: 0,
+            time_ms: self.clock.read().wall,
+            lease_ms: 0,
+            fingerprint: 0,
+            user: b"",
+            key: b"",
+            status: 0,
+            body: b"",
+            seal: None,
+        };
+        reserve.encode(&mut out);
+        for shard in self.index.shards() {
+            let mut positions = Vec::new();
+            shard.lock().for_each(|e| positions.push(e.pos));
+            for pos in positions {
+                out.extend_from_slice(self.log.read(pos)?.frame());
+            }
+        }
+        Ok(out)
+    }
+
     /// Appends one record and applies it; see [`Engine::ingest`].
     fn ingest_one(&self, record: &Record<'_>) -> Result<u64> {
         self.log.raise_tokens_past(record.token);

@@ -390,6 +390,15 @@ impl Log {
         self.reserve_target.fetch_max(above, Ordering::SeqCst);
     }
 
+    /// A token at least as high as every token handed out so far, or that
+    /// may be handed out before the next reservation (0 if none was).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn highest_token(&self) -> u64 {
+        let next = self.next_token.load(Ordering::SeqCst);
+        next.max(self.reserve_target.load(Ordering::SeqCst))
+            .saturating_sub(1)
+    }
+
     /// The token floor of a segment created now: above every token handed
     /// out, or that may be handed out before the next reservation.
     pub(super) fn token_floor(&self) -> u64 {

@@ -60,6 +60,12 @@ impl ReadRecord {
     }
 
     /// The user id it was written for.
+    /// The whole frame, as the log stores it.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
     pub fn user(&self) -> &[u8] {
         self.frame.get(self.user.clone()).unwrap_or_default()
     }
