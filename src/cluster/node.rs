@@ -58,6 +58,8 @@ struct Inner {
     served: RwLock<HashMap<u32, Arc<Served>>>,
     /// When each free partition was first seen free (by this node).
     free_since: Mutex<HashMap<u32, Instant>>,
+    /// The last listing of the members bucket, and when it was made.
+    live: Mutex<Option<(Instant, Vec<String>)>>,
     stopped: AtomicBool,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
 }
@@ -204,6 +206,7 @@ impl Node {
             members,
             served: RwLock::default(),
             free_since: Mutex::default(),
+            live: Mutex::default(),
             stopped: AtomicBool::new(false),
             runtime: Mutex::new(Some(runtime)),
         });
@@ -337,67 +340,61 @@ async fn background(weak: Weak<Inner>) {
     }
 }
 
-/// One round: renew membership, renew or give up what this node serves,
-/// claim the free partitions it should serve.
+/// One round: renew what this node serves (first, all at once: a renewal
+/// must not wait behind slower work), then membership, hand-offs and
+/// claims. Every NATS call has a deadline well inside the ownership TTL,
+/// so a slow or failing JetStream (a server lost, a leader being elected)
+/// costs renewals, never a stuck round.
 async fn round(inner: &Arc<Inner>) {
     let options = &inner.ctx.options;
     let me = options.node_id.as_str();
     let started = Instant::now();
     let until = started + options.ownership_ttl * 3 / 4;
-    if inner.members.put(me, Bytes::new()).await.is_err() {
-        return; // NATS is unreachable: every renewal would fail too
+    let patience = options.ownership_ttl / 2;
+    let served: Vec<Arc<Served>> = inner.served.read().values().cloned().collect();
+    let renewals = served.iter().filter(|s| !s.is_lost()).map(|s| async move {
+        let rev = s.revision.load(Ordering::SeqCst);
+        let update = inner
+            .owners
+            .update(owner_key(s.partition), Bytes::from(me.to_owned()), rev);
+        (s, tokio::time::timeout(patience, update).await)
+    });
+    for (s, renewed) in futures_util::future::join_all(renewals).await {
+        match renewed {
+            Ok(Ok(rev)) => {
+                s.renew(until, rev);
+                let (s, ctx) = (Arc::clone(s), inner.ctx.clone());
+                tokio::spawn(async move {
+                    let _ = s.trim_if_due(&ctx).await;
+                });
+            }
+            // Refused (another node wrote the entry, or it expired) or
+            // too slow to count on: give the partition up.
+            _ => s.lose(),
+        }
     }
-    let mut live: Vec<String> = match inner.members.keys().await {
-        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
-        Err(_) => return,
+    for s in served.iter().filter(|s| s.is_lost()) {
+        give_up(inner, s, false);
+    }
+    let put = inner.members.put(me, Bytes::new());
+    if !matches!(tokio::time::timeout(patience, put).await, Ok(Ok(_))) {
+        return; // NATS is unreachable or slow: claim nothing now
+    }
+    let Some(live) = live_members(inner, patience).await else {
+        return;
     };
-    if !live.iter().any(|id| id == me) {
-        live.push(me.to_owned());
-    }
     for p in 0..options.partitions {
         let wanted = preferred(&live, p) == Some(me);
         let served = inner.served.read().get(&p).cloned();
         match served {
-            Some(s) if s.is_lost() => {
-                inner.served.write().remove(&p);
-                s.close().await;
-            }
-            Some(s) if !wanted && s.valid() => {
-                // Another live node prefers it: hand it off.
-                inner.served.write().remove(&p);
-                s.close().await;
-                let rev = s.revision.load(Ordering::SeqCst);
-                let _ = inner
-                    .owners
-                    .delete_expect_revision(owner_key(p), Some(rev))
-                    .await;
-            }
-            Some(s) => {
-                let rev = s.revision.load(Ordering::SeqCst);
-                match inner
-                    .owners
-                    .update(owner_key(p), Bytes::from(me.to_owned()), rev)
-                    .await
-                {
-                    Ok(rev) => {
-                        s.renew(until, rev);
-                        let ctx = inner.ctx.clone();
-                        tokio::spawn(async move {
-                            let _ = s.trim_if_due(&ctx).await;
-                        });
-                    }
-                    Err(_) => {
-                        s.lose();
-                        inner.served.write().remove(&p);
-                        s.close().await;
-                    }
-                }
-            }
+            Some(s) if !wanted && s.valid() => give_up(inner, &s, true),
+            Some(_) => {}
             None => {
-                let free = match inner.owners.entry(owner_key(p)).await {
-                    Ok(None) => true,
-                    Ok(Some(entry)) => entry.operation != kv::Operation::Put,
-                    Err(_) => false,
+                let entry = tokio::time::timeout(patience, inner.owners.entry(owner_key(p))).await;
+                let free = match entry {
+                    Ok(Ok(None)) => true,
+                    Ok(Ok(Some(entry))) => entry.operation != kv::Operation::Put,
+                    _ => false,
                 };
                 if !free {
                     inner.free_since.lock().remove(&p);
@@ -416,11 +413,65 @@ async fn round(inner: &Arc<Inner>) {
     }
 }
 
+/// The live nodes (this one too), from the members bucket; listed at most
+/// once a TTL (a listing creates a consumer), the last listing otherwise.
+async fn live_members(inner: &Arc<Inner>, patience: Duration) -> Option<Vec<String>> {
+    let options = &inner.ctx.options;
+    let me = options.node_id.as_str();
+    {
+        let cached = inner.live.lock();
+        if let Some((at, live)) = &*cached
+            && at.elapsed() < options.ownership_ttl
+        {
+            return Some(live.clone());
+        }
+    }
+    let listing = async {
+        let keys = inner.members.keys().await.ok()?;
+        Some(
+            keys.filter_map(|k| async move { k.ok() })
+                .collect::<Vec<String>>()
+                .await,
+        )
+    };
+    let mut live = match tokio::time::timeout(patience, listing).await {
+        Ok(Some(live)) => live,
+        _ => return inner.live.lock().as_ref().map(|(_, live)| live.clone()),
+    };
+    if !live.iter().any(|id| id == me) {
+        live.push(me.to_owned());
+    }
+    live.sort_unstable();
+    *inner.live.lock() = Some((Instant::now(), live.clone()));
+    Some(live)
+}
+
+/// Stops serving `s` now and closes its copy in the background; with
+/// `hand_off`, frees its entry too, so that the node preferred for it
+/// claims it at once (else the entry expires).
+fn give_up(inner: &Arc<Inner>, s: &Arc<Served>, hand_off: bool) {
+    s.lose();
+    inner.served.write().remove(&s.partition);
+    let (s, inner) = (Arc::clone(s), Arc::clone(inner));
+    tokio::spawn(async move {
+        s.close().await;
+        if hand_off {
+            let rev = s.revision.load(Ordering::SeqCst);
+            let _ = inner
+                .owners
+                .delete_expect_revision(owner_key(s.partition), Some(rev))
+                .await;
+        }
+    });
+}
+
 /// Claims free partition `p` and takes it over in the background.
 async fn claim(inner: &Arc<Inner>, p: u32, until: Instant) {
     let me = inner.ctx.options.node_id.clone();
-    let Ok(rev) = inner.owners.create(owner_key(p), Bytes::from(me)).await else {
-        return; // another node was quicker
+    let create = inner.owners.create(owner_key(p), Bytes::from(me));
+    let patience = inner.ctx.options.ownership_ttl / 2;
+    let Ok(Ok(rev)) = tokio::time::timeout(patience, create).await else {
+        return; // another node was quicker (or NATS is slow: next round)
     };
     let served = Arc::new(Served::claimed(p, rev, until));
     inner.served.write().insert(p, Arc::clone(&served));

@@ -35,7 +35,7 @@ use std::fmt::Debug;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -181,7 +181,14 @@ pub(crate) struct Replication {
     own: AtomicBool,
     /// Set by a refused or failed send: every later sync fails.
     failed: AtomicBool,
+    /// Held across a send (a network round trip): never taken on an async
+    /// runtime's thread, which the send itself may need. The atomics below
+    /// mirror what such a thread may read.
     state: Mutex<State>,
+    /// Messages sent since the last snapshot.
+    sent: AtomicU64,
+    /// `State::last_seq`, as of the last change.
+    seen: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -190,8 +197,6 @@ struct State {
     last_seq: u64,
     /// Follow mode: the last sequence whose frames were all appended.
     copied: u64,
-    /// Messages sent since the last snapshot.
-    sent: u64,
 }
 
 impl Replication {
@@ -212,8 +217,9 @@ impl Replication {
             state: Mutex::new(State {
                 last_seq: seq,
                 copied: seq,
-                sent: 0,
             }),
+            sent: AtomicU64::new(0),
+            seen: AtomicU64::new(seq),
         })
     }
 
@@ -223,11 +229,12 @@ impl Replication {
         let mut s = self.state.lock();
         s.copied = s.copied.max(seq);
         s.last_seq = s.last_seq.max(seq);
+        self.seen.store(s.last_seq, Ordering::SeqCst);
     }
 
     /// The last changelog sequence the copy reflects.
     pub fn last_seq(&self) -> u64 {
-        self.state.lock().last_seq
+        self.seen.load(Ordering::SeqCst)
     }
 
     /// Switches to own mode: appends are sent from now on, the first
@@ -237,13 +244,14 @@ impl Replication {
         let mut s = self.state.lock();
         s.last_seq = seq;
         s.copied = seq;
+        self.seen.store(seq, Ordering::SeqCst);
         self.own.store(true, Ordering::SeqCst);
     }
 
     /// Messages this copy sent since its last snapshot (or since it took
     /// ownership).
     pub fn sent_since_snapshot(&self) -> u64 {
-        self.state.lock().sent
+        self.sent.load(Ordering::SeqCst)
     }
 
     /// Sends a snapshot of the copy (own mode): `frames` (called with the
@@ -267,7 +275,7 @@ impl Replication {
             self.failed.store(true, Ordering::SeqCst);
             return Err(e);
         }
-        s.sent = 0;
+        self.sent.store(0, Ordering::SeqCst);
         Ok(first)
     }
 
@@ -296,7 +304,8 @@ impl Replication {
             s.last_seq = self
                 .changelog
                 .append(Bytes::copy_from_slice(chunk), s.last_seq)?;
-            s.sent += 1;
+            self.seen.store(s.last_seq, Ordering::SeqCst);
+            self.sent.fetch_add(1, Ordering::SeqCst);
             rest = tail;
         }
         Ok(())
