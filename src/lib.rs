@@ -64,6 +64,9 @@
 //!   chacha20poly1305, getrandom.
 //! - `metrics`: counters, gauges and histograms through the `metrics`
 //!   facade (see [`metrics`]).
+//! - `cluster`: `cluster::Node`, partitions replicated through NATS
+//!   JetStream streams and served by one node at a time, calls forwarded to
+//!   the owner (async-nats, tokio); see docs/CLUSTER.md.
 //!
 //! ## Layout
 //! [`Engine`] (`engine.rs`) validates input, asks the transition table

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::clock::{EngineClock, Now};
 use crate::error::{CorruptKind, Error, Result};
-use crate::index::{Index, KeyId, OFFSET_LIMIT, TOKEN_LIMIT};
+use crate::index::{Index, KeyId, OFFSET_LIMIT, ShardMap, TOKEN_LIMIT};
 use crate::log::record::{Kind, Record};
 use crate::log::{Log, Replayed};
 use crate::options::Options;
@@ -99,14 +99,34 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
     let (user, key) = (record.user, record.key);
     let id = KeyId::new(user, key);
     let mut shard = index.shard(&id).lock();
+    apply_in_shard(&mut shard, &id, record, pos, 0, |at| {
+        let theirs = replayed.read(at)?;
+        Ok(theirs.user() == user && theirs.key() == key)
+    })
+}
+
+/// Applies `record` (at log position `pos`) to its key's entry in `shard`
+/// (locked): recovery's rule, and `Engine::ingest`'s. `removed_at` is the
+/// position a removal is charged to (`ShardMap::remove`); `is_own` reads
+/// the record at a position and says whether it is this key's (to tell a
+/// colliding key's entry from an older one of this key).
+pub(crate) fn apply_in_shard(
+    shard: &mut ShardMap,
+    id: &KeyId,
+    record: &Record<'_>,
+    pos: u64,
+    removed_at: u64,
+    is_own: impl FnOnce(u64) -> Result<bool>,
+) -> Result<()> {
+    let (user, key) = (record.user, record.key);
     if record.kind == Kind::Begin {
         if let Some(entry) = state::replay(None, record, pos) {
-            match shard.locate(&id, user, key) {
+            match shard.locate(id, user, key) {
                 // The same lease again (a duplicate copy of its begin, from
                 // a segment compaction orphaned): this key's own entry.
-                Some((e, _)) if e.token == record.token => shard.update(&id, user, key, entry),
-                Some(_) => shard.start(&id, user, key, entry, Now::at(record.time_ms)),
-                None => shard.insert_located_absent(&id, entry),
+                Some((e, _)) if e.token == record.token => shard.update(id, user, key, entry),
+                Some(_) => shard.start(id, user, key, entry, Now::at(record.time_ms)),
+                None => shard.insert_located_absent(id, entry),
             }
         }
         return Ok(());
@@ -115,21 +135,18 @@ fn apply(index: &Index, record: &Record<'_>, pos: u64, replayed: &Replayed<'_>) 
     // digest table may hold a colliding key's. Tokens grow per key, so a
     // newer token than the record's is another key's, the same token is
     // this key's, and an older one is told apart by reading its record.
-    let located = shard.locate(&id, user, key);
+    let located = shard.locate(id, user, key);
     let own = match located {
         Some((e, true)) => Some(e),
         Some((e, false)) if e.token == record.token => Some(e),
-        Some((e, false)) if e.token < record.token => {
-            let theirs = replayed.read(e.pos)?;
-            (theirs.user() == user && theirs.key() == key).then_some(e)
-        }
+        Some((e, false)) if e.token < record.token => is_own(e.pos)?.then_some(e),
         _ => None,
     };
     match (own, state::replay(own, record, pos)) {
-        (Some(_), Some(entry)) => shard.update(&id, user, key, entry),
-        (None, Some(entry)) if located.is_none() => shard.insert_located_absent(&id, entry),
-        (None, Some(entry)) => shard.start(&id, user, key, entry, Now::at(record.time_ms)),
-        (Some(_), None) => shard.remove(&id, user, key, 0),
+        (Some(_), Some(entry)) => shard.update(id, user, key, entry),
+        (None, Some(entry)) if located.is_none() => shard.insert_located_absent(id, entry),
+        (None, Some(entry)) => shard.start(id, user, key, entry, Now::at(record.time_ms)),
+        (Some(_), None) => shard.remove(id, user, key, removed_at),
         (None, None) => {}
     }
     Ok(())

@@ -18,12 +18,11 @@
 // Only the cluster copies records in.
 #![cfg_attr(not(feature = "cluster"), allow(dead_code))]
 
-use crate::clock::Now;
 use crate::error::{CorruptKind, Error, Result};
 use crate::index::{KeyId, TOKEN_LIMIT};
 use crate::log::Chore;
 use crate::log::record::{self, Kind, Record};
-use crate::state;
+use crate::recovery;
 
 use super::Engine;
 
@@ -135,38 +134,10 @@ impl Engine {
                 self.log.chore(Chore::Room(record.encoded_len()))?;
                 continue;
             };
-            if record.kind == Kind::Begin {
-                if let Some(entry) = state::replay(None, record, pos) {
-                    match shard.locate(&id, user, key) {
-                        Some((e, _)) if e.token == record.token => {
-                            shard.update(&id, user, key, entry)
-                        }
-                        Some(_) => shard.start(&id, user, key, entry, Now::at(record.time_ms)),
-                        None => shard.insert_located_absent(&id, entry),
-                    }
-                }
-                return Ok(pos);
-            }
-            // As in recovery: the spill table holds only this key's entry;
-            // the digest table may hold a colliding key's, told apart by
-            // token, or by reading its record.
-            let located = shard.locate(&id, user, key);
-            let own = match located {
-                Some((e, true)) => Some(e),
-                Some((e, false)) if e.token == record.token => Some(e),
-                Some((e, false)) if e.token < record.token => {
-                    let theirs = self.log.read(e.pos)?;
-                    (theirs.user() == user && theirs.key() == key).then_some(e)
-                }
-                _ => None,
-            };
-            match (own, state::replay(own, record, pos)) {
-                (Some(_), Some(entry)) => shard.update(&id, user, key, entry),
-                (None, Some(entry)) if located.is_none() => shard.insert_located_absent(&id, entry),
-                (None, Some(entry)) => shard.start(&id, user, key, entry, Now::at(record.time_ms)),
-                (Some(_), None) => shard.remove(&id, user, key, pos),
-                (None, None) => {}
-            }
+            recovery::apply_in_shard(&mut shard, &id, record, pos, pos, |at| {
+                let theirs = self.log.read(at)?;
+                Ok(theirs.user() == record.user && theirs.key() == record.key)
+            })?;
             return Ok(pos);
         }
     }

@@ -12,7 +12,7 @@ mod entry;
 mod shard;
 
 pub(crate) use entry::{Entry, MAX_DEADLINE_MS, OFFSET_LIMIT, TOKEN_LIMIT};
-pub(crate) use shard::{Memory, PARTS, SLOT_BYTES, Shard};
+pub(crate) use shard::{Memory, PARTS, SLOT_BYTES, Shard, ShardMap};
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 

@@ -146,8 +146,7 @@ impl SimDisk {
     /// holding the durable names and bytes, plus unsynced bytes per `tear`.
     pub fn crash(&self, tear: Tear) -> SimDisk {
         let state = self.state.lock();
-        let mut inodes = Vec::new();
-        let mut names = HashMap::new();
+        let mut files = Vec::new();
         let mut salt = 0u64;
         for (name, &ino) in &state.durable_names {
             let Some(inode) = state.inodes.get(ino) else {
@@ -174,21 +173,9 @@ impl SimDisk {
                     _ => bytes.extend_from_slice(kept),
                 }
             }
-            names.insert(name.clone(), inodes.len());
-            inodes.push(Arc::new(Mutex::new(Inode {
-                live: bytes.clone(),
-                durable: bytes,
-                ..Inode::default()
-            })));
+            files.push((name.clone(), bytes));
         }
-        SimDisk {
-            state: Arc::new(Mutex::new(State {
-                inodes,
-                durable_names: names.clone(),
-                live_names: names,
-                ..State::default()
-            })),
-        }
+        SimDisk::holding(files.into_iter())
     }
 
     /// The live bytes of `name`, if it exists (for tests that corrupt files).
@@ -226,14 +213,19 @@ impl SimDisk {
     /// (the operating system still has them), and made durable there.
     pub fn kill(&self) -> SimDisk {
         let state = self.state.lock();
+        let files = state.live_names.iter().filter_map(|(name, &ino)| {
+            let bytes = state.inodes.get(ino)?.lock().live.clone();
+            Some((name.clone(), bytes))
+        });
+        SimDisk::holding(files)
+    }
+
+    /// A new disk holding `files`, every byte durable.
+    fn holding(files: impl Iterator<Item = (String, Vec<u8>)>) -> SimDisk {
         let mut inodes = Vec::new();
         let mut names = HashMap::new();
-        for (name, &ino) in &state.live_names {
-            let Some(inode) = state.inodes.get(ino) else {
-                continue;
-            };
-            let bytes = inode.lock().live.clone();
-            names.insert(name.clone(), inodes.len());
+        for (name, bytes) in files {
+            names.insert(name, inodes.len());
             inodes.push(Arc::new(Mutex::new(Inode {
                 live: bytes.clone(),
                 durable: bytes,
