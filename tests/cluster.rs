@@ -44,6 +44,13 @@ fn outcome(i: usize) -> Outcome {
     }
 }
 
+/// Nodes `a` and `b` on one standalone server (R1), data in `da` and `db`.
+async fn two_nodes(nats: &nats::Nats, da: &Path, db: &Path) -> (Node, Node) {
+    let a = Node::start(options("a", da, nats.urls(), 1)).await.unwrap();
+    let b = Node::start(options("b", db, nats.urls(), 1)).await.unwrap();
+    (a, b)
+}
+
 fn fp(i: usize) -> Fingerprint {
     Fingerprint::of(format!("request {i}").as_bytes())
 }
@@ -52,12 +59,7 @@ fn fp(i: usize) -> Fingerprint {
 async fn any_node_answers_and_a_lease_completes_through_another() {
     let nats = nats::Nats::start(1);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Node::start(options("a", da.path(), nats.urls(), 1))
-        .await
-        .unwrap();
-    let b = Node::start(options("b", db.path(), nats.urls(), 1))
-        .await
-        .unwrap();
+    let (a, b) = two_nodes(&nats, da.path(), db.path()).await;
     // Both serve a share (once each sees the other in the members bucket),
     // so about half the calls below are forwarded.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -105,12 +107,7 @@ async fn any_node_answers_and_a_lease_completes_through_another() {
 async fn a_node_that_dies_loses_its_partitions_but_no_acknowledged_record() {
     let nats = nats::Nats::start(1);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Node::start(options("a", da.path(), nats.urls(), 1))
-        .await
-        .unwrap();
-    let b = Node::start(options("b", db.path(), nats.urls(), 1))
-        .await
-        .unwrap();
+    let (a, b) = two_nodes(&nats, da.path(), db.path()).await;
     until_served(&[&a, &b]).await;
     let mut leases = Vec::new();
     for i in 0..60 {

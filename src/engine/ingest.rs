@@ -206,6 +206,15 @@ mod tests {
         top
     }
 
+    /// The frames of [`write_history`] on a fresh engine, and its top token.
+    fn history() -> (Vec<u8>, u64) {
+        let original = tempfile::tempdir().unwrap();
+        let engine = Engine::open(original.path(), options()).unwrap();
+        let top = write_history(&engine);
+        engine.close().unwrap();
+        (frames_of(original.path()), top)
+    }
+
     fn assert_copy_of_history(copy: &Engine, top: u64) {
         let fp = Fingerprint::of(b"r");
         for key in ["k1", "k4"] {
@@ -235,14 +244,7 @@ mod tests {
 
     #[test]
     fn ingested_records_answer_as_the_original_and_tokens_go_past_them() {
-        let original = tempfile::tempdir().unwrap();
-        let top = {
-            let engine = Engine::open(original.path(), options()).unwrap();
-            let top = write_history(&engine);
-            engine.close().unwrap();
-            top
-        };
-        let frames = frames_of(original.path());
+        let (frames, top) = history();
         let copy_dir = tempfile::tempdir().unwrap();
         {
             let copy = Engine::open(copy_dir.path(), options()).unwrap();
@@ -262,14 +264,7 @@ mod tests {
 
     #[test]
     fn ingesting_the_same_run_twice_leaves_what_once_did() {
-        let original = tempfile::tempdir().unwrap();
-        let top = {
-            let engine = Engine::open(original.path(), options()).unwrap();
-            let top = write_history(&engine);
-            engine.close().unwrap();
-            top
-        };
-        let frames = frames_of(original.path());
+        let (frames, top) = history();
         let copy_dir = tempfile::tempdir().unwrap();
         let copy = Arc::new(Engine::open(copy_dir.path(), options()).unwrap());
         copy.ingest(&frames).unwrap();
@@ -283,13 +278,7 @@ mod tests {
 
     #[test]
     fn a_damaged_frame_is_corrupt_and_the_frames_before_it_stay() {
-        let original = tempfile::tempdir().unwrap();
-        {
-            let engine = Engine::open(original.path(), options()).unwrap();
-            write_history(&engine);
-            engine.close().unwrap();
-        }
-        let mut frames = frames_of(original.path());
+        let (mut frames, _) = history();
         // Where the frame after k1's complete starts.
         let mut at = 0;
         let cut = loop {
