@@ -282,3 +282,118 @@ async fn trimmed_streams_stay_short_and_still_rebuild_every_record() {
     }
     a.shutdown().await;
 }
+
+/// Waits until every partition has exactly one standby copy, on a node
+/// that does not serve it.
+async fn until_followed(nodes: &[&Node]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = (0..PARTITIONS).all(|p| {
+            let followers: Vec<&&Node> = nodes
+                .iter()
+                .filter(|n| n.following().contains(&p))
+                .collect();
+            followers.len() == 1 && !followers.iter().any(|n| n.serving().contains(&p))
+        });
+        if ok {
+            return;
+        }
+        let state: Vec<(String, Vec<u32>, Vec<u32>)> = nodes
+            .iter()
+            .map(|n| (n.id().to_owned(), n.serving(), n.following()))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "standbys never settled: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bytes of segment files in a copy's directory.
+fn segment_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_copies_follow_through_trims_and_take_over_a_dead_owner() {
+    let nats = nats::Nats::start(1);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let node = |id: &str, dir: &Path| {
+        let mut o = options(id, dir, nats.urls(), 1);
+        o.standbys = 1;
+        o.trim_after = 40;
+        Node::start(o)
+    };
+    let a = node("a", dirs[0].path()).await.unwrap();
+    let b = node("b", dirs[1].path()).await.unwrap();
+    let c = node("c", dirs[2].path()).await.unwrap();
+    let nodes = [&a, &b, &c];
+    until_served(&nodes).await;
+    until_followed(&nodes).await;
+    for i in 0..400 {
+        charge(nodes[i % 3], &format!("user-{i}"), i).await;
+    }
+    // Every standby copied records in, across the owners' trims.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (n, dir) in nodes.iter().zip(&dirs) {
+        for p in n.following() {
+            let copy = dir.path().join(format!("p{p:04}"));
+            while segment_bytes(&copy) < 4096 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}'s standby of partition {p} copied nothing in",
+                    n.id()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // The node serving the most dies without handing anything off.
+    let dead = nodes
+        .iter()
+        .max_by_key(|n| n.serving().len())
+        .map(|n| n.id().to_owned())
+        .unwrap();
+    // Its last records go in just before it dies: its standbys may not
+    // have copied them yet; the new owners copy them in before serving.
+    for n in nodes.iter().filter(|n| n.id() == dead) {
+        for i in 400..440 {
+            charge(n, &format!("user-{i}"), i).await;
+        }
+    }
+    let mut survivors = Vec::new();
+    for n in [a, b, c] {
+        if n.id() == dead {
+            drop(n);
+        } else {
+            survivors.push(n);
+        }
+    }
+    let survivors: Vec<&Node> = survivors.iter().collect();
+    until_served(&survivors).await;
+    for i in 0..440 {
+        for n in &survivors {
+            assert_eq!(
+                n.outcome(format!("user-{i}"), "order").await.unwrap(),
+                Some(outcome(i)),
+                "user {i} from {}",
+                n.id()
+            );
+        }
+    }
+    // The two survivors are each other's standbys now.
+    until_followed(&survivors).await;
+    for n in survivors {
+        n.shutdown().await;
+    }
+}

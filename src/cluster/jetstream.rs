@@ -149,12 +149,121 @@ pub(crate) async fn bounds(stream: &stream::Stream) -> io::Result<(u64, u64)> {
     Ok((info.state.first_sequence, info.state.last_sequence))
 }
 
-/// Message `seq` of the stream: its frames, or `None` if it was deleted
-/// (or is a fence).
-pub(crate) async fn frames_at(stream: &stream::Stream, seq: u64) -> io::Result<Option<Bytes>> {
-    match stream.get_raw_message(seq).await {
-        Ok(message) => Ok(Some(message.payload)),
-        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(io::Error::other(e)),
+/// Reads a partition's stream in order from a sequence on: an ephemeral
+/// pull consumer (no acks, one replica, removed by the server once idle),
+/// asked for batches, so that copying in costs a round trip per batch of
+/// messages rather than one per message.
+pub(crate) struct Reader {
+    consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    /// The sequence the next message must have (a gap means a trim).
+    next: u64,
+    /// How long a batch may take beyond its wait before it fails (a
+    /// server lost mid-request never answers).
+    patience: Duration,
+}
+
+/// What [`Reader::batch`] read.
+pub(crate) enum Read {
+    /// Messages `(sequence, payload)` in order, without gaps (maybe none).
+    Messages(Vec<(u64, Bytes)>),
+    /// A message the reader expected was purged (the stream was trimmed
+    /// past it): the rest of the history is in a snapshot further on.
+    Gap,
+}
+
+impl Reader {
+    /// Bytes asked for at most in one batch.
+    const MAX_BYTES: usize = 8 << 20;
+
+    /// A reader of `stream` from sequence `start` on, whose every request
+    /// fails after `patience` (plus a batch's wait) without an answer.
+    pub async fn open(
+        stream: &stream::Stream,
+        start: u64,
+        patience: Duration,
+    ) -> io::Result<Reader> {
+        use jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let create = stream.create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start.max(1),
+            },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        });
+        let consumer = tokio::time::timeout(patience, create)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(io::Error::other)?;
+        Ok(Reader {
+            consumer,
+            next: start.max(1),
+            patience,
+        })
     }
+
+    /// The sequence the next message read must have.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Up to `max` messages from [`next`](Self::next) on: what the stream
+    /// has now (`wait` zero), or waiting up to `wait` for `max` of them.
+    ///
+    /// # Errors
+    /// The stream's answer, or none within the reader's patience. After an
+    /// error the reader must be dropped (open another from the copy's next
+    /// sequence).
+    pub async fn batch(&mut self, max: usize, wait: Duration) -> io::Result<Read> {
+        let limit = self.patience + wait;
+        tokio::time::timeout(limit, self.read(max, wait))
+            .await
+            .map_err(|_| timed_out())?
+    }
+
+    async fn read(&mut self, max: usize, wait: Duration) -> io::Result<Read> {
+        let max = max.max(1);
+        let batch = if wait.is_zero() {
+            self.consumer
+                .fetch()
+                .max_messages(max)
+                .max_bytes(Self::MAX_BYTES)
+                .messages()
+                .await
+        } else {
+            self.consumer
+                .batch()
+                .max_messages(max)
+                .max_bytes(Self::MAX_BYTES)
+                .expires(wait)
+                .messages()
+                .await
+        };
+        let mut batch = batch.map_err(io::Error::other)?;
+        let mut out = Vec::new();
+        // `self.next` moves only once the whole batch is in: a batch that
+        // fails part way leaves a reader its caller must not use again (its
+        // consumer has delivered messages the caller never saw).
+        let mut next = self.next;
+        while let Some(message) = futures_util::StreamExt::next(&mut batch).await {
+            let message = message.map_err(io::Error::other)?;
+            let seq = message.info().map_err(io::Error::other)?.stream_sequence;
+            if seq != next {
+                return Ok(Read::Gap);
+            }
+            next = seq + 1;
+            out.push((seq, message.payload.clone()));
+        }
+        self.next = next;
+        Ok(Read::Messages(out))
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the partition's stream did not answer in time",
+    )
 }

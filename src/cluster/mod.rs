@@ -12,6 +12,7 @@
 //! node fenced the stream.
 
 mod calls;
+mod follow;
 mod jetstream;
 mod node;
 mod options;

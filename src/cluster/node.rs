@@ -30,6 +30,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
 
+use super::follow::Standby;
 use super::jetstream::Names;
 use super::options::{ClusterOptions, partition_of};
 use super::partition::{Ctx, Served};
@@ -56,6 +57,8 @@ struct Inner {
     members: kv::Store,
     /// The partitions this node serves or is taking over.
     served: RwLock<HashMap<u32, Arc<Served>>>,
+    /// The standby copies this node keeps (of partitions it does not serve).
+    standbys: Mutex<HashMap<u32, Arc<Standby>>>,
     /// When each free partition was first seen free (by this node).
     free_since: Mutex<HashMap<u32, Instant>>,
     /// The last listing of the members bucket, and when it was made.
@@ -86,11 +89,21 @@ fn owner_key(p: u32) -> String {
     format!("p{p}")
 }
 
-/// The live node that prefers partition `p` (rendezvous hashing).
-fn preferred(live: &[String], p: u32) -> Option<&str> {
-    live.iter()
-        .max_by_key(|id| xxhash_rust::xxh3::xxh3_64(format!("{id}/{p}").as_bytes()))
-        .map(String::as_str)
+/// The live nodes in their order of preference for partition `p`
+/// (rendezvous hashing): the first is its preferred owner, the next ones
+/// keep its standby copies.
+fn ranked(live: &[String], p: u32) -> Vec<&str> {
+    let mut ranked: Vec<(u64, &str)> = live
+        .iter()
+        .map(|id| {
+            (
+                xxhash_rust::xxh3::xxh3_64(format!("{id}/{p}").as_bytes()),
+                id.as_str(),
+            )
+        })
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    ranked.into_iter().map(|(_, id)| id).collect()
 }
 
 /// Finds or creates a key-value bucket. The bucket's stream is made here
@@ -205,6 +218,7 @@ impl Node {
             owners,
             members,
             served: RwLock::default(),
+            standbys: Mutex::default(),
             free_since: Mutex::default(),
             live: Mutex::default(),
             stopped: AtomicBool::new(false),
@@ -243,6 +257,14 @@ impl Node {
         served
     }
 
+    /// The partitions this node keeps a standby copy of (see
+    /// [`ClusterOptions::standbys`]), in order.
+    pub fn following(&self) -> Vec<u32> {
+        let mut following: Vec<u32> = self.inner.standbys.lock().keys().copied().collect();
+        following.sort_unstable();
+        following
+    }
+
     /// Leaves the cluster: stops claiming, hands every partition it serves
     /// off (closing its copy and freeing its entry, so another node claims
     /// it at once), and leaves the members bucket. Calls made after it fail
@@ -255,6 +277,10 @@ impl Node {
         let work = {
             let inner = Arc::clone(&inner);
             inner.ctx.runtime.clone().spawn(async move {
+                let standbys: Vec<_> = inner.standbys.lock().drain().collect();
+                for (_, standby) in standbys {
+                    standby.close().await;
+                }
                 let served: Vec<_> = inner.served.write().drain().collect();
                 for (p, s) in served {
                     s.close().await;
@@ -380,14 +406,14 @@ async fn round(inner: &Arc<Inner>) {
     if !matches!(tokio::time::timeout(patience, put).await, Ok(Ok(_))) {
         return; // NATS is unreachable or slow: claim nothing now
     }
-    let Some(live) = live_members(inner, patience).await else {
+    let Some(mut live) = live_members(inner, patience, options.ownership_ttl).await else {
         return;
     };
+    let mut relisted = false;
     for p in 0..options.partitions {
-        let wanted = preferred(&live, p) == Some(me);
         let served = inner.served.read().get(&p).cloned();
         match served {
-            Some(s) if !wanted && s.valid() => give_up(inner, &s, true),
+            Some(s) if preferred(&live, p) != Some(me) && s.valid() => give_up(inner, &s, true),
             Some(_) => {}
             None => {
                 let entry = tokio::time::timeout(patience, inner.owners.entry(owner_key(p))).await;
@@ -400,28 +426,83 @@ async fn round(inner: &Arc<Inner>) {
                     inner.free_since.lock().remove(&p);
                     continue;
                 }
+                // A partition whose owner stopped is free once its entry
+                // expired, and so is that owner's membership by then: list
+                // the members again (once a round), so the node ranked
+                // next (its standby) claims it now, not a TTL later.
+                if !relisted && preferred(&live, p) != Some(me) {
+                    relisted = true;
+                    if let Some(fresh) =
+                        live_members(inner, patience, options.ownership_ttl / 4).await
+                    {
+                        live = fresh;
+                    }
+                }
                 // The preferred node claims a free partition; if it has not
                 // within a TTL (it is stuck, or cannot open its copy), any
                 // node does.
                 let since = *inner.free_since.lock().entry(p).or_insert(started);
-                if wanted || started.duration_since(since) > options.ownership_ttl {
+                if preferred(&live, p) == Some(me)
+                    || started.duration_since(since) > options.ownership_ttl
+                {
                     inner.free_since.lock().remove(&p);
                     claim(inner, p, until).await;
                 }
             }
         }
     }
+    keep_standbys(inner, &live);
 }
 
-/// The live nodes (this one too), from the members bucket; listed at most
-/// once a TTL (a listing creates a consumer), the last listing otherwise.
-async fn live_members(inner: &Arc<Inner>, patience: Duration) -> Option<Vec<String>> {
+/// The live node that prefers partition `p`.
+fn preferred(live: &[String], p: u32) -> Option<&str> {
+    ranked(live, p).first().copied()
+}
+
+/// Starts following the partitions this node is a standby of (ranked just
+/// after their preferred owner) and does not serve; stops following the
+/// others.
+fn keep_standbys(inner: &Arc<Inner>, live: &[String]) {
     let options = &inner.ctx.options;
     let me = options.node_id.as_str();
+    for p in 0..options.partitions {
+        let serves = inner.served.read().contains_key(&p);
+        let wanted = !serves
+            && ranked(live, p)
+                .iter()
+                .skip(1)
+                .take(options.standbys)
+                .any(|id| *id == me);
+        let mut standbys = inner.standbys.lock();
+        match (wanted, standbys.contains_key(&p)) {
+            (true, false) => {
+                let standby = Standby::new(p);
+                standbys.insert(p, Arc::clone(&standby));
+                tokio::spawn(standby.follow(inner.ctx.clone()));
+            }
+            (false, true) => {
+                if let Some(standby) = standbys.remove(&p) {
+                    tokio::spawn(async move { standby.close().await });
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The live nodes (this one too), from the members bucket; listed only if
+/// the last listing is older than `max_age` (a listing creates a
+/// consumer), the last listing otherwise.
+async fn live_members(
+    inner: &Arc<Inner>,
+    patience: Duration,
+    max_age: Duration,
+) -> Option<Vec<String>> {
+    let me = inner.ctx.options.node_id.as_str();
     {
         let cached = inner.live.lock();
         if let Some((at, live)) = &*cached
-            && at.elapsed() < options.ownership_ttl
+            && at.elapsed() < max_age
         {
             return Some(live.clone());
         }
@@ -476,8 +557,15 @@ async fn claim(inner: &Arc<Inner>, p: u32, until: Instant) {
     let served = Arc::new(Served::claimed(p, rev, until));
     inner.served.write().insert(p, Arc::clone(&served));
     let inner = Arc::clone(inner);
+    // This node's standby copy, if it keeps one, is nearly current (taken
+    // out of the map now, so no round closes it meanwhile).
+    let standby = inner.standbys.lock().remove(&p);
     tokio::spawn(async move {
-        if served.take_over(&inner.ctx).await.is_err() {
+        let warm = match standby {
+            Some(standby) => standby.take().await,
+            None => None,
+        };
+        if served.take_over(&inner.ctx, warm).await.is_err() {
             inner.served.write().remove(&p);
             let rev = served.revision.load(Ordering::SeqCst);
             let _ = inner

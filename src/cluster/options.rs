@@ -14,6 +14,7 @@ use crate::options::{Durability, Options};
 /// let options = ClusterOptions::new("node-a", "/var/lib/idem", ["nats://10.0.0.1:4222"]);
 /// assert_eq!(options.partitions, 16);
 /// assert_eq!(options.replicas, 3);
+/// assert_eq!(options.standbys, 1);
 /// ```
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -60,6 +61,16 @@ pub struct ClusterOptions {
     /// (forwarded calls, a partition that is moving) before it fails with
     /// [`Error::Unavailable`]. Default 5 s.
     pub forward_timeout: Duration,
+    /// How many nodes besides the owner keep a standby copy of each
+    /// partition: they follow its stream as it grows, so the one that takes
+    /// the partition over when its owner fails copies in only the last few
+    /// messages rather than the whole stream. The standbys of a partition
+    /// are the nodes ranked next after its preferred owner. Each costs a
+    /// copy of the partition on that node (its index in memory, its files
+    /// on disk) and a poll of the stream while it is idle. `0`: none (a new
+    /// owner copies in from its own copy's mark, or from the start). At
+    /// most 4. Default 1.
+    pub standbys: usize,
 }
 
 impl ClusterOptions {
@@ -81,6 +92,7 @@ impl ClusterOptions {
             ownership_ttl: Duration::from_secs(3),
             trim_after: 10_000,
             forward_timeout: Duration::from_secs(5),
+            standbys: 1,
         }
     }
 
@@ -113,6 +125,9 @@ impl ClusterOptions {
         }
         if self.ownership_ttl < Duration::from_millis(400) {
             return bad("ownership_ttl", "at least 400 ms");
+        }
+        if self.standbys > 4 {
+            return bad("standbys", "0 to 4");
         }
         if self.forward_timeout.is_zero() {
             return bad("forward_timeout", "more than zero");

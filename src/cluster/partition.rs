@@ -5,8 +5,10 @@
 //! # Taking a partition over
 //! 1. The node holds the partition's entry in the owners bucket.
 //! 2. The copy's directory is reconciled with its mark (`replicate.rs`)
-//!    and opened in follow mode.
-//! 3. Every message past the mark is copied in, up to the stream's last.
+//!    and opened in follow mode; or the node's standby copy of the
+//!    partition, already open and nearly current, is taken (`follow.rs`).
+//! 3. Every message past the copy's last is copied in, up to the stream's
+//!    last, in batches (one round trip and one sync per batch).
 //! 4. A fence message is appended, expecting that last sequence. If another
 //!    node appended meanwhile (a former owner that has not stopped yet), the
 //!    fence is refused: copy in again and retry. Once the fence is in, no
@@ -23,35 +25,14 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::jetstream::{Names, append, bounds, changelog, frames_at, stream_of};
+use super::follow::{CatchUp, Copy, copy_dir, copy_until, open_copy, wipe};
+use super::jetstream::{Names, Reader, append, bounds, stream_of};
 use super::options::ClusterOptions;
-use super::replicate::{ReplicatingStorage, Replication, reconcile};
+use super::replicate::Replication;
 use super::wire::{Call, Reply};
+use crate::Result;
 use crate::engine::AsyncEngine;
-use crate::error::{Error, IoOp, Unavailable};
-use crate::storage::{FsStorage, Storage};
-use crate::{Engine, Result};
-
-/// Why a catch-up did not end with the fence in.
-#[derive(Debug)]
-enum CatchUp {
-    /// The stream was trimmed under it: the copy must start over.
-    Trimmed,
-    /// The stream was unreachable, or kept moving, or the copy failed.
-    Failed,
-}
-
-/// Removes a copy's files (its records are all in the stream).
-fn wipe(dir: &std::path::Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(IoOp::List, dir, e))?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_file() {
-            std::fs::remove_file(&path).map_err(|e| Error::io(IoOp::Remove, path.clone(), e))?;
-        }
-    }
-    Ok(())
-}
+use crate::error::{Error, Unavailable};
 
 /// What a partition needs from its node.
 #[derive(Clone, Debug)]
@@ -82,13 +63,7 @@ pub(crate) struct Served {
     pub lost_signal: tokio::sync::Notify,
 }
 
-/// The instance number every copy of partition `p` opens its engine with,
-/// so that a lease stays valid (by its token) when the partition moves.
-fn instance_of(name: &str, p: u32) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(format!("{name}/{p}").as_bytes())
-}
-
-fn unavailable(p: u32) -> Error {
+pub(crate) fn unavailable(p: u32) -> Error {
     Error::Unavailable {
         partition: Some(p),
         reason: Unavailable::CopyFailed,
@@ -97,7 +72,9 @@ fn unavailable(p: u32) -> Error {
 
 /// Runs blocking engine work (opening, copying in, closing: they sync, and
 /// a sync waits for the stream) off the runtime's worker threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(_) => Err(Error::Closed),
@@ -125,49 +102,23 @@ impl Served {
     }
 
     /// Takes the partition over (see the module docs): opens the local
-    /// copy, copies in, fences. On an error the copy is closed again.
-    pub async fn take_over(&self, ctx: &Ctx) -> Result<()> {
+    /// copy (or takes `warm`, a standby's), copies in, fences. On an error
+    /// the copy is closed again.
+    pub async fn take_over(&self, ctx: &Ctx, warm: Option<Copy>) -> Result<()> {
         let p = self.partition;
-        let dir = ctx.options.data_dir.join(format!("p{p:04}"));
-        let local_sync = ctx.options.local_sync();
-        let engine_options = ctx.options.partition_engine();
-        let timeout = ctx.options.forward_timeout;
-        let log = changelog(&ctx.runtime, &ctx.js, &ctx.names, p, timeout);
-        let instance = instance_of(&ctx.options.name, p);
-        let stream = stream_of(&ctx.js, &ctx.names, p, ctx.options.replicas)
-            .await
-            .map_err(io_error(p))?;
-        let (first, _) = bounds(&stream).await.map_err(io_error(p))?;
-        let home = dir.clone();
-        let (engine, replication) = blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(IoOp::Create, dir.clone(), e))?;
-            let mut seq = {
-                let inner = FsStorage::open(&dir)?;
-                let seq = reconcile(&inner).map_err(|e| Error::io(IoOp::Truncate, dir.clone(), e));
-                inner.close();
-                seq?
-            };
-            if first > seq + 1 {
-                // The stream was trimmed past this copy's mark: the records
-                // in between are gone, and the snapshot after them holds the
-                // state. Start the copy over from the stream's first message.
-                wipe(&dir)?;
-                seq = first - 1;
-            }
-            let inner: Arc<dyn Storage> = Arc::new(FsStorage::open(&dir)?);
-            let replication = Replication::new(log, Arc::clone(&inner), local_sync, seq);
-            let storage = ReplicatingStorage::new(inner, Arc::clone(&replication));
-            let engine = Engine::open_as(Arc::new(storage), engine_options, instance)?;
-            Ok((Arc::new(engine), replication))
-        })
-        .await?;
+        let copy = match warm.filter(|(_, r)| !r.failed()) {
+            Some(copy) => copy,
+            None => open_copy(ctx, p).await?,
+        };
+        let (engine, replication) = copy;
         let _ = self.copy.set((AsyncEngine::new(engine), replication));
         let fenced = self.catch_up_and_fence(ctx).await;
         if fenced.is_err() || self.lost.load(Ordering::SeqCst) {
             self.close().await;
             if let Err(CatchUp::Trimmed) = fenced {
                 // Trimmed while it was copied in: start over next time.
-                let _ = blocking(move || wipe(&home)).await;
+                let dir = copy_dir(ctx, p);
+                let _ = blocking(move || wipe(&dir)).await;
             }
             return Err(unavailable(p));
         }
@@ -178,28 +129,38 @@ impl Served {
     /// Steps 3 and 4 of the module docs.
     async fn catch_up_and_fence(&self, ctx: &Ctx) -> std::result::Result<(), CatchUp> {
         let p = self.partition;
-        let Some((_, replication)) = self.copy.get() else {
+        let Some((engine, replication)) = self.copy.get() else {
             return Err(CatchUp::Failed);
         };
+        let copy: Copy = (Arc::clone(engine.engine()), Arc::clone(replication));
         let stream = stream_of(&ctx.js, &ctx.names, p, ctx.options.replicas)
             .await
             .map_err(|_| CatchUp::Failed)?;
+        let mut reader: Option<Reader> = None;
+        let lost = || self.lost.load(Ordering::SeqCst);
         for _ in 0..16 {
-            let (_, last) = bounds(&stream).await.map_err(|_| CatchUp::Failed)?;
-            if self.lost.load(Ordering::SeqCst) {
+            let (first, last) = bounds(&stream).await.map_err(|_| CatchUp::Failed)?;
+            if lost() {
                 return Err(CatchUp::Failed);
             }
-            let mut seq = replication.last_seq();
-            while seq < last {
-                seq += 1;
-                match frames_at(&stream, seq).await.map_err(|_| CatchUp::Failed)? {
-                    Some(frames) => self.copy_in(frames).await.map_err(|_| CatchUp::Failed)?,
-                    // Only a trim removes messages: what was between is in
-                    // the snapshot after it, but this copy already holds
-                    // part of the older history, so it starts over.
-                    None => return Err(CatchUp::Trimmed),
+            let next = replication.last_seq() + 1;
+            if next < first {
+                // Only a trim removes messages: what was between is in the
+                // snapshot after it, but this copy already holds part of
+                // the older history, so it starts over.
+                return Err(CatchUp::Trimmed);
+            }
+            if next <= last {
+                if reader.as_ref().is_none_or(|r| r.next() != next) {
+                    reader = Some(
+                        Reader::open(&stream, next, ctx.options.forward_timeout)
+                            .await
+                            .map_err(|_| CatchUp::Failed)?,
+                    );
                 }
-                replication.copied(seq);
+                if let Some(reader) = reader.as_mut() {
+                    copy_until(reader, &copy, last, &lost).await?;
+                }
             }
             let fence = append(
                 &ctx.js,
@@ -266,23 +227,6 @@ impl Served {
             .await
             .map_err(|_| unavailable(p))?;
         Ok(())
-    }
-
-    async fn copy_in(&self, frames: Bytes) -> Result<()> {
-        if frames.is_empty() {
-            return Ok(()); // a fence
-        }
-        let Some((engine, _)) = self.copy.get() else {
-            return Err(unavailable(self.partition));
-        };
-        let engine = Arc::clone(engine.engine());
-        blocking(move || {
-            if let Some(last) = engine.ingest(&frames)? {
-                engine.wait_ingested(last)?;
-            }
-            Ok(())
-        })
-        .await
     }
 
     /// Whether this node may answer for the partition now.
