@@ -262,7 +262,9 @@ async fn kills_restarts_and_a_join_under_load_lose_nothing_acknowledged() {
     wait_for(at(35)).await;
     nats.servers[2].kill();
     wait_for(at(50)).await;
-    let joined = NodeProcess::start("n3", dir.path(), &nats.urls(), 1000);
+    // (An id that rendezvous hashing prefers for two of the eight
+    // partitions, with or without n1: it must be handed a share.)
+    let joined = NodeProcess::start("n5", dir.path(), &nats.urls(), 1000);
     addrs.lock().push(joined.addr);
     wait_for(at(60)).await;
     nodes[1].spawn(); // restarted on its directory
@@ -272,6 +274,29 @@ async fn kills_restarts_and_a_join_under_load_lose_nothing_acknowledged() {
         w.await.unwrap();
     }
     let load_time = started.elapsed();
+    // The node that joined was handed its share.
+    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let owners = async_nats::jetstream::new(client)
+        .get_key_value("idemkv_owners")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut served = 0;
+        for p in 0..PARTITIONS {
+            if let Ok(Some(owner)) = owners.get(format!("p{p}")).await {
+                served += usize::from(&owner[..] == b"n5");
+            }
+        }
+        if served > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node that joined serves nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     nodes.push(joined);
     // Every acknowledged completion replays byte for byte from every node.
     let bodies = bodies.lock().clone();

@@ -154,9 +154,35 @@ async fn copy_batch(
     Ok(messages.len() as u64)
 }
 
+/// Copies in every message from the copy's next sequence up to `last`,
+/// through `reader` if it is at that sequence, else through a new one
+/// (left in `reader` for the next call); unless `stop` says to stop.
+pub(crate) async fn copy_through(
+    reader: &mut Option<Reader>,
+    stream: &async_nats::jetstream::stream::Stream,
+    copy: &Copy,
+    last: u64,
+    patience: Duration,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> std::result::Result<(), CatchUp> {
+    let next = copy.1.last_seq() + 1;
+    if next > last {
+        return Ok(());
+    }
+    if reader.as_ref().is_none_or(|r| r.next() != next) {
+        *reader = None;
+        let opened = Reader::open(stream, next, patience).await;
+        *reader = Some(opened.map_err(|_| CatchUp::Failed)?);
+    }
+    match reader.as_mut() {
+        Some(reader) => copy_until(reader, copy, last, stop).await,
+        None => Err(CatchUp::Failed),
+    }
+}
+
 /// Copies in every message up to `last` (the reader must start at the
 /// copy's next sequence), unless `stop` says to stop.
-pub(crate) async fn copy_until(
+async fn copy_until(
     reader: &mut Reader,
     copy: &Copy,
     last: u64,

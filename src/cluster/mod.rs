@@ -13,6 +13,7 @@
 
 mod calls;
 mod follow;
+mod import;
 mod jetstream;
 mod node;
 mod options;
@@ -22,5 +23,6 @@ mod replicate;
 mod replicate_tests;
 mod wire;
 
+pub use import::ImportReport;
 pub use node::Node;
 pub use options::ClusterOptions;

@@ -402,6 +402,9 @@ async fn round(inner: &Arc<Inner>) {
     for s in served.iter().filter(|s| s.is_lost()) {
         give_up(inner, s, false);
     }
+    if !options.serve {
+        return; // a client-only member: nothing to claim or follow
+    }
     let put = inner.members.put(me, Bytes::new());
     if !matches!(tokio::time::timeout(patience, put).await, Ok(Ok(_))) {
         return; // NATS is unreachable or slow: claim nothing now

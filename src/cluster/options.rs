@@ -71,6 +71,13 @@ pub struct ClusterOptions {
     /// owner copies in from its own copy's mark, or from the start). At
     /// most 4. Default 1.
     pub standbys: usize,
+    /// Whether this node serves partitions. `false`: a client-only member,
+    /// which forwards every call to the partitions' owners and claims,
+    /// follows and stores nothing (it is not listed among the live nodes,
+    /// so joining and leaving moves no partition): a stateless front tier,
+    /// or a one-off job such as [`Node::import`](super::Node::import).
+    /// Default `true`.
+    pub serve: bool,
 }
 
 impl ClusterOptions {
@@ -93,6 +100,7 @@ impl ClusterOptions {
             trim_after: 10_000,
             forward_timeout: Duration::from_secs(5),
             standbys: 1,
+            serve: true,
         }
     }
 

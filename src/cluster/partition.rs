@@ -25,7 +25,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::follow::{CatchUp, Copy, copy_dir, copy_until, open_copy, wipe};
+use super::follow::{CatchUp, Copy, copy_dir, copy_through, open_copy, wipe};
 use super::jetstream::{Names, Reader, append, bounds, stream_of};
 use super::options::ClusterOptions;
 use super::replicate::Replication;
@@ -138,6 +138,7 @@ impl Served {
             .map_err(|_| CatchUp::Failed)?;
         let mut reader: Option<Reader> = None;
         let lost = || self.lost.load(Ordering::SeqCst);
+        let patience = ctx.options.forward_timeout;
         for _ in 0..16 {
             let (first, last) = bounds(&stream).await.map_err(|_| CatchUp::Failed)?;
             if lost() {
@@ -150,18 +151,7 @@ impl Served {
                 // the older history, so it starts over.
                 return Err(CatchUp::Trimmed);
             }
-            if next <= last {
-                if reader.as_ref().is_none_or(|r| r.next() != next) {
-                    reader = Some(
-                        Reader::open(&stream, next, ctx.options.forward_timeout)
-                            .await
-                            .map_err(|_| CatchUp::Failed)?,
-                    );
-                }
-                if let Some(reader) = reader.as_mut() {
-                    copy_until(reader, &copy, last, &lost).await?;
-                }
-            }
+            copy_through(&mut reader, &stream, &copy, last, patience, &lost).await?;
             let fence = append(
                 &ctx.js,
                 ctx.names.log_subject(p),
@@ -171,6 +161,14 @@ impl Served {
             )
             .await;
             if let Ok(fence) = fence {
+                if fence != last + 1 {
+                    // Another writer's messages landed before the fence,
+                    // although it expected `last` (see `replicate::interleaved`):
+                    // they are in the stream, so copy them in too. Anything
+                    // that lands after the fence is caught by the first
+                    // append (it must land right after the fence).
+                    copy_through(&mut reader, &stream, &copy, fence - 1, patience, &lost).await?;
+                }
                 replication.take_ownership(fence);
                 return Ok(());
             }

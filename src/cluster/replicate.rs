@@ -301,9 +301,17 @@ impl Replication {
                 cut = (cut + len).min(rest.len());
             }
             let (chunk, tail) = rest.split_at(cut);
-            s.last_seq = self
+            let expected = s.last_seq;
+            let seq = self
                 .changelog
-                .append(Bytes::copy_from_slice(chunk), s.last_seq)?;
+                .append(Bytes::copy_from_slice(chunk), expected)?;
+            if seq != expected + 1 {
+                // Another writer's message landed between: this copy lacks
+                // it, so nothing more may be appended or acknowledged from
+                // here (see `interleaved`).
+                return Err(interleaved(expected, seq));
+            }
+            s.last_seq = seq;
             self.seen.store(s.last_seq, Ordering::SeqCst);
             self.sent.fetch_add(1, Ordering::SeqCst);
             rest = tail;
@@ -394,6 +402,24 @@ struct Pending {
     frames: Vec<u8>,
     /// The file's length after the last append.
     end: u64,
+}
+
+/// An append acknowledged at `seq` although it expected the changelog's
+/// last sequence to be `expected`: a message the appender never saw landed
+/// between.
+///
+/// JetStream checks `Nats-Expected-Last-Sequence` before it proposes a
+/// message to the stream's Raft group, not when the group applies it
+/// (nats-server issues #4320 and #8469): around a stream leader change, a
+/// message checked by the old leader and one checked by the new can both
+/// land. So an acknowledgement alone does not prove the fence held; an
+/// acknowledgement at exactly `expected + 1` does (nothing else is in the
+/// stream between the appender's view and its message).
+fn interleaved(expected: u64, seq: u64) -> io::Error {
+    io::Error::other(format!(
+        "the changelog acknowledged an append at {seq}, expecting {}: another writer's message landed between",
+        expected + 1
+    ))
 }
 
 fn refused() -> io::Error {

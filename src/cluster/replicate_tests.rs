@@ -32,6 +32,10 @@ struct MemoryLog {
     crash_at: AtomicU64,
     disk: Mutex<Option<(SimDisk, u64)>>,
     crashed: Mutex<Option<SimDisk>>,
+    /// At this append (`u64::MAX`: never) another writer's message lands
+    /// first and this one is accepted anyway, one past where it expected
+    /// (JetStream's expected-sequence pre-check racing a leader change).
+    interleave_at: AtomicU64,
 }
 
 impl MemoryLog {
@@ -39,6 +43,7 @@ impl MemoryLog {
         let log = MemoryLog::default();
         log.fail_from.store(u64::MAX, Ordering::SeqCst);
         log.crash_at.store(u64::MAX, Ordering::SeqCst);
+        log.interleave_at.store(u64::MAX, Ordering::SeqCst);
         Arc::new(log)
     }
 
@@ -67,6 +72,11 @@ impl Changelog for MemoryLog {
     fn append(&self, frames: Bytes, expected_last: u64) -> io::Result<u64> {
         let n = self.appends.fetch_add(1, Ordering::SeqCst);
         let mut m = self.messages.lock();
+        if n == self.interleave_at.load(Ordering::SeqCst) && m.len() as u64 == expected_last {
+            m.push(Some(Bytes::new())); // the other writer's (a fence)
+            m.push(Some(frames));
+            return Ok(m.len() as u64);
+        }
         if m.len() as u64 != expected_last {
             return Err(io::Error::other("wrong last sequence"));
         }
@@ -435,4 +445,36 @@ fn a_snapshot_and_what_follows_it_rebuild_the_state_without_the_history() {
         "token {} reissued (top {top})",
         next.token()
     );
+}
+
+#[test]
+fn an_append_that_lands_after_another_writers_message_is_not_acknowledged() {
+    let disk = SimDisk::new();
+    let log = MemoryLog::new();
+    let (engine, _) = open_copy(&disk, &log, true);
+    let fp = Fingerprint::of(b"r");
+    let Begin::Started(a) = engine.begin("u", "a", fp).unwrap() else {
+        panic!()
+    };
+    engine.complete(&a, outcome("a".into())).unwrap();
+    log.interleave_at
+        .store(log.appends.load(Ordering::SeqCst), Ordering::SeqCst);
+    // The stream took the record, but one past where this copy expected:
+    // it lacks what landed between, so it must not answer from here on.
+    let Err(err) = engine.begin("u", "b", fp) else {
+        panic!("a begin whose append landed after another writer's was acknowledged")
+    };
+    assert!(
+        matches!(err, Error::Io { .. } | Error::Poisoned { .. }),
+        "{err:?}"
+    );
+    assert!(engine.begin("u", "c", fp).is_err());
+    // The next copy has everything the stream has: `b` is in flight.
+    drop(engine);
+    let (copy, _) = open_copy(&disk, &log, true);
+    assert_eq!(copy.outcome("u", "a").unwrap(), Some(outcome("a".into())));
+    assert!(matches!(
+        copy.begin("u", "b", fp).unwrap(),
+        Begin::InFlight { .. }
+    ));
 }

@@ -146,6 +146,13 @@ impl Engine {
         out
     }
 
+    /// The engine clock's wall time now (ms since the Unix epoch): what a
+    /// completed record's `expires_at_ms` is measured against.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn wall_now_ms(&self) -> u64 {
+        self.clock.read().wall
+    }
+
     /// Calls `f` with every live record, optionally only those of `user`,
     /// reading each record's key and body back from the log. Compaction
     /// (and `close`) waits while this runs, so no record moves under it;

@@ -38,6 +38,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use idemkv::{CorruptKind, Engine, Error, Options, RecordState};
 
+#[cfg(feature = "cluster")]
+mod import;
 mod keys;
 mod render;
 mod salvage;
@@ -193,6 +195,37 @@ enum Command {
     Salvage {
         /// The data directory.
         dir: PathBuf,
+    },
+    /// Copy every live completed record into a cluster (cargo features
+    /// `cli,cluster`).
+    ///
+    /// Opens DIR as an engine (stop the service that writes it first: its
+    /// leases do not carry over), joins the cluster as a client-only member
+    /// (it serves no partition, so no partition moves), and writes each
+    /// completed record into its user's partition with its fingerprint,
+    /// status, body and remaining lifetime. Records in progress are counted
+    /// and left out. Safe to run again: a record the cluster already holds
+    /// is counted, not written twice. Exit 1 if a call fails (what was
+    /// imported stays imported; run it again).
+    #[cfg(feature = "cluster")]
+    ImportToCluster {
+        /// The data directory of the single-node store.
+        dir: PathBuf,
+        /// NATS server URLs of the cluster, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nats: Vec<String>,
+        /// The cluster's name (`ClusterOptions::name`).
+        #[arg(long, default_value = "idemkv")]
+        name: String,
+        /// The cluster's number of partitions (`ClusterOptions::partitions`).
+        #[arg(long, default_value_t = 16)]
+        partitions: u32,
+        /// Records written at a time.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// The keys that open sealed bodies (see KEY FILES in --help).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -379,6 +412,20 @@ fn run(command: Command, out: &mut impl Write) -> Result<(), Failure> {
             require_data(&dir)?;
             let report = idemkv::salvage(&dir)?;
             salvage::salvage_text(out, &dir, &report)
+        }
+        #[cfg(feature = "cluster")]
+        Command::ImportToCluster {
+            dir,
+            nats,
+            name,
+            partitions,
+            concurrency,
+            key_file,
+        } => {
+            let engine = std::sync::Arc::new(open(&dir, key_file.as_deref())?);
+            let report = import::import(&engine, nats, name, partitions, concurrency);
+            engine.close()?;
+            import::import_text(out, &report?)
         }
     }
 }
