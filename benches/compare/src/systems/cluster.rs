@@ -60,7 +60,7 @@ impl Nats {
             .prefix("idemkv-compare-nats-")
             .tempdir()?;
         // Hold every listener until all ports are picked, so none repeats.
-        let listeners = (0..2 * n)
+        let listeners = (0..3 * n)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<std::io::Result<Vec<_>>>()?;
         let picked = listeners
@@ -68,7 +68,8 @@ impl Nats {
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<std::io::Result<Vec<_>>>()?;
         drop(listeners);
-        let (ports, cluster_ports) = picked.split_at(n);
+        let (ports, rest) = picked.split_at(n);
+        let (cluster_ports, monitor_ports) = rest.split_at(n);
         let routes: Vec<String> = cluster_ports
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -85,6 +86,7 @@ impl Nats {
                 .arg(nats.dir.path().join(format!("s{s}")))
                 .arg("-l")
                 .arg(nats.dir.path().join(format!("s{s}.log")))
+                .args(["-m", &monitor_ports[s].to_string()])
                 .args(["--server_name", &format!("s{s}")]);
             if n > 1 {
                 cmd.args(["--cluster_name", "idemkv-compare"])
@@ -111,6 +113,19 @@ impl Nats {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // Then until every server reports itself healthy (`/healthz`: with
+        // JetStream, once it has a meta leader and is current with it).
+        // `Node::start` would wait for that too, but on a cluster this
+        // young its first JetStream requests can take their full timeouts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for &port in monitor_ports {
+            while !healthy(port) {
+                if Instant::now() > deadline {
+                    return Err("nats-server /healthz not ok within 60 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Ok(nats)
     }
 
@@ -126,6 +141,22 @@ impl Nats {
     pub fn scratch(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// Whether the monitoring port answers `GET /healthz` with 200.
+fn healthy(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut reply);
+    reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200")
 }
 
 impl Drop for Nats {
