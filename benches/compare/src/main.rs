@@ -718,7 +718,10 @@ fn cluster_report(c: &Config, args: &[String]) -> Res<()> {
     }
     // The "with standbys" failover row comes from its entry in
     // cluster::FAILOVER_VARIANTS, once ClusterOptions has `standbys`.
-    if cluster::FAILOVER_VARIANTS.len() == 1 {
+    if !cluster::FAILOVER_VARIANTS
+        .iter()
+        .any(|v| v.name == "standbys")
+    {
         rows.push((
             "failover, with standbys".into(),
             "-".into(),

@@ -197,8 +197,13 @@ pub struct Variant {
 pub const FAILOVER_VARIANTS: &[Variant] = &[
     Variant {
         name: "default",
-        setting: "no standbys (a new owner catches up from its own copy's mark)",
+        setting: "default options, no standbys",
         configure: |_| {},
+    },
+    Variant {
+        name: "ttl-1s",
+        setting: "ownership TTL 1 s, no standbys",
+        configure: |o| o.ownership_ttl = Duration::from_secs(1),
     },
     // The "with standbys" row goes here once `ClusterOptions` has its
     // `standbys` field, e.g.:
