@@ -697,14 +697,25 @@ fn cluster_report(c: &Config, args: &[String]) -> Res<()> {
                         moved.join(",")
                     ),
                     format!(
-                        "fastest {}, median {}, last {} ({} partitions); then all {} of their records replayed; \
-                         {} calls failed (Unavailable) and were retried meanwhile",
+                        "prober (attempts of {} ms): fastest {}, median {}, last {} ({} partitions, {} attempts gave up); \
+                         plain caller (each call waits up to the forward timeout): fastest {}, median {}, last {}; \
+                         then all {} of their records replayed; {} calls failed and were retried meanwhile{}",
+                        cluster::PROBE_ATTEMPT.as_millis(),
                         secs(f.times[0]),
                         secs(f.times[f.times.len() / 2]),
                         secs(f.times[f.times.len() - 1]),
                         f.times.len(),
+                        f.probe_timeouts,
+                        secs(f.plain_times[0]),
+                        secs(f.plain_times[f.plain_times.len() / 2]),
+                        secs(f.plain_times[f.plain_times.len() - 1]),
                         thousands(f.checked as f64),
-                        f.failed_calls
+                        f.failed_calls,
+                        if f.errors.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", f.errors.join("; "))
+                        }
                     ),
                 ));
             }

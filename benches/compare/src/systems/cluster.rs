@@ -436,11 +436,16 @@ async fn pair(node: &Node, work: &Workload, i: u64, key: &[u8]) -> Sres<(Duratio
 /// `begin`); an error if the key was free (the record is lost) or holds
 /// something else.
 async fn replays(node: &Node, work: &Workload, i: u64) -> Sres<bool> {
+    Ok(try_replay(node, work, i).await?.is_none())
+}
+
+/// As [`replays`], with the call's error if it failed (`Some`).
+async fn try_replay(node: &Node, work: &Workload, i: u64) -> Sres<Option<String>> {
     match node.begin(work.user(i), work.key(i), fp(i)).await {
-        Ok(Begin::Replay(o)) if o.status == STATUS && o.body == workload::body(i) => Ok(true),
+        Ok(Begin::Replay(o)) if o.status == STATUS && o.body == workload::body(i) => Ok(None),
         Ok(Begin::Started(_)) => Err(format!("record {i} is lost: its key started afresh")),
         Ok(other) => Err(format!("record {i} did not replay: {other:?}")),
-        Err(_) => Ok(false),
+        Err(e) => Ok(Some(e.to_string())),
     }
 }
 
@@ -727,13 +732,26 @@ pub struct Failover {
     pub ownership_ttl: Duration,
     /// The partitions the killed node served.
     pub moved: Vec<u32>,
-    /// Kill → first answer for each moved partition, fastest first.
+    /// Kill → first answer for each moved partition, fastest first, from a
+    /// prober whose every attempt gives up after [`PROBE_ATTEMPT`].
     pub times: Vec<Duration>,
+    /// The same from a plain caller (each call waits as long as the node
+    /// lets it: up to `forward_timeout` for an owner or an answer).
+    pub plain_times: Vec<Duration>,
+    /// Probe attempts that gave up after [`PROBE_ATTEMPT`].
+    pub probe_timeouts: u64,
     /// Loaded records of the moved partitions, all checked to replay after.
     pub checked: usize,
-    /// Calls that failed while the partitions moved (then retried).
+    /// Calls that failed while the partitions moved (then retried), plain
+    /// caller and prober together.
     pub failed_calls: u64,
+    /// The distinct errors of those calls.
+    pub errors: Vec<String>,
 }
+
+/// How long one attempt of the failover prober waits before it gives up
+/// and tries again (a healthy forwarded call takes a few ms).
+pub const PROBE_ATTEMPT: Duration = Duration::from_millis(100);
 
 /// Failover of a killed node: 3 JetStream servers, nodes `n0`, `n1` in
 /// process and `n2` in a child process, every node's options changed by
@@ -773,30 +791,69 @@ pub fn failover(
             .filter_map(|&p| (0..records as u64).find(|&i| of(i) == p).map(|i| (p, i)))
             .collect();
         let failed_calls = Arc::new(AtomicU64::new(0));
+        let probe_timeouts = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
         let killed = Instant::now();
         child.kill().map_err(|e| format!("kill: {e}"))?;
-        let waits = probes.iter().map(|&(p, i)| {
-            let node = nodes[p as usize % nodes.len()].clone();
-            let (work, failed_calls) = (Arc::clone(&work), Arc::clone(&failed_calls));
-            async move {
-                let give_up = killed + Duration::from_secs(120);
-                loop {
-                    if replays(&node, &work, i).await? {
-                        return Ok::<_, String>(killed.elapsed());
+        // Per moved partition, two callers: a prober (attempts of
+        // PROBE_ATTEMPT) and a plain caller.
+        let waits = probes
+            .iter()
+            .flat_map(|&(p, i)| [(p, i, true), (p, i, false)])
+            .map(|(p, i, probe)| {
+                let node = nodes[p as usize % nodes.len()].clone();
+                let (work, failed_calls, probe_timeouts, errors) = (
+                    Arc::clone(&work),
+                    Arc::clone(&failed_calls),
+                    Arc::clone(&probe_timeouts),
+                    Arc::clone(&errors),
+                );
+                async move {
+                    let give_up = killed + Duration::from_secs(120);
+                    loop {
+                        let attempt = try_replay(&node, &work, i);
+                        let result = if probe {
+                            tokio::time::timeout(PROBE_ATTEMPT, attempt).await
+                        } else {
+                            Ok(attempt.await)
+                        };
+                        match result {
+                            Ok(Ok(None)) => return Ok::<_, String>((probe, killed.elapsed())),
+                            Ok(Ok(Some(e))) => {
+                                failed_calls.fetch_add(1, Ordering::Relaxed);
+                                // One of each kind (partition numbers aside).
+                                let kind = |e: &str| e.replace(|c: char| c.is_ascii_digit(), "");
+                                let mut errors = errors.lock().expect("errors lock");
+                                if !errors.iter().any(|seen| kind(seen) == kind(&e)) {
+                                    errors.push(e);
+                                }
+                            }
+                            Ok(Err(wrong)) => return Err(wrong),
+                            Err(_) => {
+                                probe_timeouts.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if Instant::now() > give_up {
+                            return Err(format!("partition {p} did not answer within 120 s"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    failed_calls.fetch_add(1, Ordering::Relaxed);
-                    if Instant::now() > give_up {
-                        return Err(format!("partition {p} did not answer within 120 s"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-            }
-        });
-        let mut times = futures_join(waits)
+            });
+        let answered = futures_join(waits)
             .await
             .into_iter()
             .collect::<Sres<Vec<_>>>()?;
-        times.sort();
+        let pick = |probe: bool| {
+            let mut t: Vec<Duration> = answered
+                .iter()
+                .filter(|(p, _)| *p == probe)
+                .map(|(_, t)| *t)
+                .collect();
+            t.sort();
+            t
+        };
+        let (times, plain_times) = (pick(true), pick(false));
         let indices: Vec<u64> = (0..records as u64)
             .filter(|&i| moved.contains(&of(i)))
             .collect();
@@ -806,8 +863,11 @@ pub fn failover(
             ownership_ttl: ttl,
             moved,
             times,
+            plain_times,
+            probe_timeouts: probe_timeouts.load(Ordering::Relaxed),
             checked,
             failed_calls: failed_calls.load(Ordering::Relaxed),
+            errors: errors.lock().expect("errors lock").clone(),
         })
     });
     drop(rt);
