@@ -33,16 +33,24 @@ usage: cargo run --release --manifest-path benches/compare/Cargo.toml -- [option
   --callers C       concurrent callers in the durable phase (default 64)
   --secs S          seconds of each lookup phase (default 3)
   --durable-secs S  seconds of each durable phase (default 3)
-  --only LIST       comma-separated subset of idemkv,idemkv-async,hashmap,redb,fjall,redis
-  --tasks N         tasks of the async durable phase (idemkv-async; default 4096)";
+  --only LIST       comma-separated subset of idemkv,idemkv-async,hashmap,redb,fjall,redis,
+                    idemkv-cluster1,idemkv-cluster3
+  --tasks N         tasks of the async durable phase (idemkv-async; default 4096)
+  --cluster-tasks N tasks of the cluster durable phases (idemkv-cluster1/3; default 256)
+  --cluster-report  run only the cluster measurements (latency of one caller, failover,
+                    catch-up) and print their table
+  --failover-records N   records loaded before the failover (default 20000)
+  --catchup-records N    records a new node catches up on (default 20000)";
 
-const SYSTEMS: [&str; 6] = [
+const SYSTEMS: [&str; 8] = [
     "idemkv",
     "idemkv-async",
     "hashmap",
     "redb",
     "fjall",
     "redis",
+    "idemkv-cluster1",
+    "idemkv-cluster3",
 ];
 
 #[derive(Clone)]
@@ -55,6 +63,16 @@ struct Config {
     durable_secs: f64,
     /// Tasks of the async durable phase.
     tasks: usize,
+    /// Tasks of the cluster durable phases.
+    cluster_tasks: usize,
+    /// Run the cluster report instead of the table.
+    cluster_report: bool,
+    /// Records loaded before the failover.
+    failover_records: usize,
+    /// Records of the catch-up.
+    catchup_records: usize,
+    /// Set in a child that runs one cluster node (`VARIANT:ID:DIR:URLS`).
+    node_child: Option<String>,
     only: Vec<String>,
     /// Set in a child: which system, and durable or not.
     child: Option<(String, bool)>,
@@ -71,6 +89,11 @@ impl Config {
             secs: 3.0,
             durable_secs: 3.0,
             tasks: 4096,
+            cluster_tasks: 256,
+            cluster_report: false,
+            failover_records: 20_000,
+            catchup_records: 20_000,
+            node_child: None,
             only: SYSTEMS.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -78,6 +101,10 @@ impl Config {
         while let Some(flag) = it.next() {
             if flag == "-h" || flag == "--help" {
                 return Err(String::new());
+            }
+            if flag == "--cluster-report" {
+                c.cluster_report = true;
+                continue;
             }
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
             let num = |v: &str| -> Result<usize, String> {
@@ -101,11 +128,17 @@ impl Config {
                 "--secs" => c.secs = secs(value)?,
                 "--durable-secs" => c.durable_secs = secs(value)?,
                 "--tasks" => c.tasks = num(value)?,
+                "--cluster-tasks" => c.cluster_tasks = num(value)?,
+                "--failover-records" => c.failover_records = num(value)?,
+                "--catchup-records" => c.catchup_records = num(value)?,
                 "--only" => {
                     c.only = value.split(',').map(str::to_owned).collect();
                     if let Some(bad) = c.only.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
                         return Err(format!("--only: unknown system {bad}"));
                     }
+                }
+                "--child" if value.starts_with("cluster-node:") => {
+                    c.node_child = Some(value["cluster-node:".len()..].to_owned());
                 }
                 "--child" => {
                     let (system, mode) = value.split_once(':').ok_or("--child SYSTEM:MODE")?;
@@ -128,6 +161,7 @@ impl Config {
             ("--secs", self.secs.to_string()),
             ("--durable-secs", self.durable_secs.to_string()),
             ("--tasks", self.tasks.to_string()),
+            ("--cluster-tasks", self.cluster_tasks.to_string()),
             ("--child", format!("{system}:{mode}")),
         ]
         .into_iter()
@@ -148,9 +182,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.is_empty() { 0 } else { 64 });
         }
     };
-    let result = match &config.child {
-        Some((system, durable)) => child(&config, system, *durable),
-        None => parent(&config, &args),
+    let result = match (&config.child, &config.node_child) {
+        (_, Some(spec)) => systems::cluster::run_node_child(spec),
+        (Some((system, durable)), None) => child(&config, system, *durable),
+        (None, None) if config.cluster_report => cluster_report(&config, &args),
+        (None, None) => parent(&config, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -195,6 +231,22 @@ fn child(c: &Config, system: &str, durable: bool) -> Res<()> {
             }
             "redis" => {
                 workload::durable(&Redis::start(path, true)?, &work, c.callers, c.durable_secs)?
+            }
+            "idemkv-cluster1" | "idemkv-cluster3" => {
+                let nodes = if system == "idemkv-cluster1" { 1 } else { 3 };
+                let (rate, begins) = systems::cluster::durable(
+                    nodes,
+                    std::sync::Arc::new(work),
+                    c.cluster_tasks,
+                    c.durable_secs,
+                )?;
+                row("durable", rate, None);
+                println!(
+                    "LAT\tdurable\t{:.2}\t{:.2}",
+                    begins.quantile_us(0.50),
+                    begins.quantile_us(0.99)
+                );
+                return Ok(());
             }
             _ => return Err(format!("no durable mode for {system}").into()),
         };
@@ -266,16 +318,27 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
     let fsync_rate = fdatasync_rate(Duration::from_secs(2))?;
 
     let redis = redis_available();
+    let nats = nats_available();
+    let cluster_setting = |nodes: usize| {
+        format!(
+            "Durability::Sync, {nodes} node{} on 3 nats-servers (R3), 16 partitions, {} tasks on 2 tokio workers",
+            if nodes == 1 { "" } else { "s" },
+            c.cluster_tasks
+        )
+    };
+    let (cluster1_setting, cluster3_setting) = (cluster_setting(1), cluster_setting(3));
     let async_setting = format!(
         "Durability::Sync, AsyncEngine, {} tasks on 2 tokio workers",
         c.tasks
     );
-    let plan: [(&str, bool, &str); 10] = [
+    let plan: [(&str, bool, &str); 12] = [
         ("idemkv", true, "Durability::Sync"),
         ("idemkv-async", true, async_setting.as_str()),
         ("redb", true, "Durability::Immediate"),
         ("fjall", true, "PersistMode::SyncData"),
         ("redis", true, "appendonly yes, appendfsync always"),
+        ("idemkv-cluster1", true, cluster1_setting.as_str()),
+        ("idemkv-cluster3", true, cluster3_setting.as_str()),
         ("idemkv", false, "Durability::None"),
         ("hashmap", false, "memory only"),
         ("redb", false, "Durability::None"),
@@ -297,8 +360,9 @@ fn parent(c: &Config, args: &[String]) -> Res<()> {
             .find(|s| **s == system)
             .copied()
             .unwrap_or("?");
-        let results = match (system, &redis) {
-            ("redis", Err(why)) => Err(why.clone()),
+        let results = match (system, &redis, &nats) {
+            ("redis", Err(why), _) => Err(why.clone()),
+            ("idemkv-cluster1" | "idemkv-cluster3", _, Err(why)) => Err(why.clone()),
             _ => {
                 eprintln!(
                     "running {system} ({}) ...",
@@ -382,6 +446,13 @@ fn redis_available() -> Result<String, String> {
     })
 }
 
+/// Whether `nats-server` can be run, with its version.
+fn nats_available() -> Result<String, String> {
+    systems::cluster::Nats::version().ok_or_else(|| {
+        "nats-server not found on PATH (Debian: apt-get install -y nats-server)".to_owned()
+    })
+}
+
 /// Appends 160 bytes and fdatasyncs, in a loop, for `span`; returns the
 /// rate per second.
 fn fdatasync_rate(span: Duration) -> Res<f64> {
@@ -401,6 +472,19 @@ fn fdatasync_rate(span: Duration) -> Res<f64> {
 
 /// The lines above the table: machine, command, settings.
 fn header(c: &Config, args: &[String]) -> String {
+    let mut h = machine_header("idemkv comparison", args);
+    let _ = writeln!(
+        h,
+        "settings: {} records over {} users, UUID v4 keys, 160-byte bodies; \
+         {} threads for load and lookups ({} s each lookup phase); \
+         {} callers for {} s in each durable phase",
+        c.records, c.users, c.threads, c.secs, c.callers, c.durable_secs
+    );
+    h
+}
+
+/// Title, command, machine, and the servers' versions.
+fn machine_header(title: &str, args: &[String]) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -420,7 +504,7 @@ fn header(c: &Config, args: &[String]) -> String {
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     let redis = redis_available().unwrap_or_else(|e| e);
     let mut h = String::new();
-    let _ = writeln!(h, "# idemkv comparison, {}", utc_now());
+    let _ = writeln!(h, "# {title}, {}", utc_now());
     let _ = writeln!(
         h,
         "command: cargo run --release --manifest-path benches/compare/Cargo.toml{}",
@@ -437,13 +521,8 @@ fn header(c: &Config, args: &[String]) -> String {
         std::env::temp_dir().display()
     );
     let _ = writeln!(h, "redis: {redis}");
-    let _ = writeln!(
-        h,
-        "settings: {} records over {} users, UUID v4 keys, 160-byte bodies; \
-         {} threads for load and lookups ({} s each lookup phase); \
-         {} callers for {} s in each durable phase",
-        c.records, c.users, c.threads, c.secs, c.callers, c.durable_secs
-    );
+    let nats = nats_available().unwrap_or_else(|e| e);
+    let _ = writeln!(h, "nats-server: {nats}");
     h
 }
 
@@ -482,9 +561,13 @@ fn table(c: &Config, rows: &[Row]) -> String {
             _ => "-".to_owned(),
         };
         let bytes = r.bytes.map_or("-".to_owned(), |b| format!("{b:.0}"));
-        let latency = r
-            .latency
-            .map_or("-".to_owned(), |(p50, p99)| format!("{p50:.2} / {p99:.2}"));
+        let latency = r.latency.map_or("-".to_owned(), |(p50, p99)| {
+            if p50 >= 100.0 {
+                format!("{p50:.0} / {p99:.0}")
+            } else {
+                format!("{p50:.2} / {p99:.2}")
+            }
+        });
         let phase = if r.phase == last {
             String::new()
         } else {
@@ -534,4 +617,172 @@ fn utc_now() -> String {
         rem / 3600,
         rem % 3600 / 60
     )
+}
+
+// ------------------------------------------------------- cluster report --
+
+/// Pairs of each kind in the sequential-caller measurement.
+const SEQUENTIAL_PAIRS: usize = 2000;
+
+/// `--cluster-report`: the cluster measurements only (see README.md), as
+/// a second table.
+fn cluster_report(c: &Config, args: &[String]) -> Res<()> {
+    use systems::cluster;
+    let mut out = machine_header("idemkv cluster report", args);
+    let defaults = cluster::options("x", std::path::Path::new("."), &[]);
+    writeln!(
+        out,
+        "settings: 3 nats-servers on loopback (one JetStream cluster), R3 streams, \
+         {} partitions, Durability::Sync, ownership TTL {:?}, forward timeout {:?}, \
+         trim_after {} unless said; records over {} users, 160-byte bodies",
+        cluster::PARTITIONS,
+        defaults.ownership_ttl,
+        defaults.forward_timeout,
+        defaults.trim_after,
+        c.users
+    )?;
+    eprint!("{out}");
+    if let Err(why) = nats_available() {
+        writeln!(out, "\nnot run: {why}")?;
+        print!("{out}");
+        return Ok(());
+    }
+    let ms = |us: f64| format!("{:.2} ms", us / 1000.0);
+    let secs = |d: std::time::Duration| format!("{:.2} s", d.as_secs_f64());
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    eprintln!("cluster report: sequential caller ...");
+    match cluster::sequential(SEQUENTIAL_PAIRS, c.users) {
+        Ok(s) => {
+            for (kind, b, cpl) in [
+                ("local", &s.local_begin, &s.local_complete),
+                ("forwarded", &s.forwarded_begin, &s.forwarded_complete),
+            ] {
+                rows.push((
+                    format!("one sequential caller, {kind} partition"),
+                    format!(
+                        "3 nodes, the caller on n0; {} fresh begin+complete pairs, one call at a time",
+                        thousands(b.count() as f64)
+                    ),
+                    format!(
+                        "begin p50 {} / p99 {}; complete p50 {} / p99 {}",
+                        ms(b.quantile_us(0.5)),
+                        ms(b.quantile_us(0.99)),
+                        ms(cpl.quantile_us(0.5)),
+                        ms(cpl.quantile_us(0.99))
+                    ),
+                ));
+            }
+        }
+        Err(e) => rows.push((
+            "one sequential caller".into(),
+            "3 nodes".into(),
+            format!("failed: {e}"),
+        )),
+    }
+
+    for v in cluster::FAILOVER_VARIANTS {
+        eprintln!("cluster report: failover ({}) ...", v.name);
+        let name = format!("failover: SIGKILL of a node → first answer ({})", v.setting);
+        match cluster::failover(v.name, &v.configure, c.failover_records, c.users) {
+            Ok(f) if !f.times.is_empty() => {
+                let moved: Vec<String> = f.moved.iter().map(u32::to_string).collect();
+                rows.push((
+                    name,
+                    format!(
+                        "3 nodes (n2 in a child process, killed), {} records loaded, ownership TTL {:?}; \
+                         n2 served partitions {}",
+                        thousands(c.failover_records as f64),
+                        f.ownership_ttl,
+                        moved.join(",")
+                    ),
+                    format!(
+                        "prober (attempts of {} ms): fastest {}, median {}, last {} ({} partitions, {} attempts gave up); \
+                         plain caller (each call waits up to the forward timeout): fastest {}, median {}, last {}; \
+                         then all {} of their records replayed; {} calls failed and were retried meanwhile{}",
+                        cluster::PROBE_ATTEMPT.as_millis(),
+                        secs(f.times[0]),
+                        secs(f.times[f.times.len() / 2]),
+                        secs(f.times[f.times.len() - 1]),
+                        f.times.len(),
+                        f.probe_timeouts,
+                        secs(f.plain_times[0]),
+                        secs(f.plain_times[f.plain_times.len() / 2]),
+                        secs(f.plain_times[f.plain_times.len() - 1]),
+                        thousands(f.checked as f64),
+                        f.failed_calls,
+                        if f.errors.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", f.errors.join("; "))
+                        }
+                    ),
+                ));
+            }
+            Ok(f) => rows.push((
+                name,
+                format!("moved partitions {:?}", f.moved),
+                "failed: the killed node served no partition with a loaded record".into(),
+            )),
+            Err(e) => rows.push((name, "3 nodes".into(), format!("failed: {e}"))),
+        }
+    }
+    // The "with standbys" failover row comes from its entry in
+    // cluster::FAILOVER_VARIANTS, once ClusterOptions has `standbys`.
+    if !cluster::FAILOVER_VARIANTS
+        .iter()
+        .any(|v| v.name == "standbys")
+    {
+        rows.push((
+            "failover, with standbys".into(),
+            "-".into(),
+            "not run: standby copies are not built yet".into(),
+        ));
+    }
+
+    for (trim_after, trim) in [
+        (
+            0,
+            "trim_after 0 (never trimmed: the whole history)".to_owned(),
+        ),
+        (
+            defaults.trim_after,
+            format!("trim_after {} (the default)", defaults.trim_after),
+        ),
+    ] {
+        eprintln!("cluster report: catch-up ({trim}) ...");
+        let setting = format!(
+            "1 partition, {} records completed by node a, then a shuts down; {trim}",
+            thousands(c.catchup_records as f64)
+        );
+        match cluster::catch_up(c.catchup_records, c.users, trim_after) {
+            Ok(r) => {
+                let rate = |d: std::time::Duration| thousands(r.records as f64 / d.as_secs_f64());
+                rows.push((
+                    "catch-up: a new node (empty data dir): start → serving + one replay".into(),
+                    setting.clone(),
+                    format!(
+                        "{}: {} records/s (then all {} records replayed on it)",
+                        secs(r.fresh),
+                        rate(r.fresh),
+                        thousands(r.checked as f64)
+                    ),
+                ));
+                rows.push((
+                    "catch-up: the former owner restarts on its own copy".into(),
+                    setting,
+                    format!("{}: {} records/s", secs(r.restart), rate(r.restart)),
+                ));
+            }
+            Err(e) => rows.push(("catch-up".into(), setting, format!("failed: {e}"))),
+        }
+    }
+
+    out.push_str("\n| measurement | setting | result |\n|---|---|---|\n");
+    for (m, s, r) in rows {
+        writeln!(out, "| {m} | {s} | {r} |")?;
+    }
+    print!("{out}");
+    std::io::stdout().flush()?;
+    Ok(())
 }
