@@ -304,6 +304,19 @@ impl Node {
         }
         let p = self.partition_of(call.user());
         let deadline = Instant::now() + inner.ctx.options.forward_timeout;
+        // How long a forwarded call waits for its answer (beyond what the
+        // call itself waits) before it is sent again, if it may be: a live
+        // owner answers in milliseconds; a dead one's partition moves
+        // within about an ownership TTL.
+        let patience = if call.safe_to_resend() {
+            inner
+                .ctx
+                .options
+                .forward_timeout
+                .min(inner.ctx.options.ownership_ttl)
+        } else {
+            inner.ctx.options.forward_timeout
+        };
         let payload = call.encode();
         loop {
             let local = inner.served.read().get(&p).cloned();
@@ -318,7 +331,7 @@ impl Node {
             if forward {
                 let request = async_nats::Request::new()
                     .payload(payload.clone())
-                    .timeout(Some(inner.ctx.options.forward_timeout + waits));
+                    .timeout(Some(patience + waits));
                 match inner
                     .client
                     .send_request(inner.ctx.names.call_subject(p), request)
@@ -330,6 +343,13 @@ impl Node {
                         None => return Err(no_answer(p)),
                     },
                     Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                    // The owner may have died with the request in hand (a
+                    // killed process answers nothing, and its subscription
+                    // outlives it for a moment): a call that is safe to send
+                    // again looks for the new owner.
+                    Err(e)
+                        if e.kind() == async_nats::RequestErrorKind::TimedOut
+                            && call.safe_to_resend() => {}
                     Err(_) => return Err(no_answer(p)),
                 }
             }

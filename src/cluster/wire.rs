@@ -191,6 +191,23 @@ impl<'a> In<'a> {
 }
 
 impl Call {
+    /// Whether the call may be sent again when its first sending got no
+    /// answer (the owner may have run it): reads, and `begin`s, whose first
+    /// run, if it granted a lease nobody received, only makes the second
+    /// answer `InFlight` until that lease expires. Not `complete`,
+    /// `release` or `extend`: their second run could answer an error for
+    /// what the first did.
+    pub fn safe_to_resend(&self) -> bool {
+        matches!(
+            self,
+            Call::Begin { .. }
+                | Call::BeginWait { .. }
+                | Call::Wait { .. }
+                | Call::Outcome { .. }
+                | Call::Get { .. }
+        )
+    }
+
     /// The user id the call is for (it picks the partition).
     pub fn user(&self) -> &[u8] {
         match self {

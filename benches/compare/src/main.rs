@@ -727,19 +727,6 @@ fn cluster_report(c: &Config, args: &[String]) -> Res<()> {
             Err(e) => rows.push((name, "3 nodes".into(), format!("failed: {e}"))),
         }
     }
-    // The "with standbys" failover row comes from its entry in
-    // cluster::FAILOVER_VARIANTS, once ClusterOptions has `standbys`.
-    if !cluster::FAILOVER_VARIANTS
-        .iter()
-        .any(|v| v.name == "standbys")
-    {
-        rows.push((
-            "failover, with standbys".into(),
-            "-".into(),
-            "not run: standby copies are not built yet".into(),
-        ));
-    }
-
     for (trim_after, trim) in [
         (
             0,

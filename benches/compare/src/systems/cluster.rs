@@ -196,22 +196,31 @@ pub struct Variant {
 /// The failover variants the report runs, one row group each.
 pub const FAILOVER_VARIANTS: &[Variant] = &[
     Variant {
-        name: "default",
-        setting: "default options, no standbys",
-        configure: |_| {},
+        name: "no-standbys",
+        setting: "ownership TTL 3 s, no standbys",
+        configure: |o| o.standbys = 0,
     },
     Variant {
-        name: "ttl-1s",
-        setting: "ownership TTL 1 s, no standbys",
-        configure: |o| o.ownership_ttl = Duration::from_secs(1),
+        name: "standbys",
+        setting: "ownership TTL 3 s, 1 standby per partition (the default)",
+        configure: |o| o.standbys = 1,
     },
-    // The "with standbys" row goes here once `ClusterOptions` has its
-    // `standbys` field, e.g.:
-    // Variant {
-    //     name: "standbys",
-    //     setting: "1 standby per partition",
-    //     configure: |o| o.standbys = 1,
-    // },
+    Variant {
+        name: "ttl-1s-no-standbys",
+        setting: "ownership TTL 1 s, no standbys",
+        configure: |o| {
+            o.ownership_ttl = Duration::from_secs(1);
+            o.standbys = 0;
+        },
+    },
+    Variant {
+        name: "ttl-1s-standbys",
+        setting: "ownership TTL 1 s, 1 standby per partition",
+        configure: |o| {
+            o.ownership_ttl = Duration::from_secs(1);
+            o.standbys = 1;
+        },
+    },
 ];
 
 /// The variant called `name`.
