@@ -21,6 +21,7 @@ mod partition;
 mod replicate;
 #[cfg(test)]
 mod replicate_tests;
+mod round;
 mod wire;
 
 pub use import::ImportReport;
