@@ -153,8 +153,9 @@ impl AsyncEngine {
         e.check_open()?;
         e.validate(user, key)?;
         bump(&e.counters.begins);
-        let now = e.clock.now()?;
+        let mut now = e.clock.now()?;
         let mut foreign = None;
+        let mut outlived = 0;
         loop {
             match e.begin_step(user, key, fingerprint, now, &mut foreign)? {
                 BeginStep2::Started(lease, pos, count) => {
@@ -164,12 +165,22 @@ impl AsyncEngine {
                     };
                     e.log.durable(pos).await?;
                     if let Some(lease) = guard.take() {
+                        now = e.clock.now()?;
+                        if let Some(answer) = e.outlived(&lease, now, &mut outlived) {
+                            match answer {
+                                Some(answer) => return Ok(answer),
+                                None => continue,
+                            }
+                        }
                         e.count_started(count);
                         return Ok(Begin::Started(lease));
                     }
                 }
                 BeginStep2::Answer(answer) => return Ok(answer),
-                BeginStep2::NotDurable(pos) => e.log.durable(pos).await?,
+                BeginStep2::NotDurable(pos) => {
+                    e.log.durable(pos).await?;
+                    now = e.clock.now()?;
+                }
                 BeginStep2::Chore(chore) => e.log.offload(chore).await?,
                 BeginStep2::Again => {}
             }

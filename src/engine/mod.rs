@@ -39,6 +39,10 @@ use crate::state::{self, BeginStep, LiveAnswer};
 use crate::stats::{Counters, Stats, bump};
 use crate::storage::{FsStorage, Storage};
 
+/// How many leases one `begin` may see expire while their records were made
+/// durable before it answers `InFlight` (see `Engine::outlived`).
+const MAX_OUTLIVED: u32 = 4;
+
 /// An idempotency store on one data directory. `Send + Sync`: share it with
 /// an `Arc`; every method takes `&self`.
 ///
@@ -178,17 +182,28 @@ impl Engine {
         self.check_open()?;
         self.validate(user, key)?;
         bump(&self.counters.begins);
-        let now = self.clock.now()?;
+        let mut now = self.clock.now()?;
         let mut foreign = None;
+        let mut outlived = 0;
         loop {
             match self.begin_step(user, key, fingerprint, now, &mut foreign)? {
                 BeginStep2::Started(lease, pos, count) => {
                     self.log.wait_durable(pos)?;
+                    now = self.clock.now()?;
+                    if let Some(answer) = self.outlived(&lease, now, &mut outlived) {
+                        match answer {
+                            Some(answer) => return Ok(answer),
+                            None => continue,
+                        }
+                    }
                     self.count_started(count);
                     return Ok(Begin::Started(lease));
                 }
                 BeginStep2::Answer(answer) => return Ok(answer),
-                BeginStep2::NotDurable(pos) => self.log.wait_durable(pos)?,
+                BeginStep2::NotDurable(pos) => {
+                    self.log.wait_durable(pos)?;
+                    now = self.clock.now()?;
+                }
                 BeginStep2::Chore(chore) => self.log.chore(chore)?,
                 BeginStep2::Again => {}
             }
@@ -396,6 +411,34 @@ impl Engine {
     }
 
     /// Counts a `Started` answer, once its lease is acknowledged.
+    /// A lease granted by `begin` that expired while its record was made
+    /// durable (a sync slower than the lease TTL: a stalled disk, a
+    /// replicated log waiting for its quorum) is never handed out: another
+    /// `begin` may already have taken the key over, and its holder could do
+    /// no work within it anyway. `None`: the lease is live, hand it out.
+    /// `Some(None)`: look again (the key's record is as the log has it
+    /// now). `Some(Some(answer))`: after [`MAX_OUTLIVED`] such leases, answer
+    /// `InFlight` (retry after zero): this store cannot make a claim durable
+    /// within a lease now.
+    pub(crate) fn outlived(
+        &self,
+        lease: &Lease,
+        now: crate::clock::Now,
+        tries: &mut u32,
+    ) -> Option<Option<Begin>> {
+        if now.lease < lease.expires_at_ms {
+            return None;
+        }
+        *tries += 1;
+        if *tries >= MAX_OUTLIVED {
+            bump(&self.counters.in_flight);
+            return Some(Some(Begin::InFlight {
+                retry_after: Duration::ZERO,
+            }));
+        }
+        Some(None)
+    }
+
     pub(crate) fn count_started(&self, count: StartedCount) {
         bump(&self.counters.started);
         if count.expired {
