@@ -102,8 +102,6 @@ mod notify;
 mod once;
 mod options;
 mod outcome;
-#[cfg(test)]
-mod outlived_tests;
 mod recovery;
 mod salvage;
 mod state;
