@@ -406,3 +406,84 @@ async fn standby_copies_follow_through_trims_and_take_over_a_dead_owner() {
         n.shutdown().await;
     }
 }
+
+/// The first `user-{i}` (from `from` on) whose partition `node` serves.
+fn user_served_by(node: &Node, from: usize) -> (usize, String) {
+    let serving = node.serving();
+    (from..)
+        .map(|i| (i, format!("user-{i}")))
+        .find(|(_, u)| serving.contains(&node.partition_of(u)))
+        .expect("node serves a partition")
+}
+
+/// Begins `user`'s key on `node` until it starts (a dropped begin's lease
+/// being released meanwhile), and releases it; fails if the key stays
+/// claimed `within` (the lease TTL is far longer).
+async fn until_free(node: &Node, user: &str, i: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match node.begin(user, "order", fp(i)).await.unwrap() {
+            Begin::Started(lease) => return node.release(&lease).await.unwrap(),
+            Begin::InFlight { .. } => assert!(
+                Instant::now() < deadline,
+                "{user}: still claimed {within:?} after its begin was dropped"
+            ),
+            other => panic!("{user}: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_begin_leaves_no_claim_behind_even_when_forwarded() {
+    let nats = nats::Nats::start(1);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = two_nodes(&nats, da.path(), db.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.serving().is_empty() || b.serving().is_empty() {
+        assert!(Instant::now() < deadline, "the partitions were never shared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_served(&[&a, &b]).await;
+    // The engines' lease TTL is 30 s: a claim left behind by a dropped
+    // future would outlast every wait below.
+    assert!(a.lease_ttl() >= Duration::from_secs(30));
+
+    // A begin_wait forwarded from a to b's partition, dropped while it
+    // waits for another lease: b grants it when that lease is released,
+    // to a caller that is gone.
+    let (i, user) = user_served_by(&b, 0);
+    let Begin::Started(held) = b.begin(&user, "order", fp(i)).await.unwrap() else {
+        panic!("a fresh key starts")
+    };
+    let waiting = a.begin_wait(&user, "order", fp(i), Duration::from_secs(20));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), waiting)
+            .await
+            .is_err(),
+        "the key is held: begin_wait waits"
+    );
+    b.release(&held).await.unwrap();
+    until_free(&b, &user, i, Duration::from_secs(3)).await;
+
+    // Plain begins, local and forwarded, dropped at points spread over a
+    // round trip (before the request is out, while the owner runs it,
+    // after it granted the key).
+    let mut from = i + 1;
+    for round in 0..60u64 {
+        let (i, user) = user_served_by(&b, from);
+        from = i + 1;
+        let node = if round % 2 == 0 { &a } else { &b };
+        let begin = node.begin(&user, "order", fp(i));
+        let cut = Duration::from_micros(round * 50);
+        if let Ok(answer) = tokio::time::timeout(cut, begin).await {
+            let Begin::Started(lease) = answer.unwrap() else {
+                panic!("a fresh key starts")
+            };
+            node.release(&lease).await.unwrap();
+        }
+        until_free(&b, &user, i, Duration::from_secs(3)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -3,11 +3,15 @@
 //! through a forwarded call), and the [`IdempotencyStore`] impl that puts
 //! a node behind the HTTP layer.
 //!
-//! Cancellation: a call's future dropped while its call is forwarded leaves
-//! the call to run on the owner (the request is out): a `begin` granted
-//! there holds its key until the lease expires, a `complete` either
-//! completed or not. Dropped while the call runs on this node's own copy,
-//! it is as `AsyncEngine`'s (a granted `begin` is released).
+//! Cancellation, as `AsyncEngine`'s wherever the call runs: a `begin` or
+//! `begin_wait` future dropped before its answer arrived leaves no claim
+//! behind (the call goes on on a task of the node's runtime, which
+//! releases a lease granted to nobody: on this node's copy, or on the
+//! owner through a forwarded `release`); a `complete`, `release` or
+//! `extend` either happened or not, never half. What a dropped call cannot
+//! undo: a `begin` whose node stops (shut down or killed) before its answer
+//! came holds the key until the lease expires, as a caller that dies
+//! holding a lease does.
 
 use std::future::Future;
 use std::time::Duration;
@@ -37,7 +41,7 @@ impl Node {
             key: Bytes::copy_from_slice(key.as_ref()),
             fingerprint,
         };
-        match self.call(call, Duration::ZERO).await? {
+        match self.claim(call, Duration::ZERO).await? {
             Reply::Begin(b) => Ok(b),
             other => unexpected(other),
         }
@@ -61,7 +65,7 @@ impl Node {
             fingerprint,
             timeout,
         };
-        match self.call(call, timeout).await? {
+        match self.claim(call, timeout).await? {
             Reply::Begin(b) => Ok(b),
             other => unexpected(other),
         }
@@ -195,6 +199,28 @@ impl Node {
             Reply::View(v) => Ok(v),
             other => unexpected(other),
         }
+    }
+}
+
+impl Node {
+    /// Runs a call that may grant a lease (`begin`, `begin_wait`) on a task
+    /// of the node's runtime, so that a caller that drops its future before
+    /// the answer arrives leaves no claim behind: the task releases a lease
+    /// that nobody received. (Forwarded, the request is out once sent; the
+    /// owner grants whether or not the caller still waits.)
+    async fn claim(&self, call: Call, waits: Duration) -> Result<Reply> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let node = self.clone();
+        self.inner.ctx.runtime.spawn(async move {
+            let reply = node.call(call, waits).await;
+            if let Err(Ok(Reply::Begin(Begin::Started(lease)))) = tx.send(reply) {
+                // Best effort: a release that fails leaves the lease to
+                // expire, as a caller that died holding it would.
+                let _ = node.release(&lease).await;
+            }
+        });
+        // The task is gone only if the node's runtime stopped.
+        rx.await.unwrap_or(Err(Error::Closed))
     }
 }
 

@@ -44,7 +44,7 @@ use crate::error::{Error, Result, Unavailable};
 /// runtime, current-thread or multi-thread.
 #[derive(Clone, Debug)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
