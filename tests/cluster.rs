@@ -441,7 +441,10 @@ async fn a_dropped_begin_leaves_no_claim_behind_even_when_forwarded() {
     let (a, b) = two_nodes(&nats, da.path(), db.path()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while a.serving().is_empty() || b.serving().is_empty() {
-        assert!(Instant::now() < deadline, "the partitions were never shared");
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were never shared"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     until_served(&[&a, &b]).await;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use tokio::runtime::Handle;
@@ -81,6 +82,22 @@ pub(crate) async fn append(
     expected_last: u64,
     fence: Option<&str>,
 ) -> io::Result<u64> {
+    publish(js, subject, frames, expected_last, fence, None)
+        .await
+        .map_err(io::Error::other)
+}
+
+/// One publish of an append, `id` its `Nats-Msg-Id` (JetStream answers a
+/// second publish with the same id, within the stream's duplicate window,
+/// with the first one's acknowledgement rather than storing it again).
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    frames: Bytes,
+    expected_last: u64,
+    fence: Option<&str>,
+    id: Option<&str>,
+) -> Result<u64, PublishError> {
     let mut headers = HeaderMap::new();
     headers.insert(
         async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
@@ -89,13 +106,68 @@ pub(crate) async fn append(
     if let Some(node) = fence {
         headers.insert(FENCE, node);
     }
+    if let Some(id) = id {
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    }
     let ack = js
         .publish_with_headers(subject, headers, frames)
-        .await
-        .map_err(io::Error::other)?
-        .await
-        .map_err(io::Error::other)?;
+        .await?
+        .await?;
     Ok(ack.sequence)
+}
+
+/// How long one publish of a record round waits for its acknowledgement
+/// before it is sent again.
+const ATTEMPT: Duration = Duration::from_millis(1000);
+
+/// Appends a record round, sending it again until it is acknowledged,
+/// refused, or `deadline` passes: a stream that lost its leader (a
+/// JetStream server killed) drops the publish without an answer, and
+/// elects a successor within seconds. Every publish carries the same
+/// message id (`id`, unique to this append), so one that landed is
+/// acknowledged again, at the sequence it got, and never stored twice; the
+/// expected last sequence still fences each.
+async fn append_round(
+    js: &jetstream::Context,
+    subject: String,
+    frames: Bytes,
+    expected_last: u64,
+    id: String,
+    deadline: tokio::time::Instant,
+) -> io::Result<u64> {
+    loop {
+        let now = tokio::time::Instant::now();
+        let attempt = ATTEMPT.min(deadline.saturating_duration_since(now));
+        let publish = publish(
+            js,
+            subject.clone(),
+            frames.clone(),
+            expected_last,
+            None,
+            Some(&id),
+        );
+        match tokio::time::timeout(attempt, publish).await {
+            Ok(Ok(seq)) => return Ok(seq),
+            // No answer, no responder (a stream between leaders), or a
+            // connection being re-made: nothing says the fence failed.
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::TimedOut
+                        | PublishErrorKind::StreamNotFound
+                        | PublishErrorKind::BrokenPipe
+                ) => {}
+            Ok(Err(e)) => return Err(io::Error::other(e)),
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the partition's stream did not acknowledge an append in time",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The [`Changelog`] of one partition: appends run on the node's runtime;
@@ -105,8 +177,13 @@ pub(crate) struct StreamLog {
     pub runtime: Handle,
     pub js: jetstream::Context,
     pub subject: String,
-    /// How long an append may take before the sync fails.
+    /// How long an append may take (its publishes sent again meanwhile)
+    /// before the sync fails.
     pub timeout: Duration,
+    /// Unique to this log: with an append's expected sequence, its message
+    /// id (this log appends once per expected sequence: a failed append
+    /// fails the copy).
+    pub incarnation: u64,
 }
 
 impl Changelog for StreamLog {
@@ -114,10 +191,14 @@ impl Changelog for StreamLog {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let js = self.js.clone();
         let subject = self.subject.clone();
+        let id = format!("{:016x}-{expected_last}", self.incarnation);
+        let deadline = tokio::time::Instant::now() + self.timeout;
         self.runtime.spawn(async move {
-            let _ = tx.send(append(&js, subject, frames, expected_last, None).await);
+            let _ = tx.send(append_round(&js, subject, frames, expected_last, id, deadline).await);
         });
-        match rx.recv_timeout(self.timeout) {
+        // The task answers by its deadline; the margin covers a runtime
+        // too busy to run it.
+        match rx.recv_timeout(self.timeout + ATTEMPT) {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -125,6 +206,20 @@ impl Changelog for StreamLog {
             )),
         }
     }
+}
+
+/// A number no other [`StreamLog`] (of any node, any run) is likely to
+/// have: the message ids of its appends.
+fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// The changelog a copy of partition `p` sends to.
@@ -140,6 +235,7 @@ pub(crate) fn changelog(
         js: js.clone(),
         subject: names.log_subject(p),
         timeout,
+        incarnation: incarnation(),
     })
 }
 
