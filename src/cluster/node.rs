@@ -82,6 +82,19 @@ pub(super) fn nats_error<E: std::fmt::Debug>(e: E) -> Error {
     }
 }
 
+/// How long a JetStream request (stream info, creation, a key-value
+/// read or write, an acknowledgement; forwarded calls set their own) waits for its answer. A stream or bucket
+/// whose leader was lost (a JetStream server killed) drops requests
+/// unanswered until a successor is elected, seconds later: every caller of
+/// these requests tries again (next round, next attempt), so a short wait
+/// gets through soon after the election instead of up to the client's
+/// default 5 s after it.
+fn request_timeout(options: &ClusterOptions) -> Duration {
+    (options.ownership_ttl / 2)
+        .clamp(Duration::from_millis(250), Duration::from_secs(2))
+        .min(options.forward_timeout)
+}
+
 /// The key of partition `p` in the owners bucket.
 pub(super) fn owner_key(p: u32) -> String {
     format!("p{p}")
@@ -152,10 +165,12 @@ impl Node {
                 let client = async_nats::ConnectOptions::new()
                     .retry_on_initial_connect()
                     .connection_timeout(options.forward_timeout)
+                    .request_timeout(Some(request_timeout(&options)))
                     .connect(addrs)
                     .await
                     .map_err(nats_error)?;
-                let js = jetstream::new(client.clone());
+                let mut js = jetstream::new(client.clone());
+                js.set_timeout(request_timeout(&options));
                 let names = Names::new(&options.name);
                 // A JetStream cluster that is just starting has no meta
                 // leader for a few seconds: try again until it has.
