@@ -13,6 +13,9 @@
 
 mod calls;
 mod follow;
+mod forward;
+#[cfg(test)]
+mod forward_tests;
 mod import;
 mod jetstream;
 mod node;

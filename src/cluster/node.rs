@@ -32,7 +32,6 @@ use super::follow::Standby;
 use super::jetstream::Names;
 use super::options::{ClusterOptions, partition_of};
 use super::partition::{Ctx, Served};
-use super::wire::{Call, Reply};
 use crate::error::{Error, Result, Unavailable};
 
 /// A member of a cluster: the same calls as [`AsyncEngine`](crate::AsyncEngine),
@@ -290,79 +289,5 @@ impl Node {
             })
         };
         let _ = work.await;
-    }
-
-    /// Runs `call` on the owner of its user's partition.
-    pub(super) async fn call(&self, call: Call, waits: Duration) -> Result<Reply> {
-        let inner = &self.inner;
-        if inner.stopped.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let p = self.partition_of(call.user());
-        let deadline = Instant::now() + inner.ctx.options.forward_timeout;
-        // How long a forwarded call waits for its answer (beyond what the
-        // call itself waits) before it is sent again, if it may be: a live
-        // owner answers in milliseconds; a dead one's partition moves
-        // within about an ownership TTL.
-        let patience = if call.safe_to_resend() {
-            inner
-                .ctx
-                .options
-                .forward_timeout
-                .min(inner.ctx.options.ownership_ttl)
-        } else {
-            inner.ctx.options.forward_timeout
-        };
-        let payload = call.encode();
-        loop {
-            let local = inner.served.read().get(&p).cloned();
-            let mut forward = true;
-            if let Some(served) = local.filter(|s| s.valid()) {
-                match served.execute(call.clone()).await {
-                    Reply::NotOwner => {}
-                    reply => return Ok(reply),
-                }
-                forward = !served.valid();
-            }
-            if forward {
-                let request = async_nats::Request::new()
-                    .payload(payload.clone())
-                    .timeout(Some(patience + waits));
-                match inner
-                    .client
-                    .send_request(inner.ctx.names.call_subject(p), request)
-                    .await
-                {
-                    Ok(message) => match Reply::decode(&message.payload) {
-                        Some(Reply::NotOwner) => {}
-                        Some(reply) => return Ok(reply),
-                        None => return Err(no_answer(p)),
-                    },
-                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
-                    // The owner may have died with the request in hand (a
-                    // killed process answers nothing, and its subscription
-                    // outlives it for a moment): a call that is safe to send
-                    // again looks for the new owner.
-                    Err(e)
-                        if e.kind() == async_nats::RequestErrorKind::TimedOut
-                            && call.safe_to_resend() => {}
-                    Err(_) => return Err(no_answer(p)),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Unavailable {
-                    partition: Some(p),
-                    reason: Unavailable::NoOwner,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-fn no_answer(p: u32) -> Error {
-    Error::Unavailable {
-        partition: Some(p),
-        reason: Unavailable::NoAnswer,
     }
 }

@@ -192,9 +192,9 @@ impl<'a> In<'a> {
 
 impl Call {
     /// Whether the call may be sent again when its first sending got no
-    /// answer (the owner may have run it): reads, and `begin`s, whose first
-    /// run, if it granted a lease nobody received, only makes the second
-    /// answer `InFlight` until that lease expires. Not `complete`,
+    /// answer (the owner may have run it): reads, and `begin`s (the first
+    /// request stays out: a lease granted to the one whose answer came
+    /// second is released, `forward.rs`). Not `complete`,
     /// `release` or `extend`: their second run could answer an error for
     /// what the first did.
     pub fn safe_to_resend(&self) -> bool {
