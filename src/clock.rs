@@ -35,6 +35,16 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     fn monotonic_ms(&self) -> u64 {
         self.now_ms()
     }
+
+    /// Both readings, `(wall, monotonic)`, as the engine takes them for
+    /// every call. The default reads [`Clock::now_ms`] and
+    /// [`Clock::monotonic_ms`]; [`SystemClock`] reads the wall clock again
+    /// only when the monotonic millisecond moved on (its wall reading is
+    /// then at most a millisecond old), which saves a system clock read on
+    /// most calls under load.
+    fn readings(&self) -> (u64, u64) {
+        (self.now_ms(), self.monotonic_ms())
+    }
 }
 
 /// The clocks of the machine: [`SystemTime`] for wall time, [`Instant`] for
@@ -52,6 +62,23 @@ impl Clock for SystemClock {
     fn monotonic_ms(&self) -> u64 {
         static ORIGIN: OnceLock<Instant> = OnceLock::new();
         millis(ORIGIN.get_or_init(Instant::now).elapsed())
+    }
+
+    fn readings(&self) -> (u64, u64) {
+        // The last wall reading and the monotonic millisecond it was taken
+        // in (`u64::MAX`: none yet). A reader that sees a millisecond sees
+        // the wall reading stored before it (or a later one): a race only
+        // ever pairs a millisecond with a wall reading a millisecond apart.
+        static WALL: AtomicU64 = AtomicU64::new(0);
+        static AT: AtomicU64 = AtomicU64::new(u64::MAX);
+        let monotonic = self.monotonic_ms();
+        if AT.load(Ordering::Acquire) == monotonic {
+            return (WALL.load(Ordering::Acquire), monotonic);
+        }
+        let wall = self.now_ms();
+        WALL.store(wall, Ordering::Release);
+        AT.store(monotonic, Ordering::Release);
+        (wall, monotonic)
     }
 }
 
@@ -180,12 +207,10 @@ impl EngineClock {
 
     /// Both readings, unchecked (for the sweeper and operator views).
     pub fn read(&self) -> Now {
-        let elapsed = self
-            .clock
-            .monotonic_ms()
-            .saturating_sub(self.monotonic_at_open);
+        let (wall, monotonic) = self.clock.readings();
+        let elapsed = monotonic.saturating_sub(self.monotonic_at_open);
         Now {
-            wall: self.clock.now_ms(),
+            wall,
             lease: self.wall_at_open.saturating_add(elapsed),
         }
     }
@@ -212,4 +237,30 @@ impl EngineClock {
 /// A duration in whole milliseconds, saturating.
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Clock, SystemClock};
+    use std::time::Duration;
+
+    #[test]
+    fn system_readings_follow_the_wall_clock_within_a_millisecond_or_two() {
+        let clock = SystemClock;
+        for round in 0..200 {
+            let before = clock.now_ms();
+            let (wall, monotonic) = clock.readings();
+            let after = clock.now_ms();
+            // Cached within one monotonic millisecond, whose boundaries are
+            // not the wall clock's: at most two wall milliseconds old.
+            assert!(
+                wall + 2 >= before && wall <= after,
+                "round {round}: wall {wall} read between {before} and {after}"
+            );
+            assert!(monotonic <= clock.monotonic_ms());
+            if round % 50 == 0 {
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        }
+    }
 }
