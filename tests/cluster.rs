@@ -37,6 +37,20 @@ async fn until_served(nodes: &[&Node]) {
     }
 }
 
+/// Waits until `a` and `b` each serve a share (once each sees the other in
+/// the members bucket) and between them every partition.
+async fn until_shared(a: &Node, b: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.serving().is_empty() || b.serving().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were never shared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_served(&[a, b]).await;
+}
+
 fn outcome(i: usize) -> Outcome {
     Outcome {
         status: 201,
@@ -60,17 +74,8 @@ async fn any_node_answers_and_a_lease_completes_through_another() {
     let nats = nats::Nats::start(1);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = two_nodes(&nats, da.path(), db.path()).await;
-    // Both serve a share (once each sees the other in the members bucket),
-    // so about half the calls below are forwarded.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.serving().is_empty() || b.serving().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the partitions were never shared"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    until_served(&[&a, &b]).await;
+    // Both serve a share, so about half the calls below are forwarded.
+    until_shared(&a, &b).await;
     for i in 0..40 {
         let user = format!("user-{i}");
         let Begin::Started(lease) = a.begin(&user, "order", fp(i)).await.unwrap() else {
@@ -439,15 +444,7 @@ async fn a_dropped_begin_leaves_no_claim_behind_even_when_forwarded() {
     let nats = nats::Nats::start(1);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = two_nodes(&nats, da.path(), db.path()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.serving().is_empty() || b.serving().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the partitions were never shared"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    until_served(&[&a, &b]).await;
+    until_shared(&a, &b).await;
     // The engines' lease TTL is 30 s: a claim left behind by a dropped
     // future would outlast every wait below.
     assert!(a.lease_ttl() >= Duration::from_secs(30));
