@@ -5,13 +5,15 @@
 //!
 //! Cancellation, as `AsyncEngine`'s wherever the call runs: a `begin` or
 //! `begin_wait` future dropped before its answer arrived leaves no claim
-//! behind (the call goes on on a task of the node's runtime, which
-//! releases a lease granted to nobody: on this node's copy, or on the
-//! owner through a forwarded `release`); a `complete`, `release` or
-//! `extend` either happened or not, never half. What a dropped call cannot
-//! undo: a `begin` whose node stops (shut down or killed) before its answer
-//! came holds the key until the lease expires, as a caller that dies
-//! holding a lease does.
+//! behind. The call goes on on a task of the node's runtime, which
+//! releases a lease granted to nobody (on this node's copy, or on the
+//! owner through a forwarded `release`); unlike `AsyncEngine`'s, a dropped
+//! `begin_wait` goes on waiting there, up to its timeout, for the answer
+//! it may have to release. A `complete`, `release` or `extend` either
+//! happened or not, never half. What a dropped call cannot undo: a `begin`
+//! whose node stops (shut down or killed) before its answer came holds the
+//! key until the lease expires, as a caller that dies holding a lease
+//! does.
 
 use std::future::Future;
 use std::time::Duration;
