@@ -5,15 +5,15 @@
 //!
 //! Cancellation, as `AsyncEngine`'s wherever the call runs: a `begin` or
 //! `begin_wait` future dropped before its answer arrived leaves no claim
-//! behind. The call goes on on a task of the node's runtime, which
-//! releases a lease granted to nobody (on this node's copy, or on the
-//! owner through a forwarded `release`); unlike `AsyncEngine`'s, a dropped
-//! `begin_wait` goes on waiting there, up to its timeout, for the answer
-//! it may have to release. A `complete`, `release` or `extend` either
-//! happened or not, never half. What a dropped call cannot undo: a `begin`
-//! whose node stops (shut down or killed) before its answer came holds the
-//! key until the lease expires, as a caller that dies holding a lease
-//! does.
+//! behind. The call runs on a task of the node's runtime, which drops it
+//! once the caller is gone: on this node's copy the engine releases what
+//! it granted; a request already forwarded stays out until the owner
+//! answers (a forwarded `begin_wait` up to its timeout: the owner cannot
+//! be told to stop), and a lease it grants is released through a forwarded
+//! `release`. A `complete`, `release` or `extend` either happened or not,
+//! never half. What a dropped call cannot undo: a `begin` whose node stops
+//! (shut down or killed) before its answer came holds the key until the
+//! lease expires, as a caller that dies holding a lease does.
 
 use std::future::Future;
 use std::time::Duration;
@@ -214,7 +214,17 @@ impl Node {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let node = self.clone();
         self.inner.ctx.runtime.spawn(async move {
-            let reply = node.call(call, waits).await;
+            let mut tx = tx;
+            let running = node.call(call, waits);
+            tokio::pin!(running);
+            // A caller gone before the answer: the call is dropped (on this
+            // node's copy the engine releases what it granted; requests
+            // forwarded are left to `Outstanding`, which releases a grant
+            // that arrives later), so a dropped `begin_wait` stops waiting.
+            let reply = tokio::select! {
+                reply = &mut running => reply,
+                () = tx.closed() => return,
+            };
             if let Err(Ok(Reply::Begin(Begin::Started(lease)))) = tx.send(reply) {
                 // Best effort: a release that fails leaves the lease to
                 // expire, as a caller that died holding it would.
