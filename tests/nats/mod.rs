@@ -28,6 +28,13 @@ pub struct Server {
 
 impl Server {
     fn spawn(&mut self) {
+        assert!(self.try_spawn(), "nats-server did not start");
+    }
+
+    /// Starts the server; `false` if it exited (a port another process
+    /// took meanwhile: ports are picked free, then bound by the server) or
+    /// did not listen within 10 s.
+    fn try_spawn(&mut self) -> bool {
         let mut cmd = Command::new("nats-server");
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
             .args(["-sd", self.store.to_str().expect("utf-8 path")])
@@ -53,9 +60,17 @@ impl Server {
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                self.kill();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// The client URL.
@@ -93,6 +108,18 @@ pub struct Nats {
 
 impl Nats {
     pub fn start(n: usize) -> Nats {
+        // A server that cannot bind its ports (taken by another test's
+        // process between picking and binding) fails the attempt: start
+        // them all again on other ports.
+        for _ in 0..5 {
+            if let Some(nats) = Nats::try_start(n) {
+                return nats;
+            }
+        }
+        panic!("nats-server did not start (5 attempts)");
+    }
+
+    fn try_start(n: usize) -> Option<Nats> {
         let dir = tempfile::tempdir().expect("temp dir");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut servers: Vec<Server> = ports
@@ -112,9 +139,11 @@ impl Nats {
             })
             .collect();
         for s in &mut servers {
-            s.spawn();
+            if !s.try_spawn() {
+                return None; // the others are killed as they drop
+            }
         }
-        Nats { servers, _dir: dir }
+        Some(Nats { servers, _dir: dir })
     }
 
     /// Every server's client URL.
