@@ -163,10 +163,10 @@ impl AsyncEngine {
                         engine: &self.engine,
                         lease: Some(lease),
                     };
+                    let waited = !e.log.is_durable_enough(pos);
                     e.log.durable(pos).await?;
                     if let Some(lease) = guard.take() {
-                        now = e.clock.now()?;
-                        if let Some(answer) = e.outlived(&lease, now, &mut outlived) {
+                        if let Some(answer) = e.outlived(&lease, waited, &mut now, &mut outlived)? {
                             match answer {
                                 Some(answer) => return Ok(answer),
                                 None => continue,

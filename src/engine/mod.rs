@@ -188,9 +188,9 @@ impl Engine {
         loop {
             match self.begin_step(user, key, fingerprint, now, &mut foreign)? {
                 BeginStep2::Started(lease, pos, count) => {
+                    let waited = !self.log.is_durable_enough(pos);
                     self.log.wait_durable(pos)?;
-                    now = self.clock.now()?;
-                    if let Some(answer) = self.outlived(&lease, now, &mut outlived) {
+                    if let Some(answer) = self.outlived(&lease, waited, &mut now, &mut outlived)? {
                         match answer {
                             Some(answer) => return Ok(answer),
                             None => continue,
@@ -410,35 +410,45 @@ impl Engine {
         result
     }
 
-    /// Counts a `Started` answer, once its lease is acknowledged.
     /// A lease granted by `begin` that expired while its record was made
     /// durable (a sync slower than the lease TTL: a stalled disk, a
     /// replicated log waiting for its quorum) is never handed out: another
     /// `begin` may already have taken the key over, and its holder could do
-    /// no work within it anyway. `None`: the lease is live, hand it out.
-    /// `Some(None)`: look again (the key's record is as the log has it
-    /// now). `Some(Some(answer))`: after [`MAX_OUTLIVED`] such leases, answer
-    /// `InFlight` (retry after zero): this store cannot make a claim durable
-    /// within a lease now.
+    /// no work within it anyway. `waited`: whether the caller waited for the
+    /// record to be made durable; only then is `now` read again (a lease
+    /// granted without a wait is as fresh as `now`). `None`: the lease is
+    /// live, hand it out. `Some(None)`: look again (the key's record is as
+    /// the log has it now). `Some(Some(answer))`: after [`MAX_OUTLIVED`]
+    /// such leases, answer `InFlight` (retry after zero): this store cannot
+    /// make a claim durable within a lease now.
+    ///
+    /// # Errors
+    /// The clock out of range, as `begin`.
     pub(crate) fn outlived(
         &self,
         lease: &Lease,
-        now: crate::clock::Now,
+        waited: bool,
+        now: &mut crate::clock::Now,
         tries: &mut u32,
-    ) -> Option<Option<Begin>> {
+    ) -> Result<Option<Option<Begin>>> {
+        if !waited {
+            return Ok(None);
+        }
+        *now = self.clock.now()?;
         if now.lease < lease.expires_at_ms {
-            return None;
+            return Ok(None);
         }
         *tries += 1;
         if *tries >= MAX_OUTLIVED {
             bump(&self.counters.in_flight);
-            return Some(Some(Begin::InFlight {
+            return Ok(Some(Some(Begin::InFlight {
                 retry_after: Duration::ZERO,
-            }));
+            })));
         }
-        Some(None)
+        Ok(Some(None))
     }
 
+    /// Counts a `Started` answer, once its lease is acknowledged.
     pub(crate) fn count_started(&self, count: StartedCount) {
         bump(&self.counters.started);
         if count.expired {
